@@ -1,0 +1,43 @@
+# One command per habit: make serve, make test, make lint, make bench.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb
+
+.PHONY: serve test lint bench venv install install-test system-deps clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[test,lint]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/gateway serve $(ARGS)
+
+system-deps:
+	@bash scripts/install-system-deps.sh $(DEBS)
+
+test: $(VENV)/.installed-test system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/ruff format --check gateway tests bench
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.installed-test system-deps
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

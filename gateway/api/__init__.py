@@ -1,0 +1,1 @@
+"""HTTP face: DICOMweb (STOW-RS, QIDO-RS, WADO-RS) and the JSON API, over FastAPI."""

@@ -1,0 +1,74 @@
+"""STOW-RS routes (PS3.18 10.5): ``POST /dicomweb/studies[/{StudyInstanceUID}]``."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from gateway.api.auth import require_scope
+from gateway.api.deps import get_settings_dep, get_store
+from gateway.config import Settings
+from gateway.ingest.stow import StowReceiver, StowRequestError, StowResult, boundary_of
+from gateway.store.store import InstanceStore
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_scope("write"))])
+
+_DICOM_JSON = "application/dicom+json"
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@router.post("/studies")
+async def store_instances(
+    request: Request,
+    store: InstanceStore = Depends(get_store),
+    settings: Settings = Depends(get_settings_dep),
+) -> Response:
+    """Store the instances of a multipart/related body, whatever their study."""
+    return await _stow(request, store, settings, None)
+
+
+@router.post("/studies/{study_instance_uid}")
+async def store_study_instances(
+    study_instance_uid: str,
+    request: Request,
+    store: InstanceStore = Depends(get_store),
+    settings: Settings = Depends(get_settings_dep),
+) -> Response:
+    """Store instances that must all belong to ``study_instance_uid`` (others fail with 0xA900)."""
+    if len(study_instance_uid) > 64 or not _UID_RE.match(study_instance_uid):
+        return _error(400, "StudyInstanceUID in the URL is not a valid UID")
+    return await _stow(request, store, settings, study_instance_uid)
+
+
+async def _stow(request: Request, store: InstanceStore, settings: Settings, study: str | None) -> Response:
+    limit = settings.ingest.stow_max_bytes
+    try:
+        boundary = boundary_of(request.headers.get("content-type"))
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise StowRequestError(413, f"request body exceeds the limit of {limit} bytes")
+        receiver = StowReceiver(store, boundary, limit, study)
+        result = await _receive(request, receiver)
+    except StowRequestError as exc:
+        return _error(exc.http_status, exc.reason)
+    base = str(request.base_url).rstrip("/") + "/dicomweb"
+    body = result.to_dataset(base, study).to_json_dict()
+    return JSONResponse(body, status_code=result.http_status, media_type=_DICOM_JSON)
+
+
+async def _receive(request: Request, receiver: StowReceiver) -> StowResult:
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                await run_in_threadpool(receiver.feed, chunk)
+    except BaseException:
+        receiver.abort()
+        raise
+    return await run_in_threadpool(receiver.finish)
+
+
+def _error(status: int, reason: str) -> Response:
+    return JSONResponse({"detail": reason}, status_code=status)

@@ -1,0 +1,175 @@
+"""The ``gateway`` command: argument parsing only; each command calls one function of a stage."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from gateway.config import Settings, get_settings, hash_token
+
+app = typer.Typer(help="DICOM AI inference gateway.", no_args_is_help=True, add_completion=False)
+synth_app = typer.Typer(help="Synthetic data for demos, tests and benchmarks.", no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return get_settings(config, **overrides)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        _fail(f"invalid settings: {problems}")
+    raise AssertionError("unreachable")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where instances and the index live.")] = None,
+    dicom_port: Annotated[int | None, typer.Option(help="DICOM listener port (default 11112).")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8080).")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="The gateway's AE title (default GATEWAY).")] = None,
+) -> None:
+    """Run the gateway: DICOM listener, DICOMweb and the JSON API."""
+    import uvicorn
+
+    from gateway.api.app import create_app
+
+    overrides: dict[str, dict[str, Any]] = {"dicom": {}, "http": {}, "store": {}}
+    if data_dir is not None:
+        overrides["store"]["data_dir"] = data_dir
+    if dicom_port is not None:
+        overrides["dicom"]["port"] = dicom_port
+    if ae_title is not None:
+        overrides["dicom"]["ae_title"] = ae_title
+    if http_port is not None:
+        overrides["http"]["port"] = http_port
+    settings = _load(config, **{k: v for k, v in overrides.items() if v})
+    _setup_logging(settings.log_level)
+    tmp = (settings.store.data_dir / "tmp").resolve()
+    tmp.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(tmp)  # received DIMSE data lands on the store's file system: renamed, not copied
+    uvicorn.run(
+        create_app(settings),
+        host=settings.http.host,
+        port=settings.http.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+@app.command()
+def echo(
+    address: Annotated[str, typer.Argument(help="AET@HOST:PORT")],
+    calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "GATEWAY-SCU",
+) -> None:
+    """Send a C-ECHO."""
+    from gateway.export.scu import echo as do_echo
+
+    peer = _peer(address)
+    try:
+        status = do_echo(peer, calling_ae)
+    except (ConnectionError, OSError) as exc:
+        _fail(str(exc), 1)
+    if status != 0:
+        _fail(f"C-ECHO answered status 0x{status:04X}", 1)
+    typer.echo(f"C-ECHO to {peer.ae_title}@{peer.host}:{peer.port}: success")
+
+
+def _peer(address: str) -> Any:
+    from gateway.export.scu import Peer
+
+    try:
+        return Peer.parse(address)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders to send.")],
+    to: Annotated[str, typer.Option("--to", help="Destination AET@HOST:PORT.")],
+    associations: Annotated[int, typer.Option(min=1, max=64, help="Concurrent associations.")] = 4,
+    calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "GATEWAY-SCU",
+) -> None:
+    """C-STORE files and folders to a DICOM node, as stored (no transcoding)."""
+    from tqdm import tqdm
+
+    from gateway.export.scu import SendReport, scan
+    from gateway.export.scu import send as do_send
+
+    peer = _peer(address=to)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        _fail(f"no such file or folder: {', '.join(missing)}")
+    report = SendReport()
+    files = scan(paths, report)
+    with tqdm(total=len(files), unit="file", disable=None) as bar:
+        do_send(
+            files,
+            peer,
+            associations=associations,
+            calling_ae=calling_ae,
+            on_progress=bar.update,
+            report=report,
+        )
+    for path, reason in report.failed[:20]:
+        typer.echo(f"failed: {path}: {reason}", err=True)
+    typer.echo(f"{report.sent} sent, {len(report.failed)} failed, {len(report.skipped)} skipped (not DICOM)")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def token(
+    name: Annotated[str, typer.Option(help="A name for the token's holder.")] = "client",
+    scope: Annotated[list[str], typer.Option(help="read, write or admin; repeatable.")] = ["read"],  # noqa: B006
+) -> None:
+    """Make a new bearer token and print the config entry that holds its hash."""
+    bad = [s for s in scope if s not in ("read", "write", "admin")]
+    if bad:
+        _fail(f"unknown scope(s): {', '.join(bad)}")
+    value = secrets.token_urlsafe(32)
+    typer.echo(f"token (give it to the client; it is not stored): {value}")
+    typer.echo("config entry (http.tokens):")
+    typer.echo(f"  - name: {name}\n    sha256: {hash_token(value)}\n    scopes: [{', '.join(scope)}]")
+
+
+@synth_app.command("ct")
+def synth_ct(
+    outdir: Annotated[Path, typer.Argument(help="Folder to write the series into.")],
+    slices: Annotated[int, typer.Option(min=1, max=2000, help="Number of slices.")] = 100,
+    size: Annotated[int, typer.Option(min=32, max=1024, help="Rows and columns.")] = 512,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same series).")] = 0,
+) -> None:
+    """Write a synthetic thorax CT series (one file per slice)."""
+    from gateway.synth.ct import write_synthetic_ct
+
+    ct = write_synthetic_ct(outdir, slices, rows=size, columns=size, seed=seed)
+    typer.echo(f"wrote {len(ct.sop_instance_uids)} slices to {outdir} ({len(ct.nodules)} nodules)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,169 @@
+"""Settings: one object, read from an optional YAML file and ``GATEWAY_*`` environment variables.
+
+Precedence, highest first: values passed in code (the CLI's ``--data-dir``, ``--dicom-port``, ...),
+environment variables (``GATEWAY_DICOM__PORT=11113``; nested keys joined by ``__``), the YAML file given with
+``--config``, then the defaults below. ``docs/gateway.sample.yaml`` is a commented sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+Scope = Literal["read", "write", "admin"]
+
+
+def hash_token(token: str) -> str:
+    """Return the hex SHA-256 of a bearer token, the form in which tokens are kept in the config."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class AllowedCaller(BaseModel):
+    """A calling AE title allowed to associate, optionally only from one host (IP address or name)."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str | None = None
+
+
+class TLSSettings(BaseModel):
+    """TLS for the DICOM listener (TLS 1.2 minimum); a CA bundle turns on mutual TLS."""
+
+    certificate: Path
+    private_key: Path
+    ca_bundle: Path | None = None
+
+
+class DicomSettings(BaseModel):
+    """The DIMSE (C-ECHO / C-STORE) listener."""
+
+    ae_title: str = Field(default="GATEWAY", min_length=1, max_length=16)
+    host: str = "0.0.0.0"  # noqa: S104  (a DICOM node must be reachable by the PACS; see allowed_callers)
+    port: int = Field(default=11112, ge=0, le=65535)
+    max_associations: int = Field(default=16, ge=1)
+    maximum_pdu_size: int = Field(default=262_144, ge=4096)
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    require_called_ae_title: bool = False
+    tls: TLSSettings | None = None
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+
+
+class TokenSettings(BaseModel):
+    """One bearer token: a name for humans, the SHA-256 of the token, and its scopes."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["read"]))
+
+
+class HttpSettings(BaseModel):
+    """The HTTP server (DICOMweb and the JSON API)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    tokens: list[TokenSettings] = Field(default_factory=list)
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the server binds to the loopback interface only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @model_validator(mode="after")
+    def _tokens_beyond_loopback(self) -> HttpSettings:
+        if not self.is_loopback and not self.tokens:
+            raise ValueError(
+                f"http.host {self.host!r} is not loopback: configure http.tokens (see `gateway token`) "
+                "so that every request is authenticated"
+            )
+        return self
+
+
+class StoreSettings(BaseModel):
+    """Where received instances and the index live."""
+
+    data_dir: Path = Path("./gateway-data")
+    database_url: str | None = None  # default: SQLite file in data_dir
+    min_free_bytes: int = Field(default=1 << 30, ge=0)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL of the index."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+
+class IngestSettings(BaseModel):
+    """Series completion and STOW-RS limits."""
+
+    quiet_period_s: float = Field(default=10.0, ge=0)
+    completion_poll_s: float = Field(default=1.0, gt=0)
+    stow_max_bytes: int = Field(default=8 << 30, gt=0)
+
+
+class Settings(BaseSettings):
+    """All gateway settings; see the module docstring for where values come from."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def get_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Load the settings from ``config`` (YAML, optional), the environment and ``overrides``.
+
+    Parameters
+    ----------
+    config
+        Path of a YAML settings file; it must exist when given.
+    overrides
+        Top-level sections or values, e.g. ``dicom={"port": 11113}``; merged over the file and environment.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``config`` is given but does not exist.
+    pydantic.ValidationError
+        If a value is invalid; the message names the setting.
+    """
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"config file not found: {config}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(yaml_file=config)
+
+    return _FromFile(**overrides)

@@ -1,0 +1,79 @@
+"""The gateway's exceptions: one tree, translated to DICOM and HTTP statuses only at the edges.
+
+::
+
+    GatewayError
+     +-- ConfigError                  bad or missing settings
+     +-- IngestError                  a received instance cannot be accepted (carries a DICOM status)
+     |    +-- InvalidInstance         unparseable, truncated, missing or malformed UIDs   (0xC000 range)
+     |    +-- UnsupportedTransferSyntax                                                  (0xC122)
+     |    +-- StudyMismatch           STOW-RS instance outside the study in the URL       (0xA900)
+     |    +-- OutOfResources          free disk below the watermark, disk full            (0xA700)
+     +-- InvalidQuery                 a QIDO-RS search the index cannot answer (HTTP 400)
+ +-- NotFound                     a study, series, instance or job the gateway does not hold
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The settings are invalid or incomplete."""
+
+
+class IngestError(GatewayError):
+    """A received instance cannot be accepted.
+
+    Parameters
+    ----------
+    reason
+        Human-readable reason; never contains patient data.
+    status
+        The DICOM status (C-STORE Status, STOW-RS FailureReason) that reports it.
+    """
+
+    default_status = 0xC000
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = self.default_status if status is None else status
+
+
+class InvalidInstance(IngestError):
+    """The data set cannot be understood (0xC000-0xCFFF, "Error: Cannot understand")."""
+
+    UNPARSEABLE = 0xC000
+    MISSING_UID = 0xC001
+    TRUNCATED = 0xC002
+    INVALID_UID = 0xC003
+    default_status = UNPARSEABLE
+
+
+class UnsupportedTransferSyntax(IngestError):
+    """The transfer syntax is not one the gateway accepts (PS3.18 0xC122)."""
+
+    default_status = 0xC122
+
+
+class StudyMismatch(IngestError):
+    """A STOW-RS instance belongs to another study than the one in the request URL (0xA900)."""
+
+    default_status = 0xA900
+
+
+class OutOfResources(IngestError):
+    """Not enough free disk to store safely (0xA700, "Refused: Out of Resources")."""
+
+    default_status = 0xA700
+
+
+class NotFound(GatewayError):
+    """The requested object is not held by the gateway."""
+
+
+class InvalidQuery(GatewayError, ValueError):
+    """A search names an attribute the index cannot match on, or gives a malformed value."""

@@ -1,0 +1,1 @@
+"""Ingest: DIMSE C-STORE SCP, STOW-RS parsing, validation of received instances, series completion."""

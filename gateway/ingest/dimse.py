@@ -1,0 +1,249 @@
+"""The DIMSE Storage SCP (pynetdicom): C-ECHO and C-STORE, stored as received.
+
+The handlers stay thin: each calls one plain function (:meth:`InstanceStore.put`) and maps the gateway's
+errors to C-STORE statuses. Datasets are received in chunks straight to a temporary file (pynetdicom's
+``STORE_RECV_CHUNKED_DATASET``), so a large multi-frame object never sits in memory, and they are never
+decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import threading
+from collections import Counter
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from gateway.config import AllowedCaller, DicomSettings, TLSSettings
+from gateway.errors import IngestError
+from gateway.ingest.instance import ACCEPTED_TRANSFER_SYNTAXES
+from gateway.store.store import InstanceStore
+
+log = logging.getLogger(__name__)
+
+_ASSOCIATE_RQ_LIMIT = 1 << 20  # an A-ASSOCIATE-RQ is a few KiB; anything past 1 MiB is not one
+_P_DATA_TF = 0x04
+_A_ABORT_INVALID_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
+_STATUS_INTERNAL = 0xA700  # an unexpected fault: "Out of Resources" tells the sender to retry later
+
+
+def store_status(store: InstanceStore, path: Any, calling_ae: str) -> int | Dataset:
+    """Store one received C-STORE data set and return the C-STORE response status (PS3.4 B.2.3)."""
+    try:
+        outcome = store.put(path, source=f"dimse:{calling_ae}")
+    except IngestError as exc:
+        log.warning("C-STORE from %r refused with 0x%04X: %s", calling_ae, exc.status, exc.reason)
+        return _failure(exc.status, exc.reason)
+    except Exception:
+        log.exception("C-STORE from %r failed unexpectedly; answered 0x%04X", calling_ae, _STATUS_INTERNAL)
+        return _failure(_STATUS_INTERNAL, "internal error, retry later")
+    log.debug("C-STORE from %r %s", calling_ae, "duplicate" if outcome.duplicate else "stored")
+    return 0x0000
+
+
+def _failure(status: int, reason: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = reason[:64]
+    return rsp
+
+
+class StorageSCP:
+    """The DICOM listener: owns a pynetdicom AE and its threaded server.
+
+    Parameters
+    ----------
+    settings
+        AE title, address, limits, allow-list and TLS.
+    store
+        Where received instances go.
+    """
+
+    def __init__(self, settings: DicomSettings, store: InstanceStore) -> None:
+        self.settings = settings
+        self.store = store
+        self._server: Any = None
+        self._counts: dict[int, Counter[str]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the settings asked for port 0)."""
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve in background threads."""
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_HANDLER_LEVEL = "none"
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        ae = self._make_ae()
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, self._on_connect),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
+        ]
+        self._server = ae.start_server(
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=_ssl_context(self.settings.tls) if self.settings.tls else None,
+        )
+        log.info(
+            "DICOM listener %s on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.host,
+            self.port,
+            " (TLS)" if self.settings.tls else "",
+        )
+
+    def stop(self) -> None:
+        """Stop accepting and close the server (associations in progress are aborted)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.maximum_pdu_size
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        ae.require_called_aet = s.require_called_ae_title
+        syntaxes = sorted(ACCEPTED_TRANSFER_SYNTAXES)
+        ae.supported_contexts = [
+            build_context(Verification, syntaxes),
+            *(build_context(str(cx.abstract_syntax), syntaxes) for cx in AllStoragePresentationContexts),
+        ]
+        return ae
+
+    def _on_store(self, event: Any) -> int | Dataset:
+        calling = event.assoc.requestor.ae_title
+        status = store_status(self.store, event.dataset_path, calling)
+        code = status if isinstance(status, int) else int(status.Status)
+        self._count(event.assoc, "stored" if code == 0 else "failed")
+        return status
+
+    def _on_connect(self, event: Any) -> None:
+        _guard_pdu_size(event.assoc, self.settings.maximum_pdu_size)
+
+    def _on_requested(self, event: Any) -> None:
+        callers = self.settings.allowed_callers
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        address = event.assoc.requestor.address
+        if callers and not _is_allowed(callers, calling, address):
+            log.warning("association from %r at %s rejected: not in the allow-list", calling, address)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            return
+        _prefer_requestor_order(event.assoc)
+
+    def _on_end(self, event: Any) -> None:
+        with self._lock:
+            counts = self._counts.pop(id(event.assoc), None)
+        if counts:
+            log.info(
+                "association from %r ended: %d stored, %d refused",
+                event.assoc.requestor.ae_title,
+                counts["stored"],
+                counts["failed"],
+            )
+
+    def _count(self, assoc: Any, what: str) -> None:
+        with self._lock:
+            self._counts.setdefault(id(assoc), Counter())[what] += 1
+
+
+def _prefer_requestor_order(assoc: Any) -> None:
+    """Accept, in each presentation context, the transfer syntax the requestor listed first.
+
+    pynetdicom picks the first of the acceptor's syntaxes that was proposed; ordering ours like the
+    requestor's proposal (PS3.8: in order of preference) means a compressed instance offered as compressed
+    stays compressed and nothing is transcoded on our account.
+    """
+    proposed = assoc.requestor.primitive.presentation_context_definition_list
+    preference: dict[str, list[str]] = {}
+    for cx in proposed:
+        ranked = preference.setdefault(str(cx.abstract_syntax), [])
+        ranked.extend(str(ts) for ts in cx.transfer_syntax if str(ts) not in ranked)
+    for cx in assoc.acceptor.supported_contexts:
+        ranked = preference.get(str(cx.abstract_syntax), [])
+        if ranked:
+            ours = [str(ts) for ts in cx.transfer_syntax]
+            cx.transfer_syntax = [ts for ts in ranked if ts in ours] + [ts for ts in ours if ts not in ranked]
+
+
+def _is_allowed(callers: list[AllowedCaller], ae_title: str, address: str) -> bool:
+    for caller in callers:
+        if caller.ae_title.strip() != ae_title.strip():
+            continue
+        if caller.host is None or address in _addresses(caller.host):
+            return True
+    return False
+
+
+@cache
+def _addresses(host: str) -> frozenset[str]:
+    with contextlib.suppress(OSError):
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+    return frozenset({host})
+
+
+def _ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_bundle is not None:
+        ctx.load_verify_locations(tls.ca_bundle)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _guard_pdu_size(assoc: Any, maximum: int) -> None:
+    """Refuse PDUs longer than negotiated before reading them: A-ABORT and close, never buffer them.
+
+    pynetdicom reads a PDU's declared length in full; this wraps the association socket's ``recv`` so that a
+    header declaring more than ``maximum`` (P-DATA-TF) or 1 MiB (other PDUs) ends the association at once.
+    """
+    sock = assoc.dul.socket
+    original: Callable[[int], bytearray] = sock.recv
+    expecting_header = [True]
+
+    def recv(nr_bytes: int) -> bytearray:
+        data = original(nr_bytes)
+        if not expecting_header[0]:
+            expecting_header[0] = True
+            return data
+        if nr_bytes == 6 and len(data) == 6:
+            pdu_type, _, length = struct.unpack(">BBL", bytes(data))
+            limit = maximum if pdu_type == _P_DATA_TF else _ASSOCIATE_RQ_LIMIT
+            if length > limit:
+                log.warning(
+                    "PDU type 0x%02X of %d bytes exceeds the limit of %d: association aborted",
+                    pdu_type,
+                    length,
+                    limit,
+                )
+                with contextlib.suppress(OSError):
+                    sock.socket.sendall(_A_ABORT_INVALID_PARAMETER)
+                return bytearray()
+            expecting_header[0] = False
+        return data
+
+    sock.recv = recv

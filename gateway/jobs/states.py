@@ -1,0 +1,16 @@
+"""Job states. Later stages add transitions; a job only moves forward, or to ``failed`` with a reason."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    """Where a job stands."""
+
+    RECEIVED = "received"
+    ASSEMBLED = "assembled"
+    INFERRED = "inferred"
+    ENCODED = "encoded"
+    EXPORTED = "exported"
+    FAILED = "failed"

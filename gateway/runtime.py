@@ -1,0 +1,48 @@
+"""The running gateway: the stages that live for the whole process, started and stopped together.
+
+Created by the FastAPI lifespan (``gateway serve``) or directly by tests; importing it starts nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.config import Settings
+from gateway.ingest.completion import CompletionMonitor
+from gateway.ingest.dimse import StorageSCP
+from gateway.store.store import InstanceStore
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Store, completion monitor and (optionally) the DICOM listener.
+
+    Parameters
+    ----------
+    settings
+        The gateway settings.
+    dimse
+        Whether to run the DICOM listener (tests of the HTTP side may leave it off).
+    """
+
+    def __init__(self, settings: Settings, *, dimse: bool = True) -> None:
+        self.settings = settings
+        self.store = InstanceStore(settings.store)
+        self.monitor = CompletionMonitor(
+            self.store.sessions, settings.ingest.quiet_period_s, settings.ingest.completion_poll_s
+        )
+        self.scp = StorageSCP(settings.dicom, self.store) if dimse else None
+
+    def start(self) -> None:
+        """Start the completion monitor, then the DICOM listener."""
+        self.monitor.start()
+        if self.scp is not None:
+            self.scp.start()
+
+    def stop(self) -> None:
+        """Stop accepting, stop the monitor, close the index."""
+        if self.scp is not None:
+            self.scp.stop()
+        self.monitor.stop()
+        self.store.close()

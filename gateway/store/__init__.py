@@ -1,0 +1,1 @@
+"""Store: durable instance files and their SQL index."""

@@ -1,0 +1,105 @@
+"""Shared fixtures: settings over a temporary folder, a running gateway, a live HTTP server, peers' tools."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from gateway.config import DicomSettings, HttpSettings, IngestSettings, Settings, StoreSettings
+from gateway.runtime import Gateway
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(data_dir: Path, **sections: object) -> Settings:
+    """Settings for tests: loopback, ephemeral ports, no watermark, a short quiet period."""
+    base: dict[str, object] = {
+        "store": StoreSettings(data_dir=data_dir, min_free_bytes=0),
+        "dicom": DicomSettings(host="127.0.0.1", port=0),
+        "http": HttpSettings(host="127.0.0.1", port=0),
+        "ingest": IngestSettings(quiet_period_s=0.5, completion_poll_s=0.1),
+    }
+    base.update(sections)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+def require_tool(name: str) -> str:
+    """Path of a peer's command-line tool; skips when absent (``make test`` installs them all)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (make test installs it)")
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+@pytest.fixture
+def gateway(settings: Settings) -> Iterator[Gateway]:
+    gw = Gateway(settings)
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real DICOM test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+class LiveServer:
+    """A gateway app served by uvicorn on 127.0.0.1 in a thread."""
+
+    def __init__(self, settings: Settings, *, start_dimse: bool = False) -> None:
+        from gateway.api.app import create_app
+
+        self.app = create_app(settings, start_dimse=start_dimse)
+        self.port = free_port()
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("live server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    with LiveServer(settings) as server:
+        yield server

@@ -30,7 +30,7 @@ class Gateway:
         self.settings = settings
         self.store = InstanceStore(settings.store)
         self.monitor = CompletionMonitor(
-            self.store.sessions, settings.ingest.quiet_period_s, settings.ingest.completion_poll_s
+            self.store.write_sessions, settings.ingest.quiet_period_s, settings.ingest.completion_poll_s
         )
         self.scp = StorageSCP(settings.dicom, self.store) if dimse else None
 

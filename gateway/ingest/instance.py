@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import data_element_generator
+from pydicom.filereader import data_element_generator, read_file_meta_info
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from gateway.errors import InvalidInstance, UnsupportedTransferSyntax
@@ -78,6 +80,7 @@ INDEX_KEYWORDS: tuple[str, ...] = (
     "Columns",
     "NumberOfFrames",
 )
+_WANTED: frozenset[BaseTag] = frozenset(Tag(kw) for kw in ("SpecificCharacterSet", *INDEX_KEYWORDS))
 
 
 @dataclass(frozen=True)
@@ -122,51 +125,75 @@ def read_received(path: Path) -> ReceivedInstance:
 
 
 def _read_received(path: Path) -> ReceivedInstance:
-    ds = _read_header(path)
-    ts = check_uid(ds.file_meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
+    try:
+        meta = read_file_meta_info(path)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInstance("not a DICOM Part 10 file (no DICM prefix or readable file meta)") from exc
+    ts = check_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
     if ts not in ACCEPTED_TRANSFER_SYNTAXES:
         raise UnsupportedTransferSyntax(f"transfer syntax {ts} is not supported")
-    group_length = ds.file_meta.get("FileMetaInformationGroupLength")
+    group_length = meta.get("FileMetaInformationGroupLength")
     if not isinstance(group_length, int):
         raise InvalidInstance("file meta information lacks its group length")
-    with path.open("rb") as fp:
-        fp.seek(_PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length)
-        _check_lengths(fp, UID(ts), path.stat().st_size)
+    if ts == DeflatedExplicitVRLittleEndian:
+        ds = _read_deflated(path, _PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length)
+    else:
+        ds = _scan(path, _PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length, UID(ts))
+    try:
+        attributes = {kw: _plain(ds.get(kw)) for kw in INDEX_KEYWORDS}
+    except Exception as exc:  # a value that cannot be decoded (bad VR, bad character set)
+        raise InvalidInstance(f"unparseable data set ({type(exc).__name__})") from exc
     return ReceivedInstance(
-        sop_class_uid=check_uid(ds.get("SOPClassUID"), "SOPClassUID"),
-        sop_instance_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-        study_instance_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-        series_instance_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        sop_class_uid=check_uid(attributes["SOPClassUID"], "SOPClassUID"),
+        sop_instance_uid=check_uid(attributes["SOPInstanceUID"], "SOPInstanceUID"),
+        study_instance_uid=check_uid(attributes["StudyInstanceUID"], "StudyInstanceUID"),
+        series_instance_uid=check_uid(attributes["SeriesInstanceUID"], "SeriesInstanceUID"),
         transfer_syntax_uid=ts,
-        attributes={kw: _plain(ds.get(kw)) for kw in INDEX_KEYWORDS},
+        attributes=attributes,
     )
 
 
-def _check_lengths(fp: BinaryIO, ts: UID, size: int) -> None:
-    """Walk the top-level elements after the file meta, checking each declared length fits the file."""
-    if ts == DeflatedExplicitVRLittleEndian:
-        _check_deflated(fp)
-        return
-    start = fp.tell()
-    if start >= size:
+def _scan(path: Path, offset: int, ts: UID) -> Dataset:
+    """One pass over the top-level elements: check every declared length, keep the indexed ones."""
+    size = path.stat().st_size
+    if offset >= size:
         raise InvalidInstance("the data set is empty", InvalidInstance.TRUNCATED)
-    try:
-        for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=0):
-            if not isinstance(elem, RawDataElement):
-                continue  # a sequence of undefined length: already read to its delimiter
-            length = elem.length
-            if length != _UNDEFINED_LENGTH and elem.value_tell + length > size:
-                raise InvalidInstance(
-                    f"element {elem.tag} declares {length} bytes but only "
-                    f"{max(0, size - elem.value_tell)} follow",
-                    InvalidInstance.TRUNCATED,
-                )
-    except InvalidInstance:
-        raise
-    except (EOFError, OSError, ValueError, NotImplementedError, KeyError, TypeError) as exc:
+    kept: dict[BaseTag, DataElement | RawDataElement] = {}
+    with path.open("rb") as fp:
+        fp.seek(offset)
+        try:
+            for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=256):
+                if isinstance(elem, RawDataElement):
+                    _check_fits(elem, size)
+                    if elem.tag in _WANTED and elem.value is not None:
+                        kept[elem.tag] = elem
+        except InvalidInstance:
+            raise
+        except (EOFError, OSError, ValueError, NotImplementedError, KeyError, TypeError) as exc:
+            raise InvalidInstance(
+                f"truncated or malformed data set ({type(exc).__name__})", InvalidInstance.TRUNCATED
+            ) from exc
+    ds = Dataset(kept)
+    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, default_encoding)
+    return ds
+
+
+def _check_fits(elem: RawDataElement, size: int) -> None:
+    if elem.length != _UNDEFINED_LENGTH and elem.value_tell + elem.length > size:
         raise InvalidInstance(
-            f"truncated or malformed data set ({type(exc).__name__})", InvalidInstance.TRUNCATED
-        ) from exc
+            f"element {elem.tag} declares {elem.length} bytes but only {max(0, size - elem.value_tell)} follow",
+            InvalidInstance.TRUNCATED,
+        )
+
+
+def _read_deflated(path: Path, offset: int) -> Dataset:
+    with path.open("rb") as fp:
+        fp.seek(offset)
+        _check_deflated(fp)
+    try:
+        return dcmread(path, stop_before_pixels=True, specific_tags=list(INDEX_KEYWORDS))
+    except Exception as exc:
+        raise InvalidInstance(f"unparseable data set ({type(exc).__name__})") from exc
 
 
 def _check_deflated(fp: BinaryIO) -> None:
@@ -180,18 +207,6 @@ def _check_deflated(fp: BinaryIO) -> None:
         raise InvalidInstance("corrupt deflated data set", InvalidInstance.UNPARSEABLE) from exc
     if not inflater.eof:
         raise InvalidInstance("truncated deflated data set", InvalidInstance.TRUNCATED)
-
-
-def _read_header(path: Path) -> Dataset:
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(INDEX_KEYWORDS))
-        for kw in INDEX_KEYWORDS:  # force decoding now, so that a bad value fails here and not later
-            ds.get(kw)
-    except InvalidDicomError as exc:
-        raise InvalidInstance("not a DICOM Part 10 file (no DICM prefix or file meta)") from exc
-    except Exception as exc:
-        raise InvalidInstance(f"unparseable data set ({type(exc).__name__})") from exc
-    return ds
 
 
 def _plain(value: object) -> str | int | None:

@@ -1,7 +1,9 @@
-"""Durable files: write to a temporary file, fsync, rename atomically, fsync the directory.
+"""Durable files: stage in the store's temporary folder, fdatasync, link into place, fsync the folder.
 
-Paths never come from received text: an instance lives at ``instances/ab/cd/<sha256 of its SOP Instance
-UID>.dcm``, so no UID, however crafted, can name a path outside the store.
+Paths never come from received text: an instance lives at
+``instances/<2 hex>/<sha256 of its Series Instance UID>/<sha256 of its SOP Instance UID>.dcm``, so no UID, however
+crafted, can name a path outside the store. The instances of one series share a folder, so one folder fsync
+covers a whole batch of them.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from gateway.errors import OutOfResources
 _COPY_CHUNK = 1 << 20
 
 
-def instance_relpath(sop_instance_uid: str) -> str:
-    """Return the store-relative path of an instance, derived only from a hash of its UID."""
-    digest = hashlib.sha256(sop_instance_uid.encode("ascii")).hexdigest()
-    return f"instances/{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+def _digest(uid: str) -> str:
+    return hashlib.sha256(uid.encode("ascii")).hexdigest()
+
+
+def instance_relpath(series_instance_uid: str, sop_instance_uid: str) -> str:
+    """Return the store-relative path of an instance, derived only from hashes of its UIDs."""
+    series = _digest(series_instance_uid)
+    return f"instances/{series[:2]}/{series}/{_digest(sop_instance_uid)}.dcm"
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,6 +40,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs_durably(path: Path) -> None:
+    """Create ``path`` and missing parents, fsyncing each new folder's parent so the entry survives a crash."""
+    if path.is_dir():
+        return
+    make_dirs_durably(path.parent)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir()
+        fsync_dir(path.parent)
+
+
 def new_temp_path(tmp_dir: Path, suffix: str = ".part") -> Path:
     """Create an empty, uniquely named file in ``tmp_dir`` and return its path."""
     fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
@@ -41,33 +57,48 @@ def new_temp_path(tmp_dir: Path, suffix: str = ".part") -> Path:
     return Path(name)
 
 
-def place_durably(src: Path, dest: Path, *, tmp_dir: Path) -> None:
-    """Make ``dest`` hold exactly the bytes of ``src``, durably, and remove ``src``.
-
-    ``src`` is renamed when it lives on the store's file system, copied otherwise. Either way the bytes are
-    fsynced before the atomic rename to ``dest`` and the directory is fsynced after it, so a crash leaves
-    either no ``dest`` or a complete one.
+def stage(src: Path, tmp_dir: Path) -> Path:
+    """Bring ``src`` into ``tmp_dir`` (rename, or copy across file systems) and flush its bytes to disk.
 
     Raises
     ------
     OutOfResources
         The disk filled up while copying; nothing is left behind.
     """
-    staged = _stage(src, tmp_dir)
+    staged = src if src.parent == tmp_dir else _move_into(src, tmp_dir)
     try:
-        _fsync_file(staged)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staged.replace(dest)
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
-    fsync_dir(dest.parent)
+    return staged
 
 
-def _stage(src: Path, tmp_dir: Path) -> Path:
-    """Bring ``src`` into ``tmp_dir`` (rename, or copy across file systems) and return the staged path."""
-    if src.parent == tmp_dir:
-        return src
+def link_into_place(staged: Path, dest: Path) -> bool:
+    """Give the staged file its final name unless ``dest`` exists; ``False`` if it did (``staged`` is kept).
+
+    The caller fsyncs ``dest.parent`` (see :func:`fsync_dir`) before relying on the new name.
+    """
+    make_dirs_durably(dest.parent)
+    try:
+        os.link(staged, dest)
+    except FileExistsError:
+        return False
+    staged.unlink()
+    return True
+
+
+def replace_into_place(staged: Path, dest: Path) -> None:
+    """Give the staged file its final name, replacing what is there (an orphan left by a crash)."""
+    make_dirs_durably(dest.parent)
+    staged.replace(dest)
+
+
+def _move_into(src: Path, tmp_dir: Path) -> Path:
     staged = new_temp_path(tmp_dir)
     try:
         src.replace(staged)
@@ -87,14 +118,6 @@ def _stage(src: Path, tmp_dir: Path) -> Path:
     with contextlib.suppress(OSError):
         src.unlink()
     return staged
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def clear_directory(path: Path) -> int:

@@ -128,18 +128,20 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+def make_engine(url: str, *, writer: bool = False) -> Engine:
+    """Create an index engine and the tables.
 
-
-def make_engine(url: str) -> Engine:
-    """Create the index engine and its tables (SQLite: WAL, synchronous FULL, immediate transactions)."""
-    if url.startswith("sqlite"):
+    SQLite gets WAL and ``synchronous=FULL``; a ``writer`` engine opens its transactions with
+    ``BEGIN IMMEDIATE`` (writers queue on the lock instead of failing on upgrade), the others with a plain
+    ``BEGIN`` (WAL readers never block the writer). Other databases get a plain pooled engine either way.
+    """
+    if not url.startswith("sqlite"):
+        engine = create_engine(url, pool_pre_ping=True)
+    else:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
+        begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
     Base.metadata.create_all(engine)
     return engine
 

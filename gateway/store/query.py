@@ -281,9 +281,7 @@ def _conditions(session: Session, level: Level, filters: Mapping[str, str]) -> l
     return conditions
 
 
-def _condition(
-    column: InstrumentedAttribute[Any], keyword: str, value: str, dialect: str
-) -> ColumnElement[bool]:
+def _condition(column: InstrumentedAttribute[Any], keyword: str, value: str, dialect: str) -> ColumnElement[bool]:
     vr = dictionary_VR(keyword)
     if vr == "UI":
         return column.in_(_uid_list(keyword, value))
@@ -347,9 +345,7 @@ def _modalities_condition(value: str, dialect: str) -> ColumnElement[bool]:
     if not modalities:
         raise InvalidQuery("ModalitiesInStudy must name at least one modality")
     matches = [_wildcard(Series.modality, m, case_sensitive=True, dialect=dialect) for m in modalities]
-    return (
-        exists().where(Series.study_instance_uid == Study.study_instance_uid, or_(*matches)).correlate(Study)
-    )
+    return exists().where(Series.study_instance_uid == Study.study_instance_uid, or_(*matches)).correlate(Study)
 
 
 # --- result rows --------------------------------------------------------------------------------------------
@@ -380,9 +376,7 @@ def _modalities(session: Session, study_uids: Iterable[str]) -> dict[str, list[s
     return found
 
 
-def _row_attributes(
-    row: object, columns: Mapping[str, InstrumentedAttribute[Any]]
-) -> dict[str, AttributeValue]:
+def _row_attributes(row: object, columns: Mapping[str, InstrumentedAttribute[Any]]) -> dict[str, AttributeValue]:
     return {keyword: getattr(row, column.key) for keyword, column in columns.items()}
 
 

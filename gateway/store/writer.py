@@ -1,0 +1,325 @@
+"""Group commit: one thread writes the index rows of every association and request, in batches.
+
+Each caller has already flushed its file's bytes; it hands the index row to :meth:`IndexWriter.submit` and waits.
+The writer takes whatever is queued, fsyncs the (few) folders the new files were linked into, writes all rows in
+one transaction and commits once, then wakes the callers. Under load many instances share one folder fsync and
+one database commit; alone, an instance pays the same two flushes it would anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Integer, bindparam, case, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from gateway.ingest.instance import ReceivedInstance
+from gateway.store.files import fsync_dir
+from gateway.store.index import Instance, Series, SeriesRevision, Study
+
+log = logging.getLogger(__name__)
+
+_MAX_BATCH = 256
+
+STUDY_FIELDS = {
+    "patient_id": "PatientID",
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+    "study_date": "StudyDate",
+    "study_time": "StudyTime",
+    "accession_number": "AccessionNumber",
+    "study_id": "StudyID",
+    "study_description": "StudyDescription",
+    "referring_physician_name": "ReferringPhysicianName",
+}
+SERIES_FIELDS = {
+    "modality": "Modality",
+    "series_number": "SeriesNumber",
+    "series_description": "SeriesDescription",
+    "body_part_examined": "BodyPartExamined",
+}
+INSTANCE_FIELDS = {
+    "instance_number": "InstanceNumber",
+    "rows": "Rows",
+    "columns": "Columns",
+    "number_of_frames": "NumberOfFrames",
+}
+
+
+@dataclass
+class PendingRow:
+    """One stored file waiting for its index row to be committed."""
+
+    info: ReceivedInstance
+    relpath: str
+    size: int
+    source: str
+    received_at: float
+    folder: Path
+    done: threading.Event = field(default_factory=threading.Event)
+    inserted: bool = False
+    error: BaseException | None = None
+
+
+class IndexWriter:
+    """The single writer of instance rows (and the studies, series and revisions they create).
+
+    Parameters
+    ----------
+    engine
+        An engine whose transactions take the write lock at once (SQLite ``BEGIN IMMEDIATE``).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._cache = WriterCache()
+        self._queue: queue.SimpleQueue[PendingRow | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: PendingRow) -> bool:
+        """Commit ``row`` durably; ``True`` if it was inserted, ``False`` if the instance was already indexed.
+
+        Raises
+        ------
+        RuntimeError
+            If the writer has been stopped.
+        Exception
+            Whatever the database raised for the batch holding this row (nothing of the batch is committed).
+        """
+        if not self._thread.is_alive():
+            raise RuntimeError("the index writer is stopped")
+        self._queue.put(row)
+        row.done.wait()
+        if row.error is not None:
+            raise row.error
+        return row.inserted
+
+    def stop(self) -> None:
+        """Commit what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[PendingRow]) -> None:
+        try:
+            for folder in {row.folder for row in batch}:
+                fsync_dir(folder)
+            try:
+                with self._engine.begin() as conn:
+                    learnt = write_rows(conn, batch, self._cache)
+            except IntegrityError:  # an instance indexed meanwhile: redo the batch checking each row
+                with self._engine.begin() as conn:
+                    learnt = write_rows(conn, batch, self._cache, check_existing=True)
+            self._cache.learn(learnt)  # only once committed
+        except BaseException as exc:
+            log.exception("index commit of %d instance(s) failed", len(batch))
+            for row in batch:
+                row.error = exc
+        finally:
+            for row in batch:
+                row.done.set()
+
+
+@dataclass
+class WriterCache:
+    """What the writer learnt from committed transactions, to skip queries in the next ones.
+
+    Studies and series are never deleted, so a hit stays true. An open revision may have been completed since
+    (by the completion monitor): its cached id is only used by an update conditional on ``state = 'open'``.
+    """
+
+    studies: set[str] = field(default_factory=set)
+    series: set[str] = field(default_factory=set)
+    open_revisions: dict[str, int] = field(default_factory=dict)
+
+    def learn(self, other: WriterCache) -> None:
+        """Merge what one committed transaction established."""
+        self.studies |= other.studies
+        self.series |= other.series
+        self.open_revisions.update(other.open_revisions)
+
+
+_BUMP_REVISION = (
+    update(SeriesRevision)
+    .where(SeriesRevision.id == bindparam("rid"), SeriesRevision.state == "open")
+    .values(
+        last_received_at=case(
+            (SeriesRevision.last_received_at > bindparam("last"), SeriesRevision.last_received_at),
+            else_=bindparam("last"),
+        ),
+        instance_count=SeriesRevision.instance_count + bindparam("n"),
+    )
+)
+
+
+def write_rows(
+    conn: Connection, batch: list[PendingRow], cache: WriterCache | None = None, *, check_existing: bool = False
+) -> WriterCache:
+    """Insert the rows of ``batch``, with the studies, series and revisions they need.
+
+    Without ``check_existing`` an instance already indexed makes the insert fail (``IntegrityError``); the caller
+    retries with it, and such rows are then marked not inserted. Returns what the transaction established.
+    """
+    cache = cache or WriterCache()
+    learnt = WriterCache()
+    seen: set[str] = set()
+    if check_existing:
+        uids = [row.info.sop_instance_uid for row in batch]
+        seen = set(conn.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))))
+    fresh: list[PendingRow] = []
+    for row in batch:
+        row.inserted = row.info.sop_instance_uid not in seen
+        if row.inserted:
+            seen.add(row.info.sop_instance_uid)
+            fresh.append(row)
+    if not fresh:
+        return learnt
+    learnt.studies, learnt.series = _insert_missing_parents(conn, fresh, cache)
+    by_series: dict[str, list[PendingRow]] = defaultdict(list)
+    for row in fresh:
+        by_series[row.info.series_instance_uid].append(row)
+    instances: list[dict[str, Any]] = []
+    for series_uid, rows in by_series.items():
+        times = [r.received_at for r in rows]
+        revision_id = _record_arrivals(conn, series_uid, times, cache.open_revisions.get(series_uid))
+        learnt.open_revisions[series_uid] = revision_id
+        instances.extend(_instance_values(r, revision_id) for r in rows)
+    conn.execute(insert(Instance), instances)
+    return learnt
+
+
+def _insert_missing_parents(conn: Connection, rows: list[PendingRow], known: WriterCache) -> tuple[set[str], set[str]]:
+    studies = {r.info.study_instance_uid: r for r in rows if r.info.study_instance_uid not in known.studies}
+    if studies:
+        present = set(conn.scalars(select(Study.study_instance_uid).where(Study.study_instance_uid.in_(studies))))
+        new_studies = [_study_values(uid, r) for uid, r in studies.items() if uid not in present]
+        if new_studies:
+            conn.execute(insert(Study), new_studies)
+    series = {r.info.series_instance_uid: r for r in rows if r.info.series_instance_uid not in known.series}
+    if series:
+        present = set(conn.scalars(select(Series.series_instance_uid).where(Series.series_instance_uid.in_(series))))
+        new_series = [_series_values(uid, r) for uid, r in series.items() if uid not in present]
+        if new_series:
+            conn.execute(insert(Series), new_series)
+    return set(studies), set(series)
+
+
+def _study_values(uid: str, row: PendingRow) -> dict[str, Any]:
+    return {
+        "study_instance_uid": uid,
+        "created_at": row.received_at,
+        **_fields(row.info, STUDY_FIELDS, Study.__table__),
+    }
+
+
+def _series_values(uid: str, row: PendingRow) -> dict[str, Any]:
+    return {
+        "series_instance_uid": uid,
+        "study_instance_uid": row.info.study_instance_uid,
+        "created_at": row.received_at,
+        **_fields(row.info, SERIES_FIELDS, Series.__table__),
+    }
+
+
+def _record_arrivals(conn: Connection, series_uid: str, times: list[float], cached: int | None) -> int:
+    """Add arrivals to the series' open revision (opening revision n+1 after a completion); return its id."""
+    if cached is not None and _bump(conn, cached, times):
+        return cached
+    latest = conn.execute(
+        select(SeriesRevision.id, SeriesRevision.revision, SeriesRevision.state, SeriesRevision.last_received_at)
+        .where(SeriesRevision.series_instance_uid == series_uid)
+        .order_by(SeriesRevision.revision.desc())
+        .limit(1)
+    ).first()
+    if latest is None or latest.state != "open":
+        result = conn.execute(
+            insert(SeriesRevision).values(
+                series_instance_uid=series_uid,
+                revision=1 if latest is None else latest.revision + 1,
+                state="open",
+                first_received_at=min(times),
+                last_received_at=max(times),
+                instance_count=len(times),
+            )
+        )
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+    _bump(conn, int(latest.id), times)
+    return int(latest.id)
+
+
+def _bump(conn: Connection, revision_id: int, times: list[float]) -> bool:
+    """Count arrivals in a revision if it is still open; ``False`` if it has been completed."""
+    result = conn.execute(_BUMP_REVISION, {"rid": revision_id, "last": max(times), "n": len(times)})
+    return bool(result.rowcount == 1)
+
+
+def _instance_values(row: PendingRow, revision_id: int) -> dict[str, Any]:
+    info = row.info
+    return {
+        "sop_instance_uid": info.sop_instance_uid,
+        "series_instance_uid": info.series_instance_uid,
+        "study_instance_uid": info.study_instance_uid,
+        "revision_id": revision_id,
+        "sop_class_uid": info.sop_class_uid,
+        "transfer_syntax_uid": info.transfer_syntax_uid,
+        "path": row.relpath,
+        "size": row.size,
+        "source": row.source[:64],
+        "received_at": row.received_at,
+        **_fields(info, INSTANCE_FIELDS, Instance.__table__),
+    }
+
+
+def _fields(info: ReceivedInstance, mapping: dict[str, str], table: Any) -> dict[str, Any]:
+    """The index columns of ``mapping`` from the received attributes, fitted to the columns' types.
+
+    Received values are not trusted to conform: an integer that is not one is dropped, an over-long string is
+    cut to the column's length (the file keeps the full value).
+    """
+    values: dict[str, Any] = {}
+    for column, keyword in mapping.items():
+        value = info.attributes.get(keyword)
+        kind = table.c[column].type
+        if isinstance(kind, Integer):
+            value = _as_int(value)
+        elif isinstance(value, str) and kind.length is not None:
+            value = value[: kind.length]
+        values[column] = value
+    return values
+
+
+def _as_int(value: object) -> int | None:
+    try:
+        number = int(str(value)) if value is not None else None
+    except ValueError:
+        return None
+    return number if number is None or -(2**31) <= number < 2**31 else None

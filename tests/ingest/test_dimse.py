@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from gateway.config import AllowedCaller, DicomSettings, StoreSettings
@@ -159,8 +162,7 @@ def test_storescu_folder_of_real_series(gateway: Gateway, shared_data: Path) -> 
 
 def test_concurrent_associations(gateway: Gateway, tmp_path: Path) -> None:
     paths = [
-        minimal_ct(tmp_path / f"{i}.dcm", StudyInstanceUID="1.2.3.4", SeriesInstanceUID="1.2.3.4.5")
-        for i in range(24)
+        minimal_ct(tmp_path / f"{i}.dcm", StudyInstanceUID="1.2.3.4", SeriesInstanceUID="1.2.3.4.5") for i in range(24)
     ]
     report = SendReport()
     send(scan(paths, report), peer_of(gateway), associations=6, report=report)
@@ -229,9 +231,7 @@ def test_calling_ae_allow_list_with_host(custom_gateway) -> None:
     )
     src = sample("1.2.840.10008.1.2.1")
     assert store_files(gw, src, calling_ae="INTRUDER").failed[0][1] == "association not accepted"
-    assert store_files(gw, src, calling_ae="FAR").failed[0][1] == "association not accepted", (
-        "bound to another host"
-    )
+    assert store_files(gw, src, calling_ae="FAR").failed[0][1] == "association not accepted", "bound to another host"
     assert store_files(gw, src, calling_ae="PACS").sent == 1
 
 
@@ -240,3 +240,29 @@ def test_called_ae_title_check(custom_gateway) -> None:
     with pytest.raises(ConnectionError):
         echo(Peer("SOMEONE", "127.0.0.1", gw.scp.port))
     assert echo(Peer("GATEWAY", "127.0.0.1", gw.scp.port)) == 0
+
+
+def test_association_limit(custom_gateway) -> None:
+    gw = custom_gateway(dicom=DicomSettings(host="127.0.0.1", port=0, max_associations=2))
+    held = []
+    try:
+        for _ in range(2):
+            ae = AE(ae_title="HOLDER")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", gw.scp.port, ae_title="GATEWAY")
+            assert assoc.is_established
+            held.append(assoc)
+        with pytest.raises(ConnectionError):
+            echo(peer_of(gw))
+    finally:
+        for assoc in held:
+            assoc.release()
+    deadline = time.monotonic() + 10  # the acceptor threads of the released associations wind down first
+    while True:
+        try:
+            assert echo(peer_of(gw)) == 0, "a freed slot is usable again"
+            break
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

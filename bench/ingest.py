@@ -319,9 +319,7 @@ def plan(associations: Sequence[int]) -> list[tuple[Target, str, int]]:
     return cases + [(t, "STOW-RS", 1) for t in STOW_TARGETS]
 
 
-def measure(
-    files: Sequence[Path], workdir: Path, repeat: int, associations: Sequence[int]
-) -> list[Measurement]:
+def measure(files: Sequence[Path], workdir: Path, repeat: int, associations: Sequence[int]) -> list[Measurement]:
     """Run the plan ``repeat`` times, interleaving targets so that machine noise spreads over all of them."""
     cases = plan(associations)
     results = {(t.name, p, n): Measurement(t.name, p, n, []) for t, p, n in cases}
@@ -329,9 +327,7 @@ def measure(
         for i, (target, protocol, n) in enumerate(cases):
             seconds = run_once(target, protocol, n, files, workdir / f"run-{r}-{i}")
             results[target.name, protocol, n].seconds.append(seconds)
-            print(
-                f"  run {r + 1}/{repeat}: {target.name:<24} {protocol:<8} x{n}: {seconds:6.2f} s", flush=True
-            )
+            print(f"  run {r + 1}/{repeat}: {target.name:<24} {protocol:<8} x{n}: {seconds:6.2f} s", flush=True)
     return list(results.values())
 
 
@@ -476,9 +472,7 @@ def write_section(doc: Path, text: str) -> None:
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         before, after = "\n".join(lines[:start]), "\n".join(lines[end:])
-        new = (
-            (before.rstrip("\n") + "\n\n" if before.strip() else "") + text + ("\n" + after if after else "")
-        )
+        new = (before.rstrip("\n") + "\n\n" if before.strip() else "") + text + ("\n" + after if after else "")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(new.rstrip("\n") + "\n")
 
@@ -490,9 +484,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--slices", type=int, default=200, help="slices in the series (default 200)")
     parser.add_argument("--size", type=int, default=512, help="rows and columns (default 512)")
-    parser.add_argument(
-        "--repeat", type=int, default=3, help="runs per measurement; the best counts (default 3)"
-    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best counts (default 3)")
     parser.add_argument(
         "--associations", type=int, nargs="+", default=[1, 4], help="concurrent associations (default 1 4)"
     )
@@ -506,9 +498,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_tools() -> None:
     missing = [t for t in ("storescu", "storescp", "echoscu") if dcmtk_tool(t) is None]
     if missing or orthanc_binary() is None:
-        raise SystemExit(
-            f"missing peers: {missing + ['Orthanc'] * (orthanc_binary() is None)} (make system-deps)"
-        )
+        raise SystemExit(f"missing peers: {missing + ['Orthanc'] * (orthanc_binary() is None)} (make system-deps)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _load(config: Path | None, **overrides: Any) -> Settings:
+    if config is not None and config.is_file():
+        _check_yaml(config)
     try:
         return get_settings(config, **overrides)
     except FileNotFoundError as exc:
@@ -37,10 +39,24 @@ def _load(config: Path | None, **overrides: Any) -> Settings:
     raise AssertionError("unreachable")
 
 
+def _check_yaml(config: Path) -> None:
+    """Fail with a readable message unless ``config`` is a YAML mapping (the settings loader would raise)."""
+    import yaml
+
+    try:
+        content = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read config file {config}: {exc}")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        _fail(f"config file {config} is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}")
+    if content is not None and not isinstance(content, dict):
+        _fail(f"config file {config} must hold a mapping of sections (dicom:, http:, store:, ingest:)")
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 @app.command()

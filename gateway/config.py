@@ -12,7 +12,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,14 +28,20 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-class AllowedCaller(BaseModel):
+class _Section(BaseModel):
+    """A settings section: an unknown (e.g. misspelt) key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowedCaller(_Section):
     """A calling AE title allowed to associate, optionally only from one host (IP address or name)."""
 
     ae_title: str = Field(min_length=1, max_length=16)
     host: str | None = None
 
 
-class TLSSettings(BaseModel):
+class TLSSettings(_Section):
     """TLS for the DICOM listener (TLS 1.2 minimum); a CA bundle turns on mutual TLS."""
 
     certificate: Path
@@ -43,7 +49,7 @@ class TLSSettings(BaseModel):
     ca_bundle: Path | None = None
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(_Section):
     """The DIMSE (C-ECHO / C-STORE) listener."""
 
     ae_title: str = Field(default="GATEWAY", min_length=1, max_length=16)
@@ -59,7 +65,7 @@ class DicomSettings(BaseModel):
     network_timeout_s: float = 60.0
 
 
-class TokenSettings(BaseModel):
+class TokenSettings(_Section):
     """One bearer token: a name for humans, the SHA-256 of the token, and its scopes."""
 
     name: str
@@ -67,7 +73,7 @@ class TokenSettings(BaseModel):
     scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["read"]))
 
 
-class HttpSettings(BaseModel):
+class HttpSettings(_Section):
     """The HTTP server (DICOMweb and the JSON API)."""
 
     host: str = "127.0.0.1"
@@ -94,7 +100,7 @@ class HttpSettings(BaseModel):
         return self
 
 
-class StoreSettings(BaseModel):
+class StoreSettings(_Section):
     """Where received instances and the index live."""
 
     data_dir: Path = Path("./gateway-data")
@@ -107,7 +113,7 @@ class StoreSettings(BaseModel):
         return self.database_url or f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
 
 
-class IngestSettings(BaseModel):
+class IngestSettings(_Section):
     """Series completion and STOW-RS limits."""
 
     quiet_period_s: float = Field(default=10.0, ge=0)
@@ -164,6 +170,6 @@ def get_settings(config: Path | None = None, **overrides: Any) -> Settings:
         raise FileNotFoundError(f"config file not found: {config}")
 
     class _FromFile(Settings):
-        model_config = SettingsConfigDict(yaml_file=config)
+        model_config = SettingsConfigDict(yaml_file=config, title="Settings")
 
     return _FromFile(**overrides)

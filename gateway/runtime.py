@@ -7,12 +7,24 @@ from __future__ import annotations
 
 import logging
 
+import pydicom.config
+
 from gateway.config import Settings
 from gateway.ingest.completion import CompletionMonitor
 from gateway.ingest.dimse import StorageSCP
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
+
+
+def quiet_pydicom() -> None:
+    """Read received data tolerantly and keep its values out of the logs.
+
+    pydicom's value validation on reading warns *and logs* each odd value (a malformed name, an over-long ID):
+    that would put patient data in the log. The gateway checks what it depends on itself
+    (:mod:`gateway.ingest.instance`), so validation on reading is off for the process.
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 class Gateway:
@@ -36,9 +48,15 @@ class Gateway:
 
     def start(self) -> None:
         """Start the completion monitor, then the DICOM listener."""
+        quiet_pydicom()
         self.monitor.start()
         if self.scp is not None:
-            self.scp.start()
+            try:
+                self.scp.start()
+            except BaseException:  # e.g. the port is taken: leave no monitor thread or index open behind
+                self.monitor.stop()
+                self.store.close()
+                raise
 
     def stop(self) -> None:
         """Stop accepting, stop the monitor, close the index."""

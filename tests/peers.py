@@ -308,9 +308,7 @@ class Orthanc(PeerProcess):
         if self.dicomweb:
             plugin = dicomweb_plugin()
             if plugin is None:
-                raise PeerError(
-                    "Orthanc's DICOMweb plugin is not installed (Debian package orthanc-dicomweb)"
-                )
+                raise PeerError("Orthanc's DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")
             config["Plugins"] = [str(plugin)]
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False}
         config.update(self.extra)

@@ -41,7 +41,17 @@ def create_app(settings: Settings, *, start_dimse: bool = True) -> FastAPI:
         finally:
             gateway.stop()
 
-    app = FastAPI(title="DICOM AI gateway", version=__version__, lifespan=lifespan)
+    # The OpenAPI schema and its viewers are served only while the server is open anyway (loopback, no
+    # tokens): once tokens are configured every route requires one, and a browser on /docs cannot send it.
+    public_docs = not settings.http.tokens
+    app = FastAPI(
+        title="DICOM AI gateway",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url="/openapi.json" if public_docs else None,
+        docs_url="/docs" if public_docs else None,
+        redoc_url="/redoc" if public_docs else None,
+    )
     app.state.settings = settings
     for module in (stow, qido, wado, jobs, health):
         app.include_router(module.router)

@@ -9,12 +9,15 @@ name is.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Callable
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.config import HttpSettings, Scope, hash_token
+from gateway.config import HttpSettings, Scope, TokenSettings, hash_token
+
+log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -28,13 +31,22 @@ _IMPLIED: dict[Scope, frozenset[Scope]] = {
 
 def granted_scopes(settings: HttpSettings, token: str | None) -> frozenset[Scope] | None:
     """Return the scopes a token grants, or ``None`` if it matches no configured token."""
+    entry = _configured(settings, token)
+    return None if entry is None else _scopes(entry)
+
+
+def _configured(settings: HttpSettings, token: str | None) -> TokenSettings | None:
     if token is None:
         return None
     digest = hash_token(token)
     for entry in settings.tokens:
         if hmac.compare_digest(digest, entry.sha256):
-            return frozenset(s for scope in entry.scopes for s in _IMPLIED[scope])
+            return entry
     return None
+
+
+def _scopes(entry: TokenSettings) -> frozenset[Scope]:
+    return frozenset(s for scope in entry.scopes for s in _IMPLIED[scope])
 
 
 def require_scope(scope: Scope) -> Callable[..., None]:
@@ -44,15 +56,18 @@ def require_scope(scope: Scope) -> Callable[..., None]:
         settings: HttpSettings = request.app.state.settings.http
         if not settings.tokens:
             return
-        token = credentials.credentials if credentials is not None else None
-        scopes = granted_scopes(settings, token)
-        if scopes is None:
+        entry = _configured(settings, credentials.credentials if credentials is not None else None)
+        route = f"{request.method} {request.url.path}"
+        if entry is None:
+            log.info("refused %s: missing or unknown bearer token", route)
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 detail="missing or invalid bearer token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if scope not in scopes:
+        if scope not in _scopes(entry):
+            log.info("refused %s: token %r lacks the '%s' scope", route, entry.name, scope)
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"token lacks the '{scope}' scope")
+        log.debug("%s authorised for token %r", route, entry.name)
 
     return check

@@ -147,9 +147,7 @@ def read_header(path: Path, keywords: Collection[str] | None = None) -> Dataset 
         return None
 
 
-def header_json(
-    header: Dataset, allowed: frozenset[str] | None, wanted: Collection[str] | None
-) -> dict[str, Any]:
+def header_json(header: Dataset, allowed: frozenset[str] | None, wanted: Collection[str] | None) -> dict[str, Any]:
     """DICOM JSON of the header elements that are ``allowed`` and ``wanted`` (``None``: any)."""
     encoded = to_dicom_json(header)
     return {tag: value for tag, value in encoded.items() if _keep(tag, allowed, wanted)}

@@ -62,16 +62,12 @@ def list_studies(
 ) -> list[dict[str, Any]]:
     """Studies held, with their series, revisions and jobs (no patient identifiers beyond the UIDs)."""
     with store.sessions() as session:
-        studies = session.scalars(
-            select(Study).order_by(Study.created_at.desc()).limit(limit).offset(offset)
-        ).all()
+        studies = session.scalars(select(Study).order_by(Study.created_at.desc()).limit(limit).offset(offset)).all()
         return [_study_view(session, study) for study in studies]
 
 
 def _study_view(session: Any, study: Study) -> dict[str, Any]:
-    series_rows = session.scalars(
-        select(Series).where(Series.study_instance_uid == study.study_instance_uid)
-    ).all()
+    series_rows = session.scalars(select(Series).where(Series.study_instance_uid == study.study_instance_uid)).all()
     return {
         "study_instance_uid": study.study_instance_uid,
         "received_at": study.created_at,
@@ -83,9 +79,7 @@ def _series_view(session: Any, series: Series) -> dict[str, Any]:
     uid = series.series_instance_uid
     count = session.scalar(select(func.count()).where(Instance.series_instance_uid == uid))
     revisions = session.scalars(
-        select(SeriesRevision)
-        .where(SeriesRevision.series_instance_uid == uid)
-        .order_by(SeriesRevision.revision)
+        select(SeriesRevision).where(SeriesRevision.series_instance_uid == uid).order_by(SeriesRevision.revision)
     ).all()
     jobs = {j.revision_id: j.id for j in session.scalars(select(Job).where(Job.series_instance_uid == uid))}
     return {

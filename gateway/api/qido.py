@@ -45,9 +45,7 @@ from gateway.store.store import InstanceStore
 MAX_RESULTS = 1000
 DICOM_JSON = "application/dicom+json"
 
-Resource = Literal[
-    "studies", "study-series", "series", "study-series-instances", "study-instances", "instances"
-]
+Resource = Literal["studies", "study-series", "series", "study-series-instances", "study-instances", "instances"]
 
 #: Return keys of each level (PS3.18 Tables 10.6.3-3, -4, -5), plus the UIDs of the levels above.
 STUDY_RETURN_KEYS = (
@@ -291,9 +289,7 @@ def _find(
     if level == "study":
         return search_studies(session, params.filters, limit=limit, offset=params.offset)
     if level == "series":
-        return search_series(
-            session, params.filters, study_instance_uid=study, limit=limit, offset=params.offset
-        )
+        return search_series(session, params.filters, study_instance_uid=study, limit=limit, offset=params.offset)
     return search_instances(
         session,
         params.filters,
@@ -324,15 +320,11 @@ def _render(
     if not (from_header or params.include_all):
         return to_dicom_json(ds)
     header = _header(session, store, match, None if params.include_all else from_header)
-    extra = (
-        {} if header is None else header_json(header, allowed, None if params.include_all else from_header)
-    )
+    extra = {} if header is None else header_json(header, allowed, None if params.include_all else from_header)
     return merge_json(extra, to_dicom_json(ds))
 
 
-def _header(
-    session: Session, store: InstanceStore, match: Match, keywords: set[str] | None
-) -> Dataset | None:
+def _header(session: Session, store: InstanceStore, match: Match, keywords: set[str] | None) -> Dataset | None:
     path = match.path
     if path is None:
         path = representative_path(session, match.study_instance_uid, match.series_instance_uid)
@@ -387,9 +379,7 @@ def _check_accept(accept: str | None) -> None:
         return
     media_types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
     if not media_types & _ACCEPTABLE:
-        raise HTTPException(
-            status.HTTP_406_NOT_ACCEPTABLE, detail=f"search results are only available as {DICOM_JSON}"
-        )
+        raise HTTPException(status.HTTP_406_NOT_ACCEPTABLE, detail=f"search results are only available as {DICOM_JSON}")
 
 
 def _warnings(params: SearchParams, result: SearchResult) -> dict[str, str]:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from gateway.api.auth import require_scope
 from gateway.api.deps import get_settings_dep, get_store
 from gateway.config import Settings
 from gateway.ingest.stow import StowReceiver, StowRequestError, StowResult, boundary_of
 from gateway.store.store import InstanceStore
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_scope("write"))])
 
@@ -53,7 +57,11 @@ async def _stow(request: Request, store: InstanceStore, settings: Settings, stud
         receiver = StowReceiver(store, boundary, limit, study)
         result = await _receive(request, receiver)
     except StowRequestError as exc:
+        log.info("STOW-RS request refused with %d: %s", exc.http_status, exc.reason)
         return _error(exc.http_status, exc.reason)
+    except ClientDisconnect:
+        log.info("STOW-RS client disconnected before the end of the body; nothing stored")
+        return _error(400, "client disconnected before the end of the body")
     base = str(request.base_url).rstrip("/") + "/dicomweb"
     body = result.to_dataset(base, study).to_json_dict()
     return JSONResponse(body, status_code=result.http_status, media_type=_DICOM_JSON)

@@ -75,9 +75,9 @@ def negotiate(accept: str | None, transfer_syntaxes: Iterable[str]) -> None:
 def multipart_stream(store: InstanceStore, files: Sequence[InstanceFile], boundary: str) -> Iterator[bytes]:
     """Yield a multipart/related body of the ``files``, read from disk :data:`CHUNK_SIZE` bytes at a time."""
     for item in files:
-        yield (
-            f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n\r\n"
-        ).encode("ascii")
+        yield (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n\r\n").encode(
+            "ascii"
+        )
         with store.path_of(item.path).open("rb") as fp:
             while chunk := fp.read(CHUNK_SIZE):
                 yield chunk
@@ -125,9 +125,7 @@ def retrieve_series(request: Request, study: str, series: str, store: Store) -> 
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}", summary="Retrieve an instance")
-def retrieve_instance(
-    request: Request, study: str, series: str, instance: str, store: Store
-) -> StreamingResponse:
+def retrieve_instance(request: Request, study: str, series: str, instance: str, store: Store) -> StreamingResponse:
     """WADO-RS Retrieve Instance."""
     return _retrieve(request, store, study, series, instance)
 

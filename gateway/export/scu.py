@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 _ADDRESS_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
 _MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
+_JOIN_TIMEOUT_S = 10.0
+_NO_RESPONSE = "no response (association aborted or timed out)"
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,30 @@ def echo(peer: Peer, calling_ae: str = "GATEWAY-SCU", timeout: float = 30) -> in
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         _close(assoc)
-        raise ConnectionError(f"association with {peer.ae_title}@{peer.host}:{peer.port} was not accepted")
+        why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted the association"
+        raise ConnectionError(f"{peer.ae_title}@{peer.host}:{peer.port} {why}")
+    status: Any = None
     try:
         status = assoc.send_c_echo()
-        return int(status.Status) if "Status" in status else -1
     finally:
+        _finish(assoc, broken=status is None or "Status" not in status)
+    return int(status.Status) if "Status" in status else -1
+
+
+def _finish(assoc: Any, *, broken: bool = False) -> None:
+    """Release a working association; abort a ``broken`` one (a request went unanswered); close the socket.
+
+    pynetdicom closes the socket on a release but not always when the association ends in an abort (a peer's
+    A-ABORT, a reset connection): without the close, every association a crashed peer leaves behind keeps its
+    socket open until the garbage collector finds it.
+    """
+    if assoc.is_established and not broken:
         assoc.release()
+        return
+    if assoc.is_established:
+        assoc.abort()  # no answer came, yet pynetdicom may not have noticed the connection is gone
+    assoc.join(timeout=_JOIN_TIMEOUT_S)  # let the association's own thread stop using the socket first
+    _close(assoc)
 
 
 def _close(assoc: Any) -> None:
@@ -187,32 +207,49 @@ def _send_batch(
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         _close(assoc)
-        with lock:
-            report.failed.extend((f.path, "association not accepted") for f in files)
-        return
-    try:
         for f in files:
+            _record(f, "association not accepted", report, lock, on_progress)
+        return
+    broken = False
+    try:
+        for k, f in enumerate(files):
             outcome = _store_one(assoc, f)
-            with lock:
-                if outcome is None:
-                    report.sent += 1
-                else:
-                    report.failed.append((f.path, outcome))
-            if on_progress is not None:
-                on_progress(1)
+            _record(f, outcome, report, lock, on_progress)
+            if outcome == _NO_RESPONSE:
+                # The association is gone (aborted, connection lost, timed out), though pynetdicom may still call
+                # it established: a further C-STORE on it would wait out the whole DIMSE timeout for nothing.
+                broken = True
+                for rest in files[k + 1 :]:
+                    _record(rest, "not sent: the association was lost", report, lock, on_progress)
+                break
     finally:
-        if assoc.is_established:
-            assoc.release()
+        _finish(assoc, broken=broken)
+
+
+def _record(
+    f: DicomFile,
+    outcome: str | None,
+    report: SendReport,
+    lock: threading.Lock,
+    on_progress: Callable[[int], object] | None,
+) -> None:
+    with lock:
+        if outcome is None:
+            report.sent += 1
+        else:
+            report.failed.append((f.path, outcome))
+    if on_progress is not None:
+        on_progress(1)
 
 
 def _store_one(assoc: object, f: DicomFile) -> str | None:
     """Send one file; ``None`` on success (0x0000 or a warning), else the reason."""
     try:
         status = assoc.send_c_store(f.path)  # type: ignore[attr-defined]
-    except (ValueError, RuntimeError) as exc:
-        return str(exc)
+    except (ValueError, RuntimeError, AttributeError, OSError) as exc:  # a bad or vanished file, a dead association
+        return str(exc) or type(exc).__name__
     if "Status" not in status:
-        return "no response (association aborted or timed out)"
+        return _NO_RESPONSE
     code = int(status.Status)
     if code == 0 or code & 0xF000 == 0xB000:
         return None

@@ -42,9 +42,7 @@ def complete_quiet_series(
     done: list[Completion] = []
     with sessions.begin() as session:
         candidates = session.scalars(
-            select(SeriesRevision).where(
-                SeriesRevision.state == "open", SeriesRevision.last_received_at <= cutoff
-            )
+            select(SeriesRevision).where(SeriesRevision.state == "open", SeriesRevision.last_received_at <= cutoff)
         ).all()
         for rev in candidates:
             claimed = session.execute(
@@ -61,9 +59,7 @@ def complete_quiet_series(
                 continue
             done.append(_create_job(session, rev, now))
     for c in done:
-        log.info(
-            "series complete: job %d, revision %d, %d instance(s)", c.job_id, c.revision, c.instance_count
-        )
+        log.info("series complete: job %d, revision %d, %d instance(s)", c.job_id, c.revision, c.instance_count)
     return done
 
 

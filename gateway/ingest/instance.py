@@ -139,10 +139,7 @@ def _read_received(path: Path) -> ReceivedInstance:
         ds = _read_deflated(path, _PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length)
     else:
         ds = _scan(path, _PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length, UID(ts))
-    try:
-        attributes = {kw: _plain(ds.get(kw)) for kw in INDEX_KEYWORDS}
-    except Exception as exc:  # a value that cannot be decoded (bad VR, bad character set)
-        raise InvalidInstance(f"unparseable data set ({type(exc).__name__})") from exc
+    attributes = {kw: _value(ds, kw) for kw in INDEX_KEYWORDS}
     return ReceivedInstance(
         sop_class_uid=check_uid(attributes["SOPClassUID"], "SOPClassUID"),
         sop_instance_uid=check_uid(attributes["SOPInstanceUID"], "SOPInstanceUID"),
@@ -207,6 +204,14 @@ def _check_deflated(fp: BinaryIO) -> None:
         raise InvalidInstance("corrupt deflated data set", InvalidInstance.UNPARSEABLE) from exc
     if not inflater.eof:
         raise InvalidInstance("truncated deflated data set", InvalidInstance.TRUNCATED)
+
+
+def _value(ds: Dataset, keyword: str) -> str | int | None:
+    """An indexed attribute's value; one that cannot be decoded (``IS`` of "12A") is left out, not fatal."""
+    try:
+        return _plain(ds.get(keyword))
+    except Exception:
+        return None
 
 
 def _plain(value: object) -> str | int | None:

@@ -1,8 +1,9 @@
 """STOW-RS (PS3.18 10.5): a ``multipart/related; type="application/dicom"`` body parsed as a stream.
 
-Each part is written to a temporary file in the store as it arrives (the body is never held in memory), then
-handed to :meth:`InstanceStore.put` when its closing boundary is seen. The result lists each instance as
-referenced (stored) or failed with its FailureReason; the HTTP layer turns it into the response.
+Each part is written to a temporary file in the store as it arrives (the body is never held in memory). The
+parts are handed to :meth:`InstanceStore.put` only once the body's closing boundary has been seen, so that a
+request refused as a whole (400 malformed, 413 too large, client gone) stores nothing. The result lists each
+instance as referenced (stored) or failed with its FailureReason; the HTTP layer turns it into the response.
 """
 
 from __future__ import annotations
@@ -10,17 +11,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from pydicom import dcmread
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.errors import GatewayError, IngestError, InvalidInstance, OutOfResources
+from gateway.ingest.instance import check_uid
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -67,9 +71,8 @@ class StowResult:
         ds = Dataset()
         if study_instance_uid:
             ds.RetrieveURL = f"{base_url}/studies/{study_instance_uid}"
-        ds.ReferencedSOPSequence = Sequence(
-            [_referenced(i, base_url) for i in self.items if i.failure_reason is None]
-        )
+        stored = [_referenced(i, base_url) for i in self.items if i.failure_reason is None]
+        ds.ReferencedSOPSequence = Sequence(stored)
         failed = [_failed(i) for i in self.items if i.failure_reason is not None]
         if failed:
             ds.FailedSOPSequence = Sequence(failed)
@@ -135,10 +138,10 @@ class StowReceiver:
         self.store = store
         self.max_bytes = max_bytes
         self.expected_study = expected_study
-        self.result = StowResult()
         self._received = 0
         self._ended = False
         self._part: _Part | None = None
+        self._complete: list[_Part] = []  # received whole, stored by finish()
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._parser = MultipartParser(
@@ -167,19 +170,28 @@ class StowReceiver:
             raise StowRequestError(400, f"malformed multipart body: {exc}") from exc
 
     def finish(self) -> StowResult:
-        """Check the body ended with its closing boundary and return the outcome of every part."""
+        """Check the body ended with its closing boundary, store every part and return their outcomes."""
         if not self._ended:
             self.abort()
             raise StowRequestError(400, "malformed multipart body: the closing boundary is missing")
-        if not self.result.items:
+        if not self._complete:
             raise StowRequestError(400, "the multipart body holds no part")
-        return self.result
+        result = StowResult()
+        try:
+            while self._complete:
+                result.items.append(self._complete.pop(0).finish(self.expected_study))
+        finally:
+            self.abort()
+        return result
 
     def abort(self) -> None:
-        """Discard a part in progress (its temporary file is removed)."""
+        """Discard the parts not stored yet (their temporary files are removed)."""
+        parts, self._complete = self._complete, []
         if self._part is not None:
-            self._part.discard()
+            parts.append(self._part)
             self._part = None
+        for part in parts:
+            part.discard()
 
     def _part_begin(self) -> None:
         self._part = _Part(self.store)
@@ -199,7 +211,8 @@ class StowReceiver:
     def _part_end(self) -> None:
         part, self._part = self._part, None
         if part is not None:
-            self.result.items.append(part.finish(self.expected_study))
+            part.close()
+            self._complete.append(part)
 
     def _end(self) -> None:
         self._ended = True
@@ -232,10 +245,13 @@ class _Part:
                 raise
             self.failure = OutOfResources("disk full while receiving")
 
-    def finish(self, expected_study: str | None) -> StowItem:
+    def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def finish(self, expected_study: str | None) -> StowItem:
+        self.close()
         if self.failure is None and self.content_type != _DICOM:
             self.failure = InvalidInstance(f"part type {self.content_type.decode('latin-1')!r} is not DICOM")
         if self.failure is not None or self.path is None:
@@ -259,24 +275,36 @@ class _Part:
             self.path.unlink(missing_ok=True)
 
 
-def _failure_item(uids: Dataset | None, exc: IngestError) -> StowItem:
-    def uid(keyword: str) -> str | None:
-        value = uids.get(keyword) if uids is not None else None
-        return str(value) if value else None
-
-    return StowItem(
-        uid("SOPClassUID"), uid("SOPInstanceUID"), uid("StudyInstanceUID"), exc.status, exc.reason
-    )
+def _failure_item(uids: dict[str, str | None] | None, exc: IngestError) -> StowItem:
+    known = uids or {}
+    sop_class, sop_instance = known.get("SOPClassUID"), known.get("SOPInstanceUID")
+    return StowItem(sop_class, sop_instance, known.get("StudyInstanceUID"), exc.status, exc.reason)
 
 
-def _peek_uids(path: Path) -> Dataset | None:
-    """Best-effort read of the UIDs, so that a failure can name the instance it concerns."""
+_PEEKED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
+
+
+def _peek_uids(path: Path) -> dict[str, str | None] | None:
+    """Best-effort read of the UIDs, so that a failure can name the instance it concerns.
+
+    Only well-formed UIDs are kept (a malformed one is not echoed back in a UI element). The raw bytes are
+    read, never decoded by pydicom, so that nothing from the refused file reaches a warning or the log.
+    """
     try:
-        return dcmread(
-            path,
-            stop_before_pixels=True,
-            force=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = dcmread(path, stop_before_pixels=True, force=True, specific_tags=list(_PEEKED))
+            return {keyword: _raw_uid(ds, keyword) for keyword in _PEEKED}
     except Exception:
+        return None
+
+
+def _raw_uid(ds: Dataset, keyword: str) -> str | None:
+    raw = ds.get_item(keyword)
+    value = raw.value if isinstance(raw, DataElement | RawDataElement) else None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    try:
+        return check_uid(value, keyword)
+    except InvalidInstance:
         return None

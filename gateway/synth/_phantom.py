@@ -145,9 +145,7 @@ def rng_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
     return np.random.default_rng(placement), np.random.default_rng(noise)
 
 
-def _ellipsoid(
-    x: npt.ArrayLike, y: npt.ArrayLike, z: npt.ArrayLike, shape: tuple[Vec3, Vec3]
-) -> npt.NDArray[np.bool_]:
+def _ellipsoid(x: npt.ArrayLike, y: npt.ArrayLike, z: npt.ArrayLike, shape: tuple[Vec3, Vec3]) -> npt.NDArray[np.bool_]:
     (cx, cy, cz), (a, b, c) = shape
     zz = np.square((np.asarray(z) - cz) / c)
     return np.asarray((np.square((np.asarray(x) - cx) / a) + zz) + np.square((np.asarray(y) - cy) / b) <= 1.0)

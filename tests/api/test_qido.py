@@ -177,9 +177,7 @@ def study_uids(client: TestClient, **params: Any) -> set[str]:
 # --- matching -----------------------------------------------------------------------------------------------
 
 
-def test_all_studies_carry_the_standard_return_keys_with_their_vrs(
-    client: TestClient, corpus: Corpus
-) -> None:
+def test_all_studies_carry_the_standard_return_keys_with_their_vrs(client: TestClient, corpus: Corpus) -> None:
     response = client.get("/dicomweb/studies")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/dicom+json")
@@ -220,9 +218,7 @@ def test_all_studies_carry_the_standard_return_keys_with_their_vrs(
         ({"PatientName": "nobody"}, set()),
     ],
 )
-def test_study_matching(
-    client: TestClient, corpus: Corpus, params: dict[str, str], expected: set[str]
-) -> None:
+def test_study_matching(client: TestClient, corpus: Corpus, params: dict[str, str], expected: set[str]) -> None:
     assert study_uids(client, **params) == {corpus.studies[name] for name in expected}
 
 
@@ -256,9 +252,7 @@ def test_instance_search_filters_and_levels(client: TestClient, corpus: Corpus) 
     assert obj["00280010"] == {"vr": "US", "Value": [4]}
     assert obj["00200013"] == {"vr": "IS", "Value": [2]}
     assert obj["0020000E"]["Value"] == [a1] and obj["0020000D"]["Value"] == [a]
-    in_study = client.get(
-        f"/dicomweb/studies/{a}/instances", params={"SOPClassUID": str(MRImageStorage)}
-    ).json()
+    in_study = client.get(f"/dicomweb/studies/{a}/instances", params={"SOPClassUID": str(MRImageStorage)}).json()
     assert values(in_study, "00080018") == corpus.instances["A2"]
     assert in_study[0]["00080060"]["Value"] == ["MR"]  # series attributes for Study's Instances
     everywhere = client.get("/dicomweb/instances", params={"SeriesNumber": "7"}).json()
@@ -274,9 +268,7 @@ def test_includefield_reads_header_attributes_at_the_right_level(client: TestCli
     study = client.get("/dicomweb/studies", params=params).json()[0]
     assert study["00101010"] == {"vr": "AS", "Value": ["042Y"]}  # PatientAge, from the file
     assert "00080080" not in study and "00080060" not in study  # series-level attributes stay out
-    series = client.get(
-        f"/dicomweb/studies/{corpus.studies['A']}/series", params={"includefield": "00080080"}
-    )
+    series = client.get(f"/dicomweb/studies/{corpus.studies['A']}/series", params={"includefield": "00080080"})
     names = values(series.json(), "00080080")
     assert sorted(names, key=str) == sorted(["General Hospital", None], key=str)
 
@@ -285,17 +277,13 @@ def test_includefield_all(client: TestClient, corpus: Corpus) -> None:
     obj = client.get("/dicomweb/studies", params={"PatientID": "PID-A", "includefield": "all"}).json()[0]
     assert obj["00101010"]["Value"] == ["042Y"]
     assert "00080080" not in obj and "7FE00010" not in obj
-    instance = client.get("/dicomweb/instances", params={"PatientID": "PID-B", "includefield": "all"}).json()[
-        0
-    ]
+    instance = client.get("/dicomweb/instances", params={"PatientID": "PID-B", "includefield": "all"}).json()[0]
     assert instance["00280100"] == {"vr": "US", "Value": [16]}  # BitsAllocated
     assert "7FE00010" not in instance
 
 
 def test_empty_value_is_a_return_key(client: TestClient) -> None:
-    obj = client.get(
-        "/dicomweb/series", params={"InstitutionName": "", "Modality": "CT", "SeriesNumber": "1"}
-    )
+    obj = client.get("/dicomweb/series", params={"InstitutionName": "", "Modality": "CT", "SeriesNumber": "1"})
     names = values(obj.json(), "00080080")
     assert "General Hospital" in names
 
@@ -341,9 +329,7 @@ def test_bad_uid_in_path_is_400(client: TestClient) -> None:
 
 
 def test_unacceptable_accept_is_406(client: TestClient) -> None:
-    response = client.get(
-        "/dicomweb/studies", headers={"Accept": 'multipart/related; type="application/dicom+xml"'}
-    )
+    response = client.get("/dicomweb/studies", headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
     assert response.status_code == 406
 
 

@@ -85,9 +85,7 @@ def parts(content_type: str, body: bytes) -> list[tuple[dict[str, str], bytes]]:
 
 
 def sop_uid(content: bytes) -> str:
-    return str(
-        pydicom.dcmread(pydicom.filebase.DicomBytesIO(content), stop_before_pixels=True).SOPInstanceUID
-    )
+    return str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(content), stop_before_pixels=True).SOPInstanceUID)
 
 
 # --- retrieve -----------------------------------------------------------------------------------------------
@@ -145,9 +143,7 @@ def test_negotiate_directly() -> None:
         negotiate('multipart/related; type="application/dicom"; transfer-syntax=1.2.3', ["1.2.3", "1.2.4"])
 
 
-def test_files_are_streamed_in_chunks(
-    settings: Settings, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_files_are_streamed_in_chunks(settings: Settings, corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wado, "CHUNK_SIZE", 100)
     store = InstanceStore(settings.store)
     try:
@@ -220,9 +216,7 @@ def test_metadata_of_series_and_instance(client: TestClient, corpus: Corpus) -> 
     series_meta = client.get(f"/dicomweb/studies/{study}/series/{series}/metadata").json()
     assert len(series_meta) == 3
     uid = corpus.instances["A1"][2]
-    (instance_meta,) = client.get(
-        f"/dicomweb/studies/{study}/series/{series}/instances/{uid}/metadata"
-    ).json()
+    (instance_meta,) = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{uid}/metadata").json()
     assert instance_meta["00080018"]["Value"] == [uid]
     assert instance_meta["00200013"] == {"vr": "IS", "Value": [3]}
 
@@ -245,9 +239,7 @@ def test_dicomweb_client_retrieves(dicomweb: DICOMwebClient, corpus: Corpus) -> 
 
 def test_dicomweb_client_negotiates_transfer_syntax(dicomweb: DICOMwebClient, corpus: Corpus) -> None:
     study, series, (uid,) = corpus.studies["JP2K"], corpus.series["JP2K"], corpus.instances["JP2K"]
-    instance = dicomweb.retrieve_instance(
-        study, series, uid, media_types=(("application/dicom", JPEG2000_LOSSLESS),)
-    )
+    instance = dicomweb.retrieve_instance(study, series, uid, media_types=(("application/dicom", JPEG2000_LOSSLESS),))
     assert instance.file_meta.TransferSyntaxUID == JPEG2000_LOSSLESS
     original = pydicom.dcmread(corpus.originals[uid])
     assert instance.PixelData == original.PixelData

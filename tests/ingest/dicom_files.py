@@ -65,9 +65,7 @@ def prepared(ts: str, dest: Path) -> Path:
     return dest
 
 
-def minimal_ct(
-    dest: Path, *, patient_name: str = "DOE^JANE", drop: tuple[str, ...] = (), **attrs: object
-) -> Path:
+def minimal_ct(dest: Path, *, patient_name: str = "DOE^JANE", drop: tuple[str, ...] = (), **attrs: object) -> Path:
     """Write a small valid CT instance (8x8 pixels), optionally without some attributes."""
     ds = Dataset()
     ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")

@@ -266,3 +266,14 @@ def test_association_limit(custom_gateway) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_odd_values_are_stored_and_not_logged(
+    gateway: Gateway, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    odd = minimal_ct(tmp_path / "odd.dcm", PatientID="SECRET-ID-" + "9" * 80, PatientBirthDate="1970-01-01")
+    caplog.clear()  # writing the file above may warn; receiving it must not
+    assert store_files(gateway, odd).sent == 1, "odd but readable values are stored as received"
+    assert "SECRET" not in caplog.text and "1970" not in caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")], "pydicom does not log received values"

@@ -99,9 +99,7 @@ def _key_and_cert(name: str, issuer: tuple | None, *, ca: bool = False):
     )
     if not ca:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         )
     return key, builder.sign(issuer_key, hashes.SHA256())
@@ -110,9 +108,7 @@ def _key_and_cert(name: str, issuer: tuple | None, *, ca: bool = False):
 def _write(tmp: Path, stem: str, key, cert) -> tuple[Path, Path]:
     key_path, cert_path = tmp / f"{stem}.key", tmp / f"{stem}.pem"
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
@@ -169,7 +165,5 @@ def test_mutual_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
     finally:
         gw.stop()
         with warnings.catch_warnings():  # pynetdicom's requestor leaves its socket to the GC after a failed
-            warnings.simplefilter(
-                "ignore", ResourceWarning
-            )  # handshake: collect it here, not in a later test
+            warnings.simplefilter("ignore", ResourceWarning)  # handshake: collect it here, not in a later test
             gc.collect()

@@ -61,9 +61,7 @@ def wait_for_completion(gw: Gateway, series_uid: str, timeout_s: float = 15.0) -
         time.sleep(0.05)
 
 
-def test_study_sent_by_orthanc_is_stored_byte_for_byte_and_completes_once(
-    gateway: Gateway, tmp_path: Path
-) -> None:
+def test_study_sent_by_orthanc_is_stored_byte_for_byte_and_completes_once(gateway: Gateway, tmp_path: Path) -> None:
     if orthanc_binary() is None:
         require_tool("Orthanc")
     assert gateway.scp is not None
@@ -80,9 +78,7 @@ def test_study_sent_by_orthanc_is_stored_byte_for_byte_and_completes_once(
         assert {u["Status"] for u in uploads} == {"Success"}, uploads
         studies = {u["ParentStudy"] for u in uploads}
         assert len(studies) == 1
-        job = orthanc.rest(
-            "POST", "/modalities/gateway/store", {"Resources": [*studies], "Synchronous": True}
-        )
+        job = orthanc.rest("POST", "/modalities/gateway/store", {"Resources": [*studies], "Synchronous": True})
 
     # Orthanc's synchronous store job counts every C-STORE whose response status was not success as failed.
     assert job["InstancesCount"] == SLICES, job
@@ -90,9 +86,7 @@ def test_study_sent_by_orthanc_is_stored_byte_for_byte_and_completes_once(
     assert job["RemoteAet"] == "GATEWAY", job
 
     with gateway.store.sessions() as session:
-        rows = list(
-            session.scalars(select(Instance).where(Instance.series_instance_uid == ct.series_instance_uid))
-        )
+        rows = list(session.scalars(select(Instance).where(Instance.series_instance_uid == ct.series_instance_uid)))
     assert {r.sop_instance_uid for r in rows} == set(ct.sop_instance_uids)
     for row in rows:
         assert row.source == f"dimse:{orthanc.aet}"
@@ -107,9 +101,7 @@ def test_study_sent_by_orthanc_is_stored_byte_for_byte_and_completes_once(
     jobs = wait_for_completion(gateway, ct.series_instance_uid)
     with gateway.store.sessions() as session:
         revisions = list(
-            session.scalars(
-                select(SeriesRevision).where(SeriesRevision.series_instance_uid == ct.series_instance_uid)
-            )
+            session.scalars(select(SeriesRevision).where(SeriesRevision.series_instance_uid == ct.series_instance_uid))
         )
     assert [(r.revision, r.state, r.instance_count) for r in revisions] == [(1, "complete", SLICES)]
     assert [(j.revision_id, j.state, j.study_instance_uid) for j in jobs] == [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -83,6 +84,7 @@ def serve(
         overrides["http"]["port"] = http_port
     settings = _load(config, **{k: v for k, v in overrides.items() if v})
     _setup_logging(settings.log_level)
+    _check_ports_free(settings)
     tmp = (settings.store.data_dir / "tmp").resolve()
     tmp.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(tmp)  # received DIMSE data lands on the store's file system: renamed, not copied
@@ -93,6 +95,21 @@ def serve(
         log_level=settings.log_level.lower(),
         access_log=False,
     )
+
+
+def _check_ports_free(settings: Settings) -> None:
+    """Fail with a readable message, before anything starts, when a listening port is taken."""
+    for what, host, port in (
+        ("DICOM", settings.dicom.host, settings.dicom.port),
+        ("HTTP", settings.http.host, settings.http.port),
+    ):
+        if port == 0:
+            continue
+        try:
+            with socket.create_server((host, port)):
+                pass
+        except OSError as exc:
+            _fail(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}")
 
 
 @app.command()

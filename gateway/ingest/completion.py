@@ -34,13 +34,25 @@ class Completion:
 
 
 def complete_quiet_series(
-    sessions: sessionmaker[Session], quiet_period_s: float, now: float | None = None
+    write_sessions: sessionmaker[Session], quiet_period_s: float, now: float | None = None
 ) -> list[Completion]:
-    """Complete every open revision quiet for ``quiet_period_s``; create a ``received`` job for each."""
+    """Complete every open revision quiet for ``quiet_period_s``; create a ``received`` job for each.
+
+    Parameters
+    ----------
+    write_sessions
+        :attr:`InstanceStore.write_sessions`: on SQLite their transactions take the write lock at once, which is
+        what lets several callers (threads, processes) race here safely; read sessions would fail with
+        "database is locked" instead of waiting.
+    quiet_period_s
+        Seconds without a new instance after which a revision is complete.
+    now
+        The current time (seconds since the epoch); the wall clock when omitted.
+    """
     now = time.time() if now is None else now
     cutoff = now - quiet_period_s
     done: list[Completion] = []
-    with sessions.begin() as session:
+    with write_sessions.begin() as session:
         candidates = session.scalars(
             select(SeriesRevision).where(SeriesRevision.state == "open", SeriesRevision.last_received_at <= cutoff)
         ).all()

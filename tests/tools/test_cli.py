@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -306,3 +307,20 @@ def test_serve_stops_cleanly(served: ServedByFlags, sig: signal.Signals) -> None
     log = served.log_path.read_text()
     assert "Application shutdown complete" in log and "Finished server process" in log
     assert "Traceback" not in log, log
+
+
+def test_serve_on_a_taken_port(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = gateway_cli(
+            "serve",
+            "--data-dir",
+            tmp_path / "data",
+            "--dicom-port",
+            port,
+            "--http-port",
+            free_port(),
+            cwd=tmp_path,
+            env=clean_env(GATEWAY_DICOM__HOST="127.0.0.1"),
+        )
+    assert_readable_failure(result, 2, "cannot listen for DICOM", str(port))

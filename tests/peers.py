@@ -427,16 +427,24 @@ class StoreSCP(PeerProcess):
 
 
 _MINIMAL_SCP = r"""
-import sys, threading
+import os, sys, threading
 from pathlib import Path
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import Verification
 
 outdir, aet, max_pdu, ready = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+durable = sys.argv[5] == "fsync"
 
 def on_store(event):
     with open(outdir / (event.request.AffectedSOPInstanceUID + ".dcm"), "wb") as f:
         f.write(event.encoded_dataset())
+        if durable:
+            f.flush()
+            os.fdatasync(f.fileno())
+    if durable:
+        fd = os.open(outdir, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
     return 0x0000
 
 ae = AE(ae_title=aet)
@@ -455,17 +463,20 @@ threading.Event().wait()
 class MinimalSCP(PeerProcess):
     """The "minimal pynetdicom SCP": C-STORE handler that only writes ``event.encoded_dataset()`` to a file.
 
-    No fsync, no index, no validation; every storage SOP class with every transfer syntax pynetdicom knows.
+    No index, no validation, and no fsync unless ``durable`` (then each file and the folder are flushed before
+    the answer, the least a receiver must do to acknowledge only what is on disk); every storage SOP class with
+    every transfer syntax pynetdicom knows.
     It runs in its own Python process (``python -c``) so that it does not share a GIL with the sender, binds
     port 0 on 127.0.0.1 and reports the port it got through a file.
     """
 
     name = "minimal-scp"
 
-    def __init__(self, tmpdir: Path, *, aet: str = "MINIMAL", max_pdu: int = MAX_PDU) -> None:
+    def __init__(self, tmpdir: Path, *, aet: str = "MINIMAL", max_pdu: int = MAX_PDU, durable: bool = False) -> None:
         super().__init__(tmpdir)
         self.aet = aet
         self.max_pdu = max_pdu
+        self.durable = durable
         self.outdir = self.tmpdir / "received"
         self.outdir.mkdir(exist_ok=True)
         self._port_file = self.tmpdir / "minimal-scp.port"
@@ -486,6 +497,7 @@ class MinimalSCP(PeerProcess):
             self.aet,
             str(self.max_pdu),
             str(self._port_file),
+            "fsync" if self.durable else "nofsync",
         ]
 
     def _ready(self) -> bool:

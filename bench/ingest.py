@@ -443,8 +443,9 @@ def section(results: Sequence[Measurement], count: int, total_bytes: int, args: 
         "",
         "The gateway acknowledges an instance only once its file and directory are fsynced and its index "
         "row is committed (SQLite, `synchronous=FULL`); the minimal pynetdicom SCP and `storescp` write "
-        "without fsync or index, and \"minimal pynetdicom SCP + fsync\" is the same minimal SCP flushing each "
-        "file and its folder before it answers (durability without an index); Orthanc runs with its defaults: it `fdatasync`s each stored file "
+        'without fsync or index, and "minimal pynetdicom SCP + fsync" is the same minimal SCP flushing each '
+        "file and its folder before it answers (durability without an index); Orthanc runs with its "
+        "defaults: it `fdatasync`s each stored file "
         "(`SyncStorageArea: true`), not its SQLite index commits (strace: one `fdatasync` per instance). "
         "DCMTK programs (`storescu`, `storescp`, Orthanc's DICOM side) run with `TCP_NODELAY=1`: Debian's "
         "DCMTK 3.6.7 otherwise keeps Nagle's algorithm on, and each C-STORE then waits on delayed ACKs "

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,18 +218,25 @@ def write_rows(
 
 def _insert_missing_parents(conn: Connection, rows: list[PendingRow], known: WriterCache) -> tuple[set[str], set[str]]:
     studies = {r.info.study_instance_uid: r for r in rows if r.info.study_instance_uid not in known.studies}
-    if studies:
-        present = set(conn.scalars(select(Study.study_instance_uid).where(Study.study_instance_uid.in_(studies))))
-        new_studies = [_study_values(uid, r) for uid, r in studies.items() if uid not in present]
-        if new_studies:
-            conn.execute(insert(Study), new_studies)
+    _insert_new(conn, Study.study_instance_uid, studies, _study_values)
     series = {r.info.series_instance_uid: r for r in rows if r.info.series_instance_uid not in known.series}
-    if series:
-        present = set(conn.scalars(select(Series.series_instance_uid).where(Series.series_instance_uid.in_(series))))
-        new_series = [_series_values(uid, r) for uid, r in series.items() if uid not in present]
-        if new_series:
-            conn.execute(insert(Series), new_series)
+    _insert_new(conn, Series.series_instance_uid, series, _series_values)
     return set(studies), set(series)
+
+
+def _insert_new(
+    conn: Connection,
+    key: Any,
+    candidates: dict[str, PendingRow],
+    values: Callable[[str, PendingRow], dict[str, Any]],
+) -> None:
+    """Insert a row for each candidate UID not already in ``key``'s table."""
+    if not candidates:
+        return
+    present = set(conn.scalars(select(key).where(key.in_(candidates))))
+    new = [values(uid, row) for uid, row in candidates.items() if uid not in present]
+    if new:
+        conn.execute(insert(key.class_), new)
 
 
 def _study_values(uid: str, row: PendingRow) -> dict[str, Any]:

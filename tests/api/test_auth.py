@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,8 +33,6 @@ with warnings.catch_warnings():
 
     from gateway.api.app import create_app
 
-# The DICOM file helpers live with the ingest tests; pytest puts only this folder and tests/ on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
 from dicom_files import minimal_ct
 
 TOKENS: dict[Scope, str] = {

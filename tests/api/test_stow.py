@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 import time
 import tracemalloc
 import uuid
@@ -27,9 +26,6 @@ from gateway.store.index import Instance
 from gateway.store.store import InstanceStore
 
 from conftest import LiveServer, make_settings
-
-# The DICOM file helpers live with the ingest tests; pytest puts only this folder and tests/ on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
 from dicom_files import (
     RELABELLED,
     SAMPLES,

@@ -9,7 +9,9 @@
      |    +-- UnsupportedTransferSyntax                                                  (0xC122)
      |    +-- StudyMismatch           STOW-RS instance outside the study in the URL       (0xA900)
      |    +-- OutOfResources          free disk below the watermark, disk full            (0xA700)
-     +-- InvalidQuery                 a QIDO-RS search the index cannot answer (HTTP 400)
+     +-- AssemblyError                a series cannot become a volume with trustworthy geometry (the reason says why)
+ |    +-- DecodeError             a frame's pixel data cannot be decoded (names the transfer syntax)
+ +-- InvalidQuery                 a QIDO-RS search the index cannot answer (HTTP 400)
  +-- NotFound                     a study, series, instance or job the gateway does not hold
 """
 
@@ -77,3 +79,15 @@ class NotFound(GatewayError):
 
 class InvalidQuery(GatewayError, ValueError):
     """A search names an attribute the index cannot match on, or gives a malformed value."""
+
+
+class AssemblyError(GatewayError):
+    """A series (or stack) cannot be assembled into a volume; ``reason`` says why, without patient data."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DecodeError(AssemblyError):
+    """A frame cannot be decoded; the message names the transfer syntax and the cause."""

@@ -189,6 +189,36 @@ def token(
     typer.echo(f"  - name: {name}\n    sha256: {hash_token(value)}\n    scopes: [{', '.join(scope)}]")
 
 
+@app.command()
+def volume(
+    inputs: Annotated[list[Path], typer.Argument(help="DICOM files and folders (searched recursively).")],
+    outdir: Annotated[Path, typer.Option("-o", "--outdir", help="Where the NIfTI files and sidecars go.")],
+) -> None:
+    """Assemble series into volumes and write NIfTI (RAS+, like dcm2niix) with JSON sidecars."""
+    from gateway.assemble.convert import convert
+
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        _fail(f"no such file or folder: {', '.join(missing)}")
+    report = convert(inputs, outdir)
+    for item in report.written:
+        v = item.volume
+        shape = "x".join(str(n) for n in v.array.shape)
+        spacing = "x".join(f"{s:.3g}" for s in v.spacing)
+        flags = ", ".join(f.code + (" (resampled)" if f.resampled else "") for f in v.qc) or "-"
+        typer.echo(
+            f"{item.series_label:<32} {v.modality or '?':<4} {shape:<16} {spacing:<16} {flags}  -> {item.image.name}"
+        )
+    for label, refusal in report.refused:
+        typer.echo(f"refused: {label}: {refusal.reason}", err=True)
+    typer.echo(
+        f"{len(report.written)} volume(s) written, {len(report.refused)} refused, "
+        f"{len(report.skipped)} non-DICOM file(s) skipped"
+    )
+    if report.refused or not report.written:
+        raise typer.Exit(1)
+
+
 @synth_app.command("ct")
 def synth_ct(
     outdir: Annotated[Path, typer.Argument(help="Folder to write the series into.")],

@@ -1,0 +1,102 @@
+"""``gateway volume``: files and folders in, one NIfTI + JSON sidecar per volume out (like dcm2niix).
+
+The command line only parses arguments; this module finds the series, assembles them and writes the files.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from gateway.assemble.assemble import Refusal, assemble_series
+from gateway.assemble.model import Volume
+from gateway.assemble.nifti import write_nifti
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Written:
+    """One volume written: where, and what it is."""
+
+    series_label: str
+    volume: Volume
+    image: Path
+    sidecar: Path
+
+
+@dataclass
+class ConversionReport:
+    """Everything :func:`convert` did and refused."""
+
+    written: list[Written] = field(default_factory=list)
+    refused: list[tuple[str, Refusal]] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def find_series(inputs: Iterable[Path]) -> tuple[dict[str, list[Path]], dict[str, str], list[Path]]:
+    """Group the DICOM files under ``inputs`` by SeriesInstanceUID; return groups, labels and non-DICOM files."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    labels: dict[str, str] = {}
+    skipped: list[Path] = []
+    for path in _walk(inputs):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = dcmread(
+                    path,
+                    stop_before_pixels=True,
+                    specific_tags=["SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality"],
+                )
+            uid = str(ds.SeriesInstanceUID)
+        except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError):
+            skipped.append(path)
+            continue
+        groups[uid].append(path)
+        labels.setdefault(uid, _label(ds.get("SeriesNumber"), ds.get("SeriesDescription") or ds.get("Modality")))
+    return dict(groups), labels, skipped
+
+
+def convert(inputs: Iterable[Path], outdir: Path) -> ConversionReport:
+    """Assemble every series found under ``inputs`` and write each volume to ``outdir``."""
+    report = ConversionReport()
+    groups, labels, report.skipped = find_series(inputs)
+    outdir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for uid, paths in sorted(groups.items(), key=lambda item: labels[item[0]]):
+        result = assemble_series(paths)
+        report.refused.extend((labels[uid], refusal) for refusal in result.refused)
+        for volume in result.volumes:
+            stem = _unique(labels[uid], used)
+            image, sidecar = write_nifti(volume, outdir / f"{stem}.nii")
+            report.written.append(Written(labels[uid], volume, image, sidecar))
+    return report
+
+
+def _walk(inputs: Iterable[Path]) -> Iterator[Path]:
+    for path in inputs:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+
+
+def _label(number: object, description: object) -> str:
+    text = _UNSAFE.sub("_", str(description or "series")).strip("_") or "series"
+    return f"{number}_{text}" if number not in (None, "") else text
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    candidate, k = stem, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}"
+    used.add(candidate)
+    return candidate

@@ -1,0 +1,266 @@
+"""Geometry of a sorted stack: the affine from the slice positions, quality checks, and the resampling they need.
+
+The slice axis comes from ImagePositionPatient (PS3.3 C.7.6.2.1.1), never from SliceThickness, which is the
+thickness of the excited slab and not the distance between slices. Checks, each recorded as a
+:class:`~gateway.assemble.model.QCFlag`:
+
+- ``missing-slices``: a step along the normal well above the median step (kept as is, not resampled, so the
+  affine holds before the gap only; the flag says where);
+- ``uneven-spacing``: steps that differ by more than 1 % of the median: resampled, linearly along the normal,
+  onto a uniform grid from the first to the last slice;
+- ``gantry-tilt``: slice origins that drift in-plane along a line (a CT gantry tilt, PS3.3 C.8.2.1 Gantry/Detector
+  Tilt): each slice is shifted in-plane by its drift, linearly interpolated, so the grid becomes orthogonal, which
+  is what dcm2niix writes as its ``_Tilt_1`` image;
+- ``single-slice``: one slice; the third axis is SliceThickness, or 1 mm.
+
+Positions that are not on a line, or repeated, raise :class:`~gateway.errors.AssemblyError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.assemble.model import QCFlag
+from gateway.errors import AssemblyError
+
+__all__ = ["StackGeometry", "resample_stack", "stack_geometry"]
+
+_GAP_FACTOR: Final = 1.5
+_UNEVEN_RELATIVE: Final = 0.01
+_MIN_STEP_MM: Final = 1e-3
+_TILT_TOLERANCE_MM: Final = 0.01
+_LINE_TOLERANCE_MM: Final = 0.05
+
+Float64Array = npt.NDArray[np.float64]
+Float32Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class StackGeometry:
+    """Where a stack's voxels are, and how to get them onto that grid.
+
+    Parameters
+    ----------
+    affine
+        Maps ``[slice, row, column, 1]`` of the output grid to LPS (see :mod:`gateway.assemble.model`).
+    qc
+        What the checks found or did.
+    sources
+        For each output slice: the two source slices it interpolates between and the weight of the second;
+        ``None`` when the output slices are the source slices.
+    shifts
+        In-plane shift ``(rows, columns)`` in pixels to apply to each source slice (gantry tilt), or ``None``.
+    """
+
+    affine: Float64Array
+    qc: tuple[QCFlag, ...] = ()
+    sources: tuple[tuple[int, int, float], ...] | None = None
+    shifts: Float64Array | None = None
+
+    @property
+    def nearest(self) -> tuple[int, ...] | None:
+        """For each output slice, the source slice nearest to it, or ``None`` when not resampled along the normal."""
+        if self.sources is None:
+            return None
+        return tuple(k1 if weight >= 0.5 else k0 for k0, k1, weight in self.sources)
+
+
+def _in_plane_affine(orientation: Sequence[float], pixel_spacing: Sequence[float]) -> Float64Array:
+    iop = np.asarray(orientation, dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, 2] = iop[:3] * pixel_spacing[1]
+    affine[:3, 1] = iop[3:] * pixel_spacing[0]
+    return affine
+
+
+def _normal(orientation: Sequence[float]) -> Float64Array:
+    iop = np.asarray(orientation, dtype=np.float64)
+    if abs(float(np.dot(iop[:3], iop[3:]))) > 1e-3:
+        raise AssemblyError("ImageOrientationPatient row and column cosines are not orthogonal")
+    normal = np.cross(iop[:3], iop[3:])
+    unit: Float64Array = normal / np.linalg.norm(normal)
+    return unit
+
+
+def _single_slice(affine: Float64Array, normal: Float64Array, thickness: float | None) -> StackGeometry:
+    step = thickness if thickness is not None and thickness > 0 else 1.0
+    affine[:3, 0] = normal * step
+    source = "SliceThickness" if step == thickness else "1 mm (no SliceThickness)"
+    return StackGeometry(affine, (QCFlag("single-slice", f"one slice; third axis {step:g} mm from {source}"),))
+
+
+def _tilt(positions: Float64Array, distances: Float64Array, normal: Float64Array) -> Float64Array | None:
+    """The in-plane drift of each slice origin relative to the first, or ``None`` when there is none."""
+    relative = positions - positions[0]
+    drift = relative - np.outer(relative @ normal, normal)
+    if float(np.max(np.linalg.norm(drift, axis=1))) < _TILT_TOLERANCE_MM:
+        return None
+    along = distances - distances[0]
+    direction = (along @ drift) / float(along @ along)
+    residual = float(np.max(np.linalg.norm(drift - np.outer(along, direction), axis=1)))
+    if residual > _LINE_TOLERANCE_MM:
+        raise AssemblyError(f"slice positions do not lie on a line (off by up to {residual:.3g} mm)")
+    result: Float64Array = drift
+    return result
+
+
+def _gap_flag(steps: Float64Array, median: float) -> QCFlag | None:
+    gaps = np.flatnonzero(steps > _GAP_FACTOR * median)
+    if gaps.size == 0:
+        return None
+    missing = int(sum(round(float(steps[g]) / median) - 1 for g in gaps))
+    where = ", ".join(f"after slice {int(g)} ({float(steps[g]):.3g} mm)" for g in gaps)
+    return QCFlag(
+        "missing-slices",
+        f"about {missing} slice(s) missing: gap {where} vs median spacing {median:.4g} mm; "
+        "kept without resampling, so positions past a gap are off by the gap",
+    )
+
+
+def _uneven(steps: Float64Array, median: float) -> bool:
+    regular = steps[steps <= _GAP_FACTOR * median]
+    return bool(np.max(np.abs(regular - median)) > _UNEVEN_RELATIVE * median)
+
+
+def _uniform_sources(distances: Float64Array, median: float) -> tuple[tuple[tuple[int, int, float], ...], float]:
+    along = distances - distances[0]
+    count = max(2, round(float(along[-1]) / median) + 1)
+    step = float(along[-1]) / (count - 1)
+    sources: list[tuple[int, int, float]] = []
+    for target in np.arange(count) * step:
+        k1 = int(min(max(np.searchsorted(along, target, side="right"), 1), len(along) - 1))
+        k0 = k1 - 1
+        weight = float((target - along[k0]) / (along[k1] - along[k0]))
+        sources.append((k0, k1, min(max(weight, 0.0), 1.0)))
+    return tuple(sources), step
+
+
+def _pixel_shifts(drift: Float64Array, orientation: Sequence[float], pixel_spacing: Sequence[float]) -> Float64Array:
+    iop = np.asarray(orientation, dtype=np.float64)
+    rows = drift @ iop[3:] / pixel_spacing[0]
+    columns = drift @ iop[:3] / pixel_spacing[1]
+    return np.stack([rows, columns], axis=1)
+
+
+def _tilt_flag(drift: Float64Array, distances: Float64Array) -> QCFlag:
+    along = float(distances[-1] - distances[0])
+    degrees = math.degrees(math.atan2(float(np.linalg.norm(drift[-1])), along))
+    return QCFlag(
+        "gantry-tilt",
+        f"slices sheared by {degrees:.3g} degrees (gantry tilt); shifted in-plane onto an orthogonal grid",
+        resampled=True,
+    )
+
+
+def stack_geometry(
+    positions: Sequence[Sequence[float]],
+    orientation: Sequence[float],
+    pixel_spacing: Sequence[float],
+    slice_thickness: float | None = None,
+) -> StackGeometry:
+    """Compute the affine of a stack from its slice positions, check it, and plan any resampling.
+
+    Parameters
+    ----------
+    positions
+        ImagePositionPatient of each slice, sorted by position along the normal (ascending).
+    orientation
+        The ImageOrientationPatient shared by the slices.
+    pixel_spacing
+        PixelSpacing (row spacing, column spacing) in mm.
+    slice_thickness
+        SliceThickness, used only for a single slice.
+
+    Returns
+    -------
+    StackGeometry
+        The affine of the output grid, the QC flags and the resampling plan.
+
+    Raises
+    ------
+    AssemblyError
+        When positions repeat, are not sorted, or do not lie on a line.
+    """
+    points = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    affine = _in_plane_affine(orientation, pixel_spacing)
+    affine[:3, 3] = points[0]
+    normal = _normal(orientation)
+    if len(points) == 1:
+        return _single_slice(affine, normal, slice_thickness)
+    distances = points @ normal
+    steps = np.diff(distances)
+    if float(np.min(steps)) < _MIN_STEP_MM:
+        raise AssemblyError("slice positions repeat or are not sorted along the normal")
+    drift = _tilt(points, distances, normal)
+    median = float(np.median(steps))
+    flags = [flag for flag in (_gap_flag(steps, median),) if flag is not None]
+    sources = None
+    if _uneven(steps, median):
+        sources, median = _uniform_sources(distances, median)
+        flags.append(QCFlag("uneven-spacing", f"resampled to a uniform {median:.4g} mm along the normal", True))
+    elif not flags and drift is None:
+        affine[:3, 0] = (points[-1] - points[0]) / (len(points) - 1)
+        return StackGeometry(affine)
+    affine[:3, 0] = normal * median
+    shifts = None if drift is None else _pixel_shifts(drift, orientation, pixel_spacing)
+    if drift is not None:
+        flags.append(_tilt_flag(drift, distances))
+    return StackGeometry(affine, tuple(flags), sources, shifts)
+
+
+def _shift_axis(image: Float32Array, shift: float, axis: int, fill: float) -> Float32Array:
+    """``out[i] = image[i - shift]`` along ``axis``, linear, ``fill`` outside."""
+    size = image.shape[axis]
+    source = np.arange(size, dtype=np.float64) - shift
+    low = np.floor(source).astype(np.int64)
+    weight = (source - low).astype(np.float32)
+    a = np.take(image, np.clip(low, 0, size - 1), axis=axis)
+    b = np.take(image, np.clip(low + 1, 0, size - 1), axis=axis)
+    shape = [1, 1]
+    shape[axis] = size
+    weight = weight.reshape(shape)
+    out: Float32Array = (a * (1 - weight) + b * weight).astype(np.float32)
+    outside = ((source < 0) | (source > size - 1)).reshape(shape)
+    return np.where(np.broadcast_to(outside, out.shape), np.float32(fill), out).astype(np.float32)
+
+
+def _shift(image: Float32Array, shift: Float64Array, fill: float) -> Float32Array:
+    if abs(float(shift[0])) > 1e-6:
+        image = _shift_axis(image, float(shift[0]), 0, fill)
+    if abs(float(shift[1])) > 1e-6:
+        image = _shift_axis(image, float(shift[1]), 1, fill)
+    return image
+
+
+def resample_stack(array: Float32Array, geometry: StackGeometry, fill: float | None = None) -> Float32Array:
+    """Put a stack's voxels (``[slice, row, column]``, source order) onto the grid of ``geometry``.
+
+    Parameters
+    ----------
+    array
+        The source slices, as sorted for :func:`stack_geometry`.
+    geometry
+        Its geometry.
+    fill
+        Value for voxels that fall outside the source (gantry tilt); default the minimum of ``array``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[slice, row, column]`` on the output grid (``array`` itself when nothing is resampled).
+    """
+    if geometry.sources is None and geometry.shifts is None:
+        return array
+    value = float(np.min(array)) if fill is None else fill
+    slices = array
+    if geometry.shifts is not None:
+        slices = np.stack([_shift(s, shift, value) for s, shift in zip(array, geometry.shifts, strict=True)])
+    if geometry.sources is None:
+        return slices
+    return np.stack([slices[k0] * np.float32(1 - w) + slices[k1] * np.float32(w) for k0, k1, w in geometry.sources])

@@ -1,0 +1,99 @@
+"""Where planes and their pixels come from: single-frame files, multi-frame objects, Siemens mosaics.
+
+:func:`read_sources` turns any image file into its planes (one per frame, or per mosaic tile);
+:func:`modality_frames` decodes the pixels of a list of planes in parallel and returns their modality values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from gateway.assemble.decode import decode_frames
+from gateway.assemble.model import Plane
+from gateway.assemble.mosaic import is_mosaic, mosaic_planes, mosaic_tile_count, split_mosaic
+from gateway.assemble.multiframe import enhanced_planes
+from gateway.assemble.pixels import ModalityTransform, modality_values
+from gateway.assemble.planes import SeriesHeader, read_header, read_plane, series_header
+from gateway.errors import AssemblyError
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One image file: its planes, its series-level attributes and what its pixels need."""
+
+    path: Path
+    planes: tuple[Plane, ...]
+    header: SeriesHeader
+    transform: ModalityTransform
+    mosaic_tiles: int | None
+
+
+def read_source(path: Path) -> SourceFile:
+    """Read one file's header and describe its planes.
+
+    Raises
+    ------
+    AssemblyError
+        When the file is not an image or its geometry headers cannot be understood.
+    """
+    ds = read_header(path)
+    if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
+        raise AssemblyError(f"{path.name} is not an image (no Rows, Columns or SOPInstanceUID)")
+    planes = _planes(path, ds)
+    tiles = mosaic_tile_count(ds) if is_mosaic(ds) else None
+    return SourceFile(path, tuple(planes), series_header(ds), ModalityTransform.from_dataset(ds), tiles)
+
+
+def _planes(path: Path, ds: Dataset) -> list[Plane]:
+    if is_mosaic(ds):
+        return mosaic_planes(path)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return enhanced_planes(path)
+    plane, _ = read_plane(path)
+    return [plane]
+
+
+def modality_frames(
+    planes: Sequence[Plane], sources: dict[Path, SourceFile]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_] | None]:
+    """Decode ``planes`` (in parallel) and return their modality values ``[plane, row, column]`` and padding mask.
+
+    Raises
+    ------
+    DecodeError
+        When a frame cannot be decoded.
+    AssemblyError
+        When a decoded frame does not have the size its header declares.
+    """
+    requests = sorted({(p.path, p.ref.frame) for p in planes})
+    decoded = dict(zip(requests, decode_frames(requests), strict=True))
+    values: list[npt.NDArray[np.float32]] = []
+    masks: list[npt.NDArray[np.bool_] | None] = []
+    for plane in planes:
+        source = sources[plane.path]
+        stored = _tile(decoded[(plane.path, plane.ref.frame)], plane, source)
+        value, mask = modality_values(stored, source.transform, plane)
+        values.append(value)
+        masks.append(mask)
+    mask_stack = None
+    if any(m is not None for m in masks):
+        mask_stack = np.stack(
+            [m if m is not None else np.zeros(v.shape, bool) for m, v in zip(masks, values, strict=True)]
+        )
+    return np.stack(values).astype(np.float32, copy=False), mask_stack
+
+
+def _tile(frame: npt.NDArray[np.generic], plane: Plane, source: SourceFile) -> npt.NDArray[np.generic]:
+    if plane.ref.tile is not None:
+        if source.mosaic_tiles is None:
+            raise AssemblyError(f"{plane.path.name}: a mosaic tile was asked of a file that is not a mosaic")
+        frame = split_mosaic(frame, source.mosaic_tiles, plane.rows, plane.columns)[plane.ref.tile]
+    if frame.shape[:2] != (plane.rows, plane.columns):
+        raise AssemblyError(f"decoded frame is {frame.shape}, header says {plane.rows}x{plane.columns}")
+    return frame

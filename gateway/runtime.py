@@ -17,14 +17,16 @@ from gateway.store.store import InstanceStore
 log = logging.getLogger(__name__)
 
 
-def quiet_pydicom() -> None:
-    """Read received data tolerantly and keep its values out of the logs.
+def quiet_pydicom() -> int:
+    """Read received data tolerantly and keep its values out of the logs; return the mode it replaced.
 
     pydicom's value validation on reading warns *and logs* each odd value (a malformed name, an over-long ID):
     that would put patient data in the log. The gateway checks what it depends on itself
-    (:mod:`gateway.ingest.instance`), so validation on reading is off for the process.
+    (:mod:`gateway.ingest.instance`), so validation on reading is off while a gateway runs in the process.
     """
+    previous = pydicom.config.settings.reading_validation_mode
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    return previous
 
 
 class Gateway:
@@ -45,10 +47,11 @@ class Gateway:
             self.store.write_sessions, settings.ingest.quiet_period_s, settings.ingest.completion_poll_s
         )
         self.scp = StorageSCP(settings.dicom, self.store) if dimse else None
+        self._pydicom_mode: int | None = None
 
     def start(self) -> None:
         """Start the completion monitor, then the DICOM listener."""
-        quiet_pydicom()
+        self._pydicom_mode = quiet_pydicom()
         self.monitor.start()
         if self.scp is not None:
             try:
@@ -56,6 +59,7 @@ class Gateway:
             except BaseException:  # e.g. the port is taken: leave no monitor thread or index open behind
                 self.monitor.stop()
                 self.store.close()
+                self._restore_pydicom()
                 raise
 
     def stop(self) -> None:
@@ -64,3 +68,9 @@ class Gateway:
             self.scp.stop()
         self.monitor.stop()
         self.store.close()
+        self._restore_pydicom()
+
+    def _restore_pydicom(self) -> None:
+        if self._pydicom_mode is not None:
+            pydicom.config.settings.reading_validation_mode = self._pydicom_mode
+            self._pydicom_mode = None

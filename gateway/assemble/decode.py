@@ -9,11 +9,14 @@ The arrays hold *stored values* (PS3.3 C.7.6.3.1): pydicom has already masked th
 sign-extended signed data (its ``correct_unused_bits`` and JPEG-LS / JPEG 2000 sign corrections), and
 converted YBR_FULL / YBR_FULL_422 colour to RGB; no Modality LUT is applied (see :mod:`gateway.assemble.pixels`).
 
-Parallel decoding uses processes. None of the codec bindings (pylibjpeg-openjpeg, pylibjpeg-libjpeg,
-pylibjpeg-rle, pyjpegls) releases the GIL while it decodes, so threads run the codecs one at a time.
-Measured on this project's 2-core development machine, 300 single-frame 512x512 JPEG 2000 lossless files
-(see the report of issue 3): sequential 10.5 s, 2 threads 10.7 s, 2 processes 5.7 s (forkserver, pool start
-included). A process that crashes (a codec fault on a malformed stream) fails its frames, never the gateway.
+Parallel decoding uses processes for compressed data. None of the codec bindings (pylibjpeg-openjpeg,
+pylibjpeg-libjpeg, pylibjpeg-rle, pyjpegls) releases the GIL while it decodes, so threads run the codecs one at
+a time. Measured on this project's 2-core machine, 300 frames of 512x512 16-bit JPEG 2000 lossless (median of
+3; the pool's start included): as 300 files, sequential 5.3 s, 2 threads 5.3 s, 2 processes 2.9 s (forkserver;
+fork 2.9 s, spawn 3.2 s); as one 300-frame file, 5.2 s, 5.1 s and 2.8 s. Uncompressed data is mostly file
+reading, which releases the GIL, and costs more to send back from a process than to decode: 300 such files take
+0.16 s sequentially, 0.12 s in 2 threads, 0.4 s in 2 processes, so they are decoded in threads. A process that
+crashes (a codec fault on a malformed stream) fails its frames with a DecodeError, never the gateway.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def dependency_table() -> list[tuple[str, str, str, bool]]:
 
 
 def _reason(exc: BaseException) -> str:
-    """A one-line cause from a library's exception (pixel-module text only, never element values we did not ask)."""
+    """A one-line cause from pydicom's or a codec's exception: about the file, pixel data and group 0028 only."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
@@ -280,8 +283,9 @@ def _run_chunks(chunks: list[Chunk], pool: Executor) -> list[Frame]:
 
 
 def _decode_chunks(chunks: list[Chunk], workers: int, executor: Executor | None) -> list[Frame]:
-    """Run the chunks: in ``executor``; here for one worker or chunk; else threads for uncompressed data
-    (reading files, which releases the GIL) and processes for compressed data (codecs, which hold it)."""
+    """Run the chunks: in ``executor``; here for one worker or chunk; else, judged by the first file (a series
+    rarely mixes syntaxes, and a wrong guess costs only time), threads for uncompressed data (reading files,
+    which releases the GIL) and processes for compressed data (codecs, which hold it)."""
     if executor is not None:
         return _run_chunks(chunks, executor)
     if workers == 1 or len(chunks) == 1:
@@ -298,14 +302,15 @@ def decode_frames(
     workers: int | None = None,
     executor: Executor | None = None,
 ) -> list[Frame]:
-    """Decode many frames in parallel, in worker processes (the codecs hold the GIL, see the module docstring).
+    """Decode many frames in parallel: compressed ones in processes (the codecs hold the GIL), uncompressed
+    ones in threads; see the module docstring for the measurements behind that.
 
     Parameters
     ----------
     requests
         ``(path, frame)`` pairs, frame 1-based; frames of one file are decoded from one read of it.
     workers
-        The number of processes; default all CPUs this process may use. ``1`` decodes here, sequentially.
+        How many processes or threads; default all CPUs this process may use. ``1`` decodes here, in turn.
     executor
         A pool to run in instead of starting one for this call (see :func:`decoder_pool`); ``workers`` then
         only sizes the chunks.
@@ -319,7 +324,11 @@ def decode_frames(
     ------
     DecodeError
         For the first request (in chunk order) that cannot be decoded, or if a worker process died.
+    ValueError
+        If ``workers`` is less than 1.
     """
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if not requests:
         return []
     n = workers or default_workers()

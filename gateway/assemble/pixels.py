@@ -101,6 +101,8 @@ class ModalityTransform:
         Rescale values are taken from the frame's Per-Frame Functional Groups, else the Shared Functional
         Groups (Pixel Value Transformation Sequence), else the top level; absent ones mean identity.
         """
+        if frame < 1:
+            raise ValueError(f"frame is 1-based, got {frame}")
         bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
         signed = int(ds.get("PixelRepresentation") or 0)
         slope, intercept = _rescale(ds, frame)
@@ -114,7 +116,7 @@ class ModalityTransform:
             rescale_intercept=intercept,
             pixel_padding_value=padding,
             pixel_padding_range_limit=None if padding is None else limit,
-            modality_lut=_lut(ds),
+            modality_lut=_lut(ds, signed),
         )
 
     def for_plane(self, plane: Plane) -> ModalityTransform:
@@ -157,12 +159,12 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
     return found or (1.0, 0.0)
 
 
-def _lut(ds: Dataset) -> ModalityLUT | None:
+def _lut(ds: Dataset, signed: int) -> ModalityLUT | None:
     sequence = ds.get("ModalityLUTSequence")
     if not sequence:
         return None
     item = sequence[0]
-    first_mapped = int(item.LUTDescriptor[1])
+    first_mapped = _as_stored(int(item.LUTDescriptor[1]), 16, signed)  # US or SS, as Pixel Representation says
     data: Any = item.LUTData
     values = [data] if isinstance(data, int) else list(data)
     return ModalityLUT(first_mapped=first_mapped, data=tuple(int(v) for v in values))

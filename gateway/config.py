@@ -121,6 +121,13 @@ class IngestSettings(_Section):
     stow_max_bytes: int = Field(default=8 << 30, gt=0)
 
 
+class JobsSettings(_Section):
+    """The workers that drive completed series through the stages."""
+
+    assembly_workers: int = Field(default=1, ge=0)
+    poll_s: float = Field(default=1.0, gt=0)
+
+
 class Settings(BaseSettings):
     """All gateway settings; see the module docstring for where values come from."""
 
@@ -130,6 +137,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

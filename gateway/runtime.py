@@ -12,6 +12,7 @@ import pydicom.config
 from gateway.config import Settings
 from gateway.ingest.completion import CompletionMonitor
 from gateway.ingest.dimse import StorageSCP
+from gateway.jobs.assembly import AssemblyWorkers
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def quiet_pydicom() -> int:
 
 
 class Gateway:
-    """Store, completion monitor and (optionally) the DICOM listener.
+    """Store, completion monitor, assembly workers and (optionally) the DICOM listener.
 
     Parameters
     ----------
@@ -47,16 +48,19 @@ class Gateway:
             self.store.write_sessions, settings.ingest.quiet_period_s, settings.ingest.completion_poll_s
         )
         self.scp = StorageSCP(settings.dicom, self.store) if dimse else None
+        self.assembly = AssemblyWorkers(self.store, settings.jobs.assembly_workers, settings.jobs.poll_s)
         self._pydicom_mode: int | None = None
 
     def start(self) -> None:
         """Start the completion monitor, then the DICOM listener."""
         self._pydicom_mode = quiet_pydicom()
         self.monitor.start()
+        self.assembly.start()
         if self.scp is not None:
             try:
                 self.scp.start()
             except BaseException:  # e.g. the port is taken: leave no monitor thread or index open behind
+                self.assembly.stop()
                 self.monitor.stop()
                 self.store.close()
                 self._restore_pydicom()
@@ -67,6 +71,7 @@ class Gateway:
         if self.scp is not None:
             self.scp.stop()
         self.monitor.stop()
+        self.assembly.stop()
         self.store.close()
         self._restore_pydicom()
 

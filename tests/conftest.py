@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from gateway.config import DicomSettings, HttpSettings, IngestSettings, Settings, StoreSettings
+from gateway.config import DicomSettings, HttpSettings, IngestSettings, JobsSettings, Settings, StoreSettings
 from gateway.runtime import Gateway
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -26,12 +26,16 @@ def free_port() -> int:
 
 
 def make_settings(data_dir: Path, **sections: object) -> Settings:
-    """Settings for tests: loopback, ephemeral ports, no watermark, a short quiet period."""
+    """Settings for tests: loopback, ephemeral ports, no watermark, a short quiet period, no assembly workers.
+
+    Jobs stay ``received`` unless a test asks for assembly (``jobs=JobsSettings(assembly_workers=1)``).
+    """
     base: dict[str, object] = {
         "store": StoreSettings(data_dir=data_dir, min_free_bytes=0),
         "dicom": DicomSettings(host="127.0.0.1", port=0),
         "http": HttpSettings(host="127.0.0.1", port=0),
         "ingest": IngestSettings(quiet_period_s=0.5, completion_poll_s=0.1),
+        "jobs": JobsSettings(assembly_workers=0, poll_s=0.1),
     }
     base.update(sections)
     return Settings(**base)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ class JobState(StrEnum):
     """Where a job stands."""
 
     RECEIVED = "received"
+    ASSEMBLING = "assembling"
     ASSEMBLED = "assembled"
     INFERRED = "inferred"
     ENCODED = "encoded"

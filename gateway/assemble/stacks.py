@@ -167,12 +167,22 @@ def _order(value: Any) -> tuple[int, float, str]:
     return (2, 0.0, repr(value))
 
 
+def _acquisition(plane: Plane, name: str) -> float:
+    """Acquisition order for volumes told apart by diffusion (b-value and gradient have no order of their own)."""
+    if name != "Diffusion":
+        return 0.0
+    try:
+        return float(_key(plane, "AcquisitionNumber"))
+    except (TypeError, ValueError):
+        return math.inf
+
+
 def _split_repeats(planes: list[Plane], normal: npt.NDArray[np.float64]) -> tuple[str, list[list[Plane]]]:
     """Separate planes sharing positions by the first dimension key that does it, else by rank at each position."""
     for name in DIMENSION_KEYS:
         groups = _group(planes, lambda p, name=name: _key(p, name))  # type: ignore[misc]
         if len(groups) > 1 and all(len(_position_groups(g, normal)) == len(g) for g in groups):
-            return name, sorted(groups, key=lambda g: _order(_key(g[0], name)))
+            return name, sorted(groups, key=lambda g: (_acquisition(g[0], name), _order(_key(g[0], name))))
     ranked: dict[int, list[Plane]] = defaultdict(list)
     for position in _position_groups(planes, normal):
         for rank, plane in enumerate(sorted(position, key=lambda p: p.ref.sop_instance_uid)):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,22 +72,28 @@ def modality_frames(
     AssemblyError
         When a decoded frame does not have the size its header declares.
     """
-    requests = sorted({(p.path, p.ref.frame) for p in planes})
+    keys = [(p.path, p.ref.frame) for p in planes]
+    requests = sorted(set(keys))
     decoded = dict(zip(requests, decode_frames(requests), strict=True))
-    values: list[npt.NDArray[np.float32]] = []
-    masks: list[npt.NDArray[np.bool_] | None] = []
-    for plane in planes:
+    uses = Counter(keys)
+    first = planes[0]
+    values = np.empty((len(planes), first.rows, first.columns), np.float32)  # filled in place: no list, no copy
+    mask_stack: npt.NDArray[np.bool_] | None = None
+    for k, (plane, key) in enumerate(zip(planes, keys, strict=True)):
         source = sources[plane.path]
-        stored = _tile(decoded[(plane.path, plane.ref.frame)], plane, source)
+        stored = _tile(decoded[key], plane, source)
+        uses[key] -= 1
+        if not uses[key]:
+            del decoded[key]  # the stored frame is no longer needed: keep peak memory near the output's size
         value, mask = modality_values(stored, source.transform, plane)
-        values.append(value)
-        masks.append(mask)
-    mask_stack = None
-    if any(m is not None for m in masks):
-        mask_stack = np.stack(
-            [m if m is not None else np.zeros(v.shape, bool) for m, v in zip(masks, values, strict=True)]
-        )
-    return np.stack(values).astype(np.float32, copy=False), mask_stack
+        if value.shape != values.shape[1:]:
+            raise AssemblyError(f"frame of {value.shape} in a stack of {values.shape[1:]} frames")
+        values[k] = value
+        if mask is not None:
+            if mask_stack is None:
+                mask_stack = np.zeros(values.shape, bool)
+            mask_stack[k] = mask
+    return values, mask_stack
 
 
 def _tile(frame: npt.NDArray[np.generic], plane: Plane, source: SourceFile) -> npt.NDArray[np.generic]:

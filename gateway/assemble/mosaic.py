@@ -38,11 +38,11 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from gateway.assemble.model import Plane, SliceRef
+from gateway.assemble.values import floats, siemens_private
 from gateway.errors import AssemblyError
 
 __all__ = ["is_mosaic", "mosaic_grid", "mosaic_planes", "mosaic_tile_count", "split_mosaic"]
 
-_SIEMENS_MR: Final = "SIEMENS MR HEADER"
 _GRADIENT_DECIMALS: Final = 4
 _PARALLEL_TOLERANCE: Final = 1e-3
 # The same keys as gateway.assemble.planes reads from single-frame images (stack keys, then dimension keys).
@@ -83,25 +83,6 @@ def _csa_items(csa: CsaHeader, name: str) -> list[Any]:
     return items
 
 
-def _siemens_private(ds: Dataset, element: int) -> Any:
-    try:
-        return ds.get_private_item(0x0019, element, _SIEMENS_MR).value
-    except KeyError:
-        return None
-
-
-def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
-    """``count`` finite numbers from ``ds.keyword``, or ``None`` when absent or malformed."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-    if len(items) != count:
-        return None
-    numbers = tuple(float(v) for v in items)
-    return numbers if all(math.isfinite(v) for v in numbers) else None
-
-
 def mosaic_tile_count(ds: Dataset, csa: CsaHeader | None = None) -> int | None:
     """The number of slices in a mosaic: CSA NumberOfImagesInMosaic, else private (0019,xx0A).
 
@@ -118,7 +99,7 @@ def mosaic_tile_count(ds: Dataset, csa: CsaHeader | None = None) -> int | None:
         The count, or ``None`` when neither source gives a positive one.
     """
     items = _csa_items(_csa_image_header(ds) if csa is None else csa, "NumberOfImagesInMosaic")
-    value = items[0] if items else _siemens_private(ds, 0x0A)
+    value = items[0] if items else siemens_private(ds, 0x0A)
     if value in (None, ""):
         return None
     count = int(value)
@@ -222,7 +203,7 @@ def _slice_normal(orientation: tuple[float, ...], csa: CsaHeader) -> npt.NDArray
 
 def _slice_spacing(ds: Dataset) -> float | None:
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _floats(ds, keyword, 1)
+        value = floats(ds, keyword, 1)
         if value is not None and value[0] > 0:
             return value[0]
     return None
@@ -232,9 +213,9 @@ def _tile_positions(
     ds: Dataset, csa: CsaHeader, n_tiles: int, tile_shape: tuple[int, int]
 ) -> list[tuple[float, float, float] | None]:
     """Where the first voxel of each tile lies (LPS, mm), or ``None`` each when the header lacks geometry."""
-    position = _floats(ds, "ImagePositionPatient", 3)
-    orientation = _floats(ds, "ImageOrientationPatient", 6)
-    spacing = _floats(ds, "PixelSpacing", 2)
+    position = floats(ds, "ImagePositionPatient", 3)
+    orientation = floats(ds, "ImageOrientationPatient", 6)
+    spacing = floats(ds, "PixelSpacing", 2)
     step = _slice_spacing(ds)
     if position is None or orientation is None or spacing is None or step is None:
         return [None] * n_tiles
@@ -249,12 +230,12 @@ def _tile_positions(
 
 def _diffusion(ds: Dataset, csa: CsaHeader) -> tuple[float, tuple[float, ...] | None] | None:
     b_items = _csa_items(csa, "B_value")
-    b_value: Any = b_items[0] if b_items else _siemens_private(ds, 0x0C)
+    b_value: Any = b_items[0] if b_items else siemens_private(ds, 0x0C)
     if b_value in (None, ""):
         return None
     gradient: Any = _csa_items(csa, "DiffusionGradientDirection")
     if len(gradient) != 3:
-        gradient = _siemens_private(ds, 0x0E)
+        gradient = siemens_private(ds, 0x0E)
     if gradient is None or len(gradient) != 3:
         return float(b_value), None
     return float(b_value), tuple(round(float(g), _GRADIENT_DECIMALS) for g in gradient)
@@ -312,9 +293,9 @@ def mosaic_planes(path: Path) -> list[Plane]:
         raise AssemblyError(f"{path.name} is not a Siemens mosaic (no MOSAIC ImageType or NumberOfImagesInMosaic)")
     tile_shape = _tile_shape(ds, n_tiles, path.name)
     positions = _tile_positions(ds, csa, n_tiles, tile_shape)
-    orientation = _floats(ds, "ImageOrientationPatient", 6)
-    spacing = _floats(ds, "PixelSpacing", 2)
-    thickness = _floats(ds, "SliceThickness", 1)
+    orientation = floats(ds, "ImageOrientationPatient", 6)
+    spacing = floats(ds, "PixelSpacing", 2)
+    thickness = floats(ds, "SliceThickness", 1)
     keys = _keys(ds, csa)
     uid = str(ds.SOPInstanceUID)
     return [
@@ -340,5 +321,5 @@ def _orientation(values: tuple[float, ...]) -> tuple[float, float, float, float,
 
 
 def _number(ds: Dataset, keyword: str, default: float) -> float:
-    found = _floats(ds, keyword, 1)
+    found = floats(ds, keyword, 1)
     return default if found is None else found[0]

@@ -25,7 +25,6 @@ stacking decides what to do with such planes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from gateway.assemble.model import Plane, SliceRef
+from gateway.assemble.values import floats
 from gateway.errors import AssemblyError
 
 __all__ = ["enhanced_planes", "is_enhanced"]
@@ -51,20 +51,8 @@ Geometry = tuple[
 ]
 
 
-def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
-    """``count`` finite numbers from ``ds.keyword``, or ``None`` when absent or malformed."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-    if len(items) != count:
-        return None
-    numbers = tuple(float(v) for v in items)
-    return numbers if all(math.isfinite(v) for v in numbers) else None
-
-
 def _number(ds: Dataset, keyword: str) -> float | None:
-    found = _floats(ds, keyword, 1)
+    found = floats(ds, keyword, 1)
     return None if found is None else found[0]
 
 
@@ -129,12 +117,12 @@ def _geometry(groups: Sequence[Dataset], top: Dataset, single_frame: bool) -> Ge
 
     The top-level ImagePositionPatient is used only for a single frame: for several frames it cannot say which.
     """
-    position = _floats(_macro(groups, "PlanePositionSequence"), "ImagePositionPatient", 3)
+    position = floats(_macro(groups, "PlanePositionSequence"), "ImagePositionPatient", 3)
     if position is None and single_frame:
-        position = _floats(top, "ImagePositionPatient", 3)
-    orientation = _floats(_macro(groups, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
-    orientation = orientation or _floats(top, "ImageOrientationPatient", 6)
-    spacing = _floats(_macro(groups, "PixelMeasuresSequence"), "PixelSpacing", 2) or _floats(top, "PixelSpacing", 2)
+        position = floats(top, "ImagePositionPatient", 3)
+    orientation = floats(_macro(groups, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
+    orientation = orientation or floats(top, "ImageOrientationPatient", 6)
+    spacing = floats(_macro(groups, "PixelMeasuresSequence"), "PixelSpacing", 2) or floats(top, "PixelSpacing", 2)
     o = orientation or ()
     return (
         None if position is None else (position[0], position[1], position[2]),
@@ -160,7 +148,7 @@ def _diffusion(groups: Sequence[Dataset]) -> tuple[float, tuple[float, ...] | No
     b_value = _number(item, "DiffusionBValue")
     if b_value is None:
         return None
-    gradient = _floats(_macro([item], "DiffusionGradientDirectionSequence"), "DiffusionGradientOrientation", 3)
+    gradient = floats(_macro([item], "DiffusionGradientDirectionSequence"), "DiffusionGradientOrientation", 3)
     direction = None if gradient is None else tuple(round(g, _GRADIENT_DECIMALS) for g in gradient)
     return b_value, direction
 
@@ -235,8 +223,8 @@ def _grid_positions(ds: Dataset, count: int) -> list[tuple[float, float, float] 
     normal (C.8.8.3.2); subtracting the first offset covers both.
     """
     offsets = ds.get("GridFrameOffsetVector")
-    origin = _floats(ds, "ImagePositionPatient", 3)
-    orientation = _floats(ds, "ImageOrientationPatient", 6)
+    origin = floats(ds, "ImagePositionPatient", 3)
+    orientation = floats(ds, "ImageOrientationPatient", 6)
     if offsets is None or origin is None or orientation is None:
         return None
     values = [float(v) for v in (offsets if isinstance(offsets, Sequence) else [offsets])]

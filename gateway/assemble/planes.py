@@ -14,7 +14,6 @@ DiffusionGradientDirection, which is what the Siemens VE11 diffusion series in `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from gateway.assemble.model import Plane, SliceRef
+from gateway.assemble.values import floats, siemens_private
 from gateway.errors import AssemblyError
 
 __all__ = ["DIMENSION_KEYS", "STACK_KEYS", "SeriesHeader", "read_header", "read_plane", "read_planes", "series_header"]
@@ -40,7 +40,6 @@ DIMENSION_KEYS: Final = (
 )
 """Keys tried in this order to separate planes that share a slice position (the fourth dimension)."""
 
-_SIEMENS_MR: Final = "SIEMENS MR HEADER"
 _GRADIENT_DECIMALS: Final = 4
 
 
@@ -64,17 +63,6 @@ class SeriesHeader:
     modality: str | None
 
 
-def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-    if len(items) != count:
-        return None
-    numbers = tuple(float(v) for v in items)
-    return numbers if all(math.isfinite(v) for v in numbers) else None
-
-
 def _scalar(ds: Dataset, keyword: str) -> Any:
     value = ds.get(keyword)
     if value is None or value == "":
@@ -84,20 +72,13 @@ def _scalar(ds: Dataset, keyword: str) -> Any:
     return float(value) if isinstance(value, float) else value
 
 
-def _siemens_private(ds: Dataset, element: int) -> Any:
-    try:
-        return ds.get_private_item(0x0019, element, _SIEMENS_MR).value
-    except KeyError:
-        return None
-
-
 def _diffusion(ds: Dataset) -> tuple[float, tuple[float, ...] | None] | None:
     """The b-value and gradient direction, from the standard attributes or the Siemens private ones."""
     b_value: Any = ds.get("DiffusionBValue")
     gradient: Any = ds.get("DiffusionGradientOrientation")
     if b_value is None:
-        b_value = _siemens_private(ds, 0x0C)
-        gradient = _siemens_private(ds, 0x0E) if gradient is None else gradient
+        b_value = siemens_private(ds, 0x0C)
+        gradient = siemens_private(ds, 0x0E) if gradient is None else gradient
     if b_value is None or b_value == "":
         return None
     direction = None if not gradient else tuple(round(float(g), _GRADIENT_DECIMALS) for g in gradient)
@@ -126,9 +107,9 @@ def _six(values: tuple[float, ...]) -> tuple[float, float, float, float, float, 
 
 
 def _plane(path: Path, ds: Dataset) -> Plane:
-    orientation = _floats(ds, "ImageOrientationPatient", 6)
-    position = _floats(ds, "ImagePositionPatient", 3)
-    spacing = _floats(ds, "PixelSpacing", 2)
+    orientation = floats(ds, "ImageOrientationPatient", 6)
+    position = floats(ds, "ImagePositionPatient", 3)
+    spacing = floats(ds, "PixelSpacing", 2)
     thickness = ds.get("SliceThickness")
     return Plane(
         ref=SliceRef(str(ds.SOPInstanceUID)),

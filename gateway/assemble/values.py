@@ -1,0 +1,34 @@
+"""Reading header values tolerantly: what the geometry needs, or ``None`` when absent or malformed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+SIEMENS_MR_HEADER = "SIEMENS MR HEADER"
+
+
+def floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    """``count`` finite numbers from ``ds.keyword``, or ``None`` when absent or malformed."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if len(items) != count:
+        return None
+    try:
+        numbers = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return None
+    return numbers if all(math.isfinite(v) for v in numbers) else None
+
+
+def siemens_private(ds: Dataset, element: int) -> Any:
+    """The value of Siemens MR private element (0019,xxEE) of the ``SIEMENS MR HEADER`` block, or ``None``."""
+    try:
+        return ds.get_private_item(0x0019, element, SIEMENS_MR_HEADER).value
+    except KeyError:
+        return None

@@ -215,6 +215,7 @@ def modality_values(
     plane: Plane | None = None,
     *,
     invert_monochrome1: bool = True,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_] | None]:
     """Turn stored values into modality values (float32) and a padding mask.
 
@@ -242,7 +243,11 @@ def modality_values(
     mask = padding_mask(stored, transform)
     if not transform.is_monochrome or stored.dtype.kind not in "iu":
         return stored.astype(np.float32), mask
-    values = stored.astype(_work_dtype(stored))
+    if out is not None and _work_dtype(stored) is np.float32:
+        np.copyto(out, stored, casting="unsafe")
+        values: npt.NDArray[Any] = out
+    else:
+        values = stored.astype(_work_dtype(stored))
     if transform.modality_lut is not None:
         values = _apply_lut(values, transform.modality_lut)
     elif (transform.rescale_slope, transform.rescale_intercept) != (1.0, 0.0):

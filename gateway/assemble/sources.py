@@ -23,6 +23,8 @@ from gateway.assemble.pixels import ModalityTransform, modality_values
 from gateway.assemble.planes import SeriesHeader, read_header, read_plane, series_header
 from gateway.errors import AssemblyError
 
+_BLOCK = 32  # planes converted per call: vectorised, with bounded temporaries
+
 
 @dataclass(frozen=True)
 class SourceFile:
@@ -73,27 +75,46 @@ def modality_frames(
         When a decoded frame does not have the size its header declares.
     """
     keys = [(p.path, p.ref.frame) for p in planes]
-    requests = sorted(set(keys))
-    decoded = dict(zip(requests, decode_frames(requests), strict=True))
+    decoded = dict(zip(sorted(set(keys)), decode_frames(sorted(set(keys))), strict=True))
     uses = Counter(keys)
     first = planes[0]
     values = np.empty((len(planes), first.rows, first.columns), np.float32)  # filled in place: no list, no copy
     mask_stack: npt.NDArray[np.bool_] | None = None
-    for k, (plane, key) in enumerate(zip(planes, keys, strict=True)):
-        source = sources[plane.path]
-        stored = _tile(decoded[key], plane, source)
-        uses[key] -= 1
-        if not uses[key]:
-            del decoded[key]  # the stored frame is no longer needed: keep peak memory near the output's size
-        value, mask = modality_values(stored, source.transform, plane)
-        if value.shape != values.shape[1:]:
-            raise AssemblyError(f"frame of {value.shape} in a stack of {values.shape[1:]} frames")
-        values[k] = value
+    for start, stop in _runs(planes, sources):
+        block = []
+        for k in range(start, stop):
+            block.append(_tile(decoded[keys[k]], planes[k], sources[planes[k].path]))
+            uses[keys[k]] -= 1
+            if not uses[keys[k]]:
+                del decoded[keys[k]]  # no longer needed: peak memory stays near the output's size
+        transform = sources[planes[start].path].transform
+        target = values[start:stop]
+        value, mask = modality_values(np.stack(block), transform, planes[start], out=target)
+        if value is not target:
+            target[...] = value
         if mask is not None:
             if mask_stack is None:
                 mask_stack = np.zeros(values.shape, bool)
-            mask_stack[k] = mask
+            mask_stack[start:stop] = mask
     return values, mask_stack
+
+
+def _runs(planes: Sequence[Plane], sources: dict[Path, SourceFile]) -> list[tuple[int, int]]:
+    """Consecutive planes that share one pixel transform, in blocks of at most ``_BLOCK`` (one vectorised call each)."""
+
+    def key(plane: Plane) -> object:
+        transform = sources[plane.path].transform
+        if transform.modality_lut is not None:
+            return object()  # a lookup table: never merged with another plane
+        return (transform, plane.rescale_slope, plane.rescale_intercept, plane.rows, plane.columns)
+
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for k in range(1, len(planes) + 1):
+        if k == len(planes) or k - start == _BLOCK or key(planes[k]) != key(planes[start]):
+            runs.append((start, k))
+            start = k
+    return runs
 
 
 def _tile(frame: npt.NDArray[np.generic], plane: Plane, source: SourceFile) -> npt.NDArray[np.generic]:

@@ -56,7 +56,7 @@ def nifti_array(volume: Volume) -> npt.NDArray[np.float32]:
     """The volume's voxels in NIfTI order: ``[column, row from the bottom, slice]`` (then the 4th dimension)."""
     order = (3, 2, 1, 0) if volume.array.ndim == 4 else (2, 1, 0)
     data = np.transpose(volume.array, order)
-    return np.asfortranarray(data[:, ::-1])  # NIfTI is written column-fastest: one copy, no reorder on save
+    return data[:, ::-1]  # a view: nibabel writes it slab by slab, so the volume is never copied whole
 
 
 def to_nifti(volume: Volume) -> nib.Nifti1Image:

@@ -37,7 +37,10 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed-test system-deps
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test,bench]'
 	$(PY) bench/ingest.py
+	$(PY) bench/volume.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

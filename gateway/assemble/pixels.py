@@ -243,16 +243,21 @@ def modality_values(
     mask = padding_mask(stored, transform)
     if not transform.is_monochrome or stored.dtype.kind not in "iu":
         return stored.astype(np.float32), mask
-    if out is not None and _work_dtype(stored) is np.float32:
-        np.copyto(out, stored, casting="unsafe")
+    slope, intercept = transform.rescale_slope, transform.rescale_intercept
+    if out is not None and _work_dtype(stored) is np.float32 and transform.modality_lut is None and slope == 1.0:
+        np.add(stored, np.float32(intercept), out=out, dtype=np.float32)  # the common CT case, in one pass
         values: npt.NDArray[Any] = out
+        slope, intercept = 1.0, 0.0
+    elif out is not None and _work_dtype(stored) is np.float32:
+        np.copyto(out, stored, casting="unsafe")
+        values = out
     else:
         values = stored.astype(_work_dtype(stored))
     if transform.modality_lut is not None:
         values = _apply_lut(values, transform.modality_lut)
-    elif (transform.rescale_slope, transform.rescale_intercept) != (1.0, 0.0):
-        values *= transform.rescale_slope
-        values += transform.rescale_intercept
+    elif (slope, intercept) != (1.0, 0.0):
+        values *= slope
+        values += intercept
     if invert_monochrome1 and transform.photometric_interpretation == "MONOCHROME1":
         low, high = _output_range(transform)
         np.subtract(low + high, values, out=values)

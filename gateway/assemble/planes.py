@@ -26,7 +26,16 @@ from gateway.assemble.model import Plane, SliceRef
 from gateway.assemble.values import floats, siemens_private
 from gateway.errors import AssemblyError
 
-__all__ = ["DIMENSION_KEYS", "STACK_KEYS", "SeriesHeader", "read_header", "read_plane", "read_planes", "series_header"]
+__all__ = [
+    "DIMENSION_KEYS",
+    "STACK_KEYS",
+    "SeriesHeader",
+    "plane_from_header",
+    "read_header",
+    "read_plane",
+    "read_planes",
+    "series_header",
+]
 
 STACK_KEYS: Final = ("SeriesInstanceUID", "ImageType", "EchoNumbers", "StackID", "EffectiveEchoTime")
 """Keys that always put planes in different stacks."""
@@ -166,13 +175,24 @@ def read_plane(path: Path) -> tuple[Plane, SeriesHeader]:
         a Siemens mosaic).
     """
     ds = read_header(Path(path))
+    return plane_from_header(Path(path), ds), series_header(ds)
+
+
+def plane_from_header(path: Path, ds: Dataset) -> Plane:
+    """:func:`read_plane` for a header already read (see :func:`read_header`).
+
+    Raises
+    ------
+    AssemblyError
+        When ``ds`` is not a single-frame image.
+    """
     if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
         raise AssemblyError(f"{Path(path).name} is not an image (no Rows, Columns or SOPInstanceUID)")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise AssemblyError(f"{Path(path).name} is a multi-frame image; use gateway.assemble.multiframe")
     if "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", [])]:
         raise AssemblyError(f"{Path(path).name} is a Siemens mosaic; use gateway.assemble.mosaic")
-    return _plane(Path(path), ds), series_header(ds)
+    return _plane(Path(path), ds)
 
 
 def read_planes(paths: Sequence[Path]) -> tuple[list[Plane], dict[str, SeriesHeader]]:

@@ -20,7 +20,7 @@ from gateway.assemble.model import Plane
 from gateway.assemble.mosaic import is_mosaic, mosaic_planes, mosaic_tile_count, split_mosaic
 from gateway.assemble.multiframe import enhanced_planes
 from gateway.assemble.pixels import ModalityTransform, modality_values
-from gateway.assemble.planes import SeriesHeader, read_header, read_plane, series_header
+from gateway.assemble.planes import SeriesHeader, plane_from_header, read_header, series_header
 from gateway.errors import AssemblyError
 
 _BLOCK = 32  # planes converted per call: vectorised, with bounded temporaries
@@ -58,8 +58,7 @@ def _planes(path: Path, ds: Dataset) -> list[Plane]:
         return mosaic_planes(path)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         return enhanced_planes(path)
-    plane, _ = read_plane(path)
-    return [plane]
+    return [plane_from_header(path, ds)]
 
 
 def modality_frames(

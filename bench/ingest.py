@@ -465,11 +465,11 @@ def section(results: Sequence[Measurement], count: int, total_bytes: int, args: 
     return "\n".join(lines)
 
 
-def write_section(doc: Path, text: str) -> None:
+def write_section(doc: Path, text: str, heading: str = HEADING) -> None:
     """Replace the ingest section of ``doc`` (or append it), leaving the other sections as they are."""
     old = doc.read_text() if doc.exists() else "# Benchmarks\n"
     lines = old.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
     if start is None:
         new = old.rstrip("\n") + "\n\n" + text
     else:

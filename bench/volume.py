@@ -42,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from ingest import _first_match, disk_description  # noqa: E402  (bench/ is not a package)
+from ingest import _first_match, disk_description, write_section  # noqa: E402  (bench/ is not a package)
 
 from gateway.assemble.decode import decode_frames  # noqa: E402
 from gateway.synth.ct import write_synthetic_ct  # noqa: E402
@@ -432,20 +432,6 @@ def section(
     return "\n".join(lines)
 
 
-def write_section(doc: Path, text: str) -> None:
-    """Replace this benchmark's section of ``doc`` (or append it), leaving the other sections as they are."""
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    lines = old.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        before, after = "\n".join(lines[:start]), "\n".join(lines[end:])
-        new = (before.rstrip("\n") + "\n\n" if before.strip() else "") + text + ("\n" + after if after else "")
-    doc.write_text(new.rstrip("\n") + "\n")
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -480,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     print(f"total time {time.monotonic() - started:.0f} s")
     if not args.no_write:
-        write_section(DOC, text)
+        write_section(DOC, text, HEADING)
         print(f"wrote {DOC.relative_to(REPO)}")
     return 0
 

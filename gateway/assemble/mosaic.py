@@ -26,19 +26,17 @@ import functools
 import math
 import struct
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from gateway.assemble.model import Plane, SliceRef
-from gateway.assemble.values import floats, siemens_private
+from gateway.assemble.planes import read_image_header
+from gateway.assemble.values import floats, scalar, siemens_private
 from gateway.errors import AssemblyError
 
 __all__ = ["is_mosaic", "mosaic_grid", "mosaic_planes", "mosaic_tile_count", "split_mosaic"]
@@ -178,16 +176,6 @@ def split_mosaic(frame: npt.NDArray[Any], n_tiles: int, tile_rows: int, tile_col
     return blocks.reshape(grid * grid, tile_rows, tile_cols)[:n_tiles].copy()
 
 
-def _read(path: Path) -> Dataset:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, InvalidDicomError) as exc:
-        raise AssemblyError(f"cannot read {path.name}: {type(exc).__name__}") from exc
-    if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
-        raise AssemblyError(f"{path.name} is not an image (no Rows, Columns or SOPInstanceUID)")
-    return ds
-
-
 def _slice_normal(orientation: tuple[float, ...], csa: CsaHeader) -> npt.NDArray[np.float64]:
     """The unit normal of the cosines, with the sign of the CSA SliceNormalVector when there is one."""
     normal = np.cross(orientation[:3], orientation[3:])
@@ -241,17 +229,8 @@ def _diffusion(ds: Dataset, csa: CsaHeader) -> tuple[float, tuple[float, ...] | 
     return float(b_value), tuple(round(float(g), _GRADIENT_DECIMALS) for g in gradient)
 
 
-def _header_value(ds: Dataset, keyword: str) -> Any:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(str(v) for v in value)
-    return float(value) if isinstance(value, float) else value
-
-
 def _keys(ds: Dataset, csa: CsaHeader) -> tuple[tuple[str, Any], ...]:
-    keys = [(keyword, _header_value(ds, keyword)) for keyword in _HEADER_KEYS]
+    keys = [(keyword, scalar(ds, keyword)) for keyword in _HEADER_KEYS]
     keys.append(("Diffusion", _diffusion(ds, csa)))
     return tuple((name, value) for name, value in keys if value is not None)
 
@@ -286,7 +265,7 @@ def mosaic_planes(path: Path) -> list[Plane]:
         normal contradicts its orientation.
     """
     path = Path(path)
-    ds = _read(path)
+    ds = read_image_header(path)
     csa = _csa_image_header(ds)
     n_tiles = mosaic_tile_count(ds, csa)
     if n_tiles is None or not _typed_mosaic(ds):

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from gateway.assemble.model import Plane, SliceRef
+from gateway.assemble.planes import read_image_header
 from gateway.assemble.values import floats
 from gateway.errors import AssemblyError
 
@@ -76,16 +75,6 @@ def _macro(groups: Iterable[Dataset], sequence: str) -> Dataset:
             item: Dataset = items[0]
             return item
     return _EMPTY
-
-
-def _read(path: Path) -> Dataset:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, InvalidDicomError) as exc:
-        raise AssemblyError(f"cannot read {path.name}: {type(exc).__name__}") from exc
-    if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
-        raise AssemblyError(f"{path.name} is not an image (no Rows, Columns or SOPInstanceUID)")
-    return ds
 
 
 def _frame_count(ds: Dataset) -> int:
@@ -264,7 +253,7 @@ def enhanced_planes(path: Path) -> list[Plane]:
         When the file cannot be read, is not an image, or its per-frame groups do not match NumberOfFrames.
     """
     path = Path(path)
-    ds = _read(path)
+    ds = read_image_header(path)
     count = _frame_count(ds)
     if is_enhanced(ds):
         return _functional_group_planes(path, ds, count)

@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from gateway.assemble.model import Plane, SliceRef
-from gateway.assemble.values import floats, siemens_private
+from gateway.assemble.values import floats, scalar, siemens_private
 from gateway.errors import AssemblyError
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "SeriesHeader",
     "plane_from_header",
     "read_header",
+    "read_image_header",
     "read_plane",
     "read_planes",
     "series_header",
@@ -72,15 +73,6 @@ class SeriesHeader:
     modality: str | None
 
 
-def _scalar(ds: Dataset, keyword: str) -> Any:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(str(v) for v in value)
-    return float(value) if isinstance(value, float) else value
-
-
 def _diffusion(ds: Dataset) -> tuple[float, tuple[float, ...] | None] | None:
     """The b-value and gradient direction, from the standard attributes or the Siemens private ones."""
     b_value: Any = ds.get("DiffusionBValue")
@@ -97,7 +89,7 @@ def _diffusion(ds: Dataset) -> tuple[float, tuple[float, ...] | None] | None:
 def _keys(ds: Dataset) -> tuple[tuple[str, Any], ...]:
     keys: list[tuple[str, Any]] = []
     for keyword in (*STACK_KEYS, *(k for k in DIMENSION_KEYS if k != "Diffusion")):
-        value = _scalar(ds, keyword)
+        value = scalar(ds, keyword)
         if value is not None:
             keys.append((keyword, value))
     diffusion = _diffusion(ds)
@@ -141,6 +133,14 @@ def read_header(path: Path) -> Dataset:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise AssemblyError(f"cannot read {path.name}: {type(exc).__name__}") from exc
+
+
+def read_image_header(path: Path) -> Dataset:
+    """:func:`read_header` of a file that must be an image (Rows, Columns and SOPInstanceUID present)."""
+    ds = read_header(path)
+    if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
+        raise AssemblyError(f"{path.name} is not an image (no Rows, Columns or SOPInstanceUID)")
+    return ds
 
 
 def series_header(ds: Dataset) -> SeriesHeader:

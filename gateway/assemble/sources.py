@@ -20,7 +20,7 @@ from gateway.assemble.model import Plane
 from gateway.assemble.mosaic import is_mosaic, mosaic_planes, mosaic_tile_count, split_mosaic
 from gateway.assemble.multiframe import enhanced_planes
 from gateway.assemble.pixels import ModalityTransform, modality_values
-from gateway.assemble.planes import SeriesHeader, plane_from_header, read_header, series_header
+from gateway.assemble.planes import SeriesHeader, plane_from_header, read_image_header, series_header
 from gateway.errors import AssemblyError
 
 _BLOCK = 32  # planes converted per call: vectorised, with bounded temporaries
@@ -45,9 +45,7 @@ def read_source(path: Path) -> SourceFile:
     AssemblyError
         When the file is not an image or its geometry headers cannot be understood.
     """
-    ds = read_header(path)
-    if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
-        raise AssemblyError(f"{path.name} is not an image (no Rows, Columns or SOPInstanceUID)")
+    ds = read_image_header(path)
     planes = _planes(path, ds)
     tiles = mosaic_tile_count(ds) if is_mosaic(ds) else None
     return SourceFile(path, tuple(planes), series_header(ds), ModalityTransform.from_dataset(ds), tiles)

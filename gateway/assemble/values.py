@@ -32,3 +32,13 @@ def siemens_private(ds: Dataset, element: int) -> Any:
         return ds.get_private_item(0x0019, element, SIEMENS_MR_HEADER).value
     except KeyError:
         return None
+
+
+def scalar(ds: Dataset, keyword: str) -> Any:
+    """A hashable value of ``ds.keyword`` for splitting stacks: ``None``, a number or string, or a tuple of strings."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(str(v) for v in value)
+    return float(value) if isinstance(value, float) else value

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 from gateway.assemble.assemble import Refusal, assemble_series
 from gateway.assemble.model import Volume
 from gateway.assemble.nifti import write_nifti
+from gateway.paths import walk_files
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -46,7 +47,7 @@ def find_series(inputs: Iterable[Path]) -> tuple[dict[str, list[Path]], dict[str
     groups: dict[str, list[Path]] = defaultdict(list)
     labels: dict[str, str] = {}
     skipped: list[Path] = []
-    for path in _walk(inputs):
+    for path in walk_files(inputs):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -78,14 +79,6 @@ def convert(inputs: Iterable[Path], outdir: Path) -> ConversionReport:
             image, sidecar = write_nifti(volume, outdir / f"{stem}.nii")
             report.written.append(Written(labels[uid], volume, image, sidecar))
     return report
-
-
-def _walk(inputs: Iterable[Path]) -> Iterator[Path]:
-    for path in inputs:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            yield path
 
 
 def _label(number: object, description: object) -> str:

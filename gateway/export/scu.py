@@ -21,6 +21,8 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from gateway.paths import walk_files
+
 log = logging.getLogger(__name__)
 
 _ADDRESS_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
@@ -73,7 +75,7 @@ class SendReport:
 def scan(paths: Iterable[Path], report: SendReport) -> list[DicomFile]:
     """Find the DICOM Part 10 files under ``paths`` (files or folders, recursively); others are skipped."""
     found: list[DicomFile] = []
-    for path in _walk(paths):
+    for path in walk_files(paths):
         try:
             with warnings.catch_warnings():  # odd but readable files are still sent, as they are
                 warnings.simplefilter("ignore")
@@ -82,14 +84,6 @@ def scan(paths: Iterable[Path], report: SendReport) -> list[DicomFile]:
         except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError) as exc:
             report.skipped.append((path, f"not a DICOM file ({type(exc).__name__})"))
     return found
-
-
-def _walk(paths: Iterable[Path]) -> Iterator[Path]:
-    for path in paths:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            yield path
 
 
 def echo(peer: Peer, calling_ae: str = "GATEWAY-SCU", timeout: float = 30) -> int:

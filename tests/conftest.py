@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,14 +14,9 @@ import uvicorn
 from gateway.config import DicomSettings, HttpSettings, IngestSettings, JobsSettings, Settings, StoreSettings
 from gateway.runtime import Gateway
 
+from peers import free_port
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_settings(data_dir: Path, **sections: object) -> Settings:

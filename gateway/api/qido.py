@@ -29,10 +29,10 @@ from gateway.api.dicomjson import (
     to_dicom_json,
 )
 from gateway.errors import InvalidQuery
+from gateway.ingest.instance import is_valid_uid
 from gateway.store.query import (
     Level,
     Match,
-    is_valid_uid,
     matchable_keywords,
     representative_path,
     search_instances,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -13,6 +12,7 @@ from starlette.requests import ClientDisconnect
 from gateway.api.auth import require_scope
 from gateway.api.deps import get_settings_dep, get_store
 from gateway.config import Settings
+from gateway.ingest.instance import is_valid_uid
 from gateway.ingest.stow import StowReceiver, StowRequestError, StowResult, boundary_of
 from gateway.store.store import InstanceStore
 
@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_scope("write"))])
 
 _DICOM_JSON = "application/dicom+json"
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @router.post("/studies")
@@ -42,7 +41,7 @@ async def store_study_instances(
     settings: Settings = Depends(get_settings_dep),
 ) -> Response:
     """Store instances that must all belong to ``study_instance_uid`` (others fail with 0xA900)."""
-    if len(study_instance_uid) > 64 or not _UID_RE.match(study_instance_uid):
+    if not is_valid_uid(study_instance_uid):
         return _error(400, "StudyInstanceUID in the URL is not a valid UID")
     return await _stow(request, store, settings, study_instance_uid)
 

@@ -26,7 +26,8 @@ from gateway.api.auth import require_scope
 from gateway.api.deps import get_store
 from gateway.api.dicomjson import attributes_dataset, merge_json, read_header, to_dicom_json
 from gateway.errors import NotFound
-from gateway.store.query import InstanceFile, instance_files, is_valid_uid
+from gateway.ingest.instance import is_valid_uid
+from gateway.store.query import InstanceFile, instance_files
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)

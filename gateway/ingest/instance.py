@@ -95,6 +95,14 @@ class ReceivedInstance:
     attributes: dict[str, str | int | None]
 
 
+def is_valid_uid(value: str) -> bool:
+    """Whether ``value`` is a well-formed UID: 1-64 characters of digits and dots (PS3.5 9.1).
+
+    Leading zeros in a component are tolerated because real devices emit them.
+    """
+    return len(value) <= 64 and _UID_RE.match(value) is not None
+
+
 def check_uid(value: object, keyword: str) -> str:
     """Return ``value`` as a UID string or raise :class:`InvalidInstance` naming ``keyword``.
 
@@ -104,7 +112,7 @@ def check_uid(value: object, keyword: str) -> str:
     if value is None or str(value).strip("\0 ") == "":
         raise InvalidInstance(f"{keyword} is missing", InvalidInstance.MISSING_UID)
     text = str(value).strip("\0 ")
-    if len(text) > 64 or not _UID_RE.match(text):
+    if not is_valid_uid(text):
         raise InvalidInstance(f"{keyword} is not a valid UID", InvalidInstance.INVALID_UID)
     return text
 

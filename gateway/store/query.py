@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, ScalarSelect, Select, and_, exists, func, 
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from gateway.errors import InvalidQuery, NotFound
+from gateway.ingest.instance import is_valid_uid
 from gateway.store.index import Instance, Series, Study
 
 Level = Literal["study", "series", "instance"]
@@ -66,7 +67,6 @@ _COLUMNS: Mapping[Level, Mapping[str, InstrumentedAttribute[Any]]] = {
 }
 _MODALITIES_IN_STUDY = "ModalitiesInStudy"
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DA_RE = re.compile(r"^[0-9]{8}$")
 _TM_RE = re.compile(r"^[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?$")
 _INT_RE = re.compile(r"^[+-]?[0-9]{1,10}$")
@@ -125,11 +125,6 @@ class InstanceFile:
     transfer_syntax_uid: str
     path: str
     size: int
-
-
-def is_valid_uid(value: str) -> bool:
-    """Whether ``value`` is a well-formed UID: 1-64 characters of digits and dots (PS3.5 9.1)."""
-    return len(value) <= 64 and _UID_RE.match(value) is not None
 
 
 def matchable_keywords(level: Level) -> frozenset[str]:

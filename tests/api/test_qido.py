@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from requests import HTTPError
 from starlette.exceptions import StarletteDeprecationWarning
 
@@ -25,6 +25,7 @@ from gateway.store.query import InvalidQuery, search_studies
 from gateway.store.store import InstanceStore
 
 from conftest import LiveServer
+from dicom_files import minimal_ct
 
 with warnings.catch_warnings():
     # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; not our code, and harmless here.
@@ -45,24 +46,14 @@ class Corpus:
 
 
 def write_instance(dest: Path, study: str, series: str, **attrs: Any) -> str:
-    """Write a small valid image (4x4, 16-bit) of ``study``/``series`` with ``attrs``; return its SOP UID."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage if attrs.get("Modality", "CT") == "CT" else MRImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.Rows = ds.Columns = 4
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(range(32))
-    for keyword, value in attrs.items():
-        setattr(ds, keyword, value)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(dest, enforce_file_format=True)
-    return str(ds.SOPInstanceUID)
+    """Write a small valid image of ``study``/``series`` with ``attrs`` (and no patient data unless given)."""
+    sop_class = CTImageStorage if attrs.get("Modality", "CT") == "CT" else MRImageStorage
+    unasked = tuple(k for k in ("PatientName", "PatientID", "Modality") if k not in attrs)
+    image = {"Rows": 4, "Columns": 4, "PixelData": bytes(range(32))}
+    minimal_ct(
+        dest, drop=unasked, SOPClassUID=sop_class, StudyInstanceUID=study, SeriesInstanceUID=series, **image, **attrs
+    )
+    return str(pydicom.dcmread(dest, stop_before_pixels=True).SOPInstanceUID)
 
 
 _STUDIES: dict[str, dict[str, Any]] = {

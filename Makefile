@@ -12,7 +12,12 @@ $(VENV)/.created:
 	$(PIP) install -q --upgrade pip
 	touch $@
 
+# torch first: the pinned release is a CPU build on a CPU-only machine (no multi-GB CUDA download); a GPU server
+# gets the CUDA build of the same release. The project's own range is then already satisfied.
+TORCH ?= torch==2.13.0
+
 $(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(PIP) install -q '$(TORCH)'
 	$(PIP) install -q -e .
 	touch $@
 
@@ -37,7 +42,6 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed-test system-deps
-	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test,bench]'
 	$(PY) bench/ingest.py
 	$(PY) bench/volume.py

@@ -10,9 +10,14 @@
      |    +-- StudyMismatch           STOW-RS instance outside the study in the URL       (0xA900)
      |    +-- OutOfResources          free disk below the watermark, disk full            (0xA700)
      +-- AssemblyError                a series cannot become a volume with trustworthy geometry (the reason says why)
- |    +-- DecodeError             a frame's pixel data cannot be decoded (names the transfer syntax)
- +-- InvalidQuery                 a QIDO-RS search the index cannot answer (HTTP 400)
- +-- NotFound                     a study, series, instance or job the gateway does not hold
+     |    +-- DecodeError             a frame's pixel data cannot be decoded (names the transfer syntax)
+     +-- ModelError                   a model package cannot be registered or loaded (the reason says why)
+     |    +-- ManifestError           model.yaml is missing, not YAML, or breaks the schema (names each key)
+     |    +-- ModelConflict           name@version already registered with other weights (HTTP 409)
+     +-- InferenceError               a model failed on a job's input (fails that job, never the gateway)
+     |    +-- OutOfMemory             the device ran out of memory (the batcher splits the batch and retries)
+     +-- InvalidQuery                 a QIDO-RS search the index cannot answer (HTTP 400)
+     +-- NotFound                     a study, series, instance, job or model the gateway does not hold
 """
 
 from __future__ import annotations
@@ -91,3 +96,31 @@ class AssemblyError(GatewayError):
 
 class DecodeError(AssemblyError):
     """A frame cannot be decoded; the message names the transfer syntax and the cause."""
+
+
+class ModelError(GatewayError):
+    """A model package cannot be registered or loaded: bad manifest, missing or corrupt weights, failed dry run."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ManifestError(ModelError):
+    """``model.yaml`` is missing, not YAML, or breaks the schema; the reason names each offending key."""
+
+
+class ModelConflict(ModelError):
+    """The same ``name@version`` is already registered with different weights."""
+
+
+class InferenceError(GatewayError):
+    """A model failed on a job's input; the job fails with this reason, the gateway carries on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class OutOfMemory(InferenceError):
+    """The device ran out of memory for a batch (CUDA OOM); the batcher splits the batch and retries."""

@@ -7,17 +7,24 @@ import secrets
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
 from gateway.config import Settings, get_settings, hash_token
 
+if TYPE_CHECKING:
+    from gateway.registry.registry import Registry
+
 app = typer.Typer(help="DICOM AI inference gateway.", no_args_is_help=True, add_completion=False)
 synth_app = typer.Typer(help="Synthetic data for demos, tests and benchmarks.", no_args_is_help=True)
 app.add_typer(synth_app, name="synth")
+models_app = typer.Typer(help="Model packages: register, list, show, enable, disable, remove.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
 
@@ -231,6 +238,161 @@ def synth_ct(
 
     ct = write_synthetic_ct(outdir, slices, rows=size, columns=size, seed=seed)
     typer.echo(f"wrote {len(ct.sop_instance_uids)} slices to {outdir} ({len(ct.nodules)} nodules)")
+
+
+DataDirOpt = Annotated[Path | None, typer.Option(help="Where instances, models and the index live.")]
+
+
+@contextmanager
+def _registry(config: Path | None, data_dir: Path | None) -> Iterator[Registry]:
+    """The registry over the configured index; model errors become one ``error:`` line (exit 1 or 2)."""
+    from gateway.errors import ModelConflict, ModelError, NotFound
+    from gateway.registry.registry import Registry, RegistryIndex
+
+    settings = _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+    index = RegistryIndex(settings.store)
+    try:
+        yield Registry(index, max_archive_bytes=settings.models.max_upload_bytes)
+    except (NotFound, ModelConflict) as exc:
+        _fail(str(exc), 1)
+    except ModelError as exc:
+        _fail(str(exc), 2)
+    finally:
+        index.close()
+
+
+@models_app.command("register")
+def models_register(
+    path: Annotated[Path, typer.Argument(help="A package folder, or a .zip / .tar.gz archive of one.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Register a model package (validated, hashed and dry-run first); exit 2 if it is refused, 1 on a conflict."""
+    if not path.exists():
+        _fail(f"no such file or folder: {path}")
+    with _registry(config, data_dir) as registry:
+        model = registry.register(path)
+    state = "active" if model.active else "registered (another version is active)"
+    report = model.dry_run
+    shapes = f"{report.get('input_shape')} -> {report.get('output_shape')}"
+    dry_run = f"dry run on {report.get('device')}: {shapes} in {report.get('seconds')} s" if report else "no dry run"
+    typer.echo(f"{model.ref}: {state}, sha256 {model.sha256[:12]}, {dry_run}")
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """List every registered version."""
+    with _registry(config, data_dir) as registry:
+        models = registry.list()
+    typer.echo(f"{'NAME':<24} {'VERSION':<12} {'ACTIVE':<7} {'ENABLED':<8} {'BACKEND':<13} SHA256")
+    for m in models:
+        active, enabled = "yes" if m.active else "-", "yes" if m.enabled else "no"
+        typer.echo(f"{m.name:<24} {m.version:<12} {active:<7} {enabled:<8} {m.manifest.backend:<13} {m.sha256[:12]}")
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(help="NAME (its active version) or NAME@VERSION.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Show a version: manifest, weights digest, dry-run report (JSON)."""
+    import json
+
+    with _registry(config, data_dir) as registry:
+        model = registry.get(ref)
+    typer.echo(json.dumps({**model.as_dict(), "folder": str(model.folder)}, indent=2))
+
+
+@models_app.command("enable")
+def models_enable(
+    ref: Annotated[str, typer.Argument(help="NAME, or NAME@VERSION to also make that version the active one.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Enable a model (and choose its active version)."""
+    with _registry(config, data_dir) as registry:
+        model = registry.enable(ref)
+    typer.echo(f"{model.ref}: enabled, active")
+
+
+@models_app.command("disable")
+def models_disable(
+    name: Annotated[str, typer.Argument(help="The model's NAME.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Disable a model: its versions stay registered, routing no longer sees it."""
+    with _registry(config, data_dir) as registry:
+        registry.disable(name)
+    typer.echo(f"{name}: disabled")
+
+
+@models_app.command("remove")
+def models_remove(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Remove a version and its package (if it was active, the newest remaining version becomes active)."""
+    with _registry(config, data_dir) as registry:
+        model = registry.remove(ref)
+    typer.echo(f"{model.ref}: removed")
+
+
+@app.command()
+def run(
+    inputs: Annotated[list[Path], typer.Argument(help="DICOM files and folders (searched recursively).")],
+    outdir: Annotated[Path, typer.Option("-o", "--outdir", help="Where results go.")],
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="NAME or NAME@VERSION (repeatable); default: every enabled one.")
+    ] = None,
+    write_volumes: Annotated[bool, typer.Option(help="Also write each source volume as NIfTI.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the config's).")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Assemble, route and infer on files, no network; write label maps / maps (NIfTI) and measurements (JSON)."""
+    from gateway.infer.runtime import InferenceRuntime
+    from gateway.offline import run_files
+    from gateway.registry.registry import shipped_models_dir
+
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        _fail(f"no such file or folder: {', '.join(missing)}")
+    settings = _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+    with _registry(config, data_dir) as registry:
+        if settings.models.register_shipped:
+            registry.register_shipped(shipped_models_dir(settings.models))
+        models = [registry.get(ref) for ref in model] if model else registry.active()
+        if not models:
+            _fail("no model to run: register one with `gateway models register PATH` or name one with --model", 1)
+        runtime = InferenceRuntime(device or settings.models.device, batching=settings.models.batching)
+        try:
+            report = run_files(inputs, outdir, models, runtime, write_volumes=write_volumes)
+        finally:
+            runtime.close()
+    for series in report.series:
+        for refusal in series.refused:
+            typer.echo(f"{series.label}: refused: {refusal.reason}", err=True)
+        if series.outcome is None:
+            continue
+        for decision in series.outcome.decisions:
+            typer.echo(
+                f"{series.label:<32} {decision.model:<28} {'run' if decision.run else 'not run: ' + decision.reason}"
+            )
+        for failure in series.outcome.failures:
+            typer.echo(f"{series.label:<32} {failure.model:<28} FAILED: {failure.reason}", err=True)
+        for result in series.outcome.results:
+            for m in result.measurements:
+                values = ", ".join(f"{k} {v:.4g} {m.units.get(k, '')}".rstrip() for k, v in m.values.items())
+                typer.echo(f"{'':<32} {m.name:<28} {values}")
+    typer.echo(
+        f"{len(report.series)} series, {report.results} model result(s) written to {outdir}, "
+        f"{len(report.skipped)} non-DICOM file(s) skipped"
+    )
+    if report.failed or not report.results:
+        raise typer.Exit(1)
 
 
 def main() -> None:

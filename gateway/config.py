@@ -124,8 +124,18 @@ class IngestSettings(_Section):
 class JobsSettings(_Section):
     """The workers that drive completed series through the stages."""
 
-    assembly_workers: int = Field(default=1, ge=0)
+    workers: int = Field(default=4, ge=0)  # each takes a job through assembly, routing and inference
     poll_s: float = Field(default=1.0, gt=0)
+
+
+class ModelsSettings(_Section):
+    """The model registry: packages shipped with the gateway, where models run, upload limits."""
+
+    register_shipped: bool = True  # register the packages in shipped_dir (default: the repository's models/)
+    shipped_dir: Path | None = None
+    device: str = "auto"  # auto (first CUDA device, else CPU), cpu, cuda or cuda:N
+    batching: bool = True  # merge concurrent jobs' inputs into one forward pass per model
+    max_upload_bytes: int = Field(default=1 << 30, gt=0)  # largest model archive accepted (upload or register)
 
 
 class Settings(BaseSettings):
@@ -138,6 +148,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

@@ -10,9 +10,12 @@ import logging
 import pydicom.config
 
 from gateway.config import Settings
+from gateway.infer.runtime import InferenceRuntime
 from gateway.ingest.completion import CompletionMonitor
 from gateway.ingest.dimse import StorageSCP
 from gateway.jobs.assembly import AssemblyWorkers
+from gateway.jobs.inference import InferenceStage
+from gateway.registry.registry import Registry, shipped_models_dir
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ def quiet_pydicom() -> int:
 
 
 class Gateway:
-    """Store, completion monitor, assembly workers and (optionally) the DICOM listener.
+    """Store, model registry, completion monitor, job workers, inference runtime and (optionally) the DICOM listener.
 
     Parameters
     ----------
@@ -44,15 +47,20 @@ class Gateway:
     def __init__(self, settings: Settings, *, dimse: bool = True) -> None:
         self.settings = settings
         self.store = InstanceStore(settings.store)
+        self.registry = Registry(self.store, max_archive_bytes=settings.models.max_upload_bytes)
         self.monitor = CompletionMonitor(
             self.store.write_sessions, settings.ingest.quiet_period_s, settings.ingest.completion_poll_s
         )
         self.scp = StorageSCP(settings.dicom, self.store) if dimse else None
-        self.assembly = AssemblyWorkers(self.store, settings.jobs.assembly_workers, settings.jobs.poll_s)
+        self.inference = InferenceRuntime(settings.models.device, batching=settings.models.batching)
+        stage = InferenceStage(self.store, self.registry, self.inference, settings.store.data_dir / "results")
+        self.assembly = AssemblyWorkers(self.store, settings.jobs.workers, settings.jobs.poll_s, then=stage)
         self._pydicom_mode: int | None = None
 
     def start(self) -> None:
         """Start the completion monitor, then the DICOM listener."""
+        if self.settings.models.register_shipped:  # each broken package is logged and skipped
+            self.registry.register_shipped(shipped_models_dir(self.settings.models))
         self._pydicom_mode = quiet_pydicom()
         self.monitor.start()
         self.assembly.start()
@@ -61,6 +69,7 @@ class Gateway:
                 self.scp.start()
             except BaseException:  # e.g. the port is taken: leave no monitor thread or index open behind
                 self.assembly.stop()
+                self.inference.close()
                 self.monitor.stop()
                 self.store.close()
                 self._restore_pydicom()
@@ -72,6 +81,7 @@ class Gateway:
             self.scp.stop()
         self.monitor.stop()
         self.assembly.stop()
+        self.inference.close()
         self.store.close()
         self._restore_pydicom()
 

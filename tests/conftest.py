@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from gateway.config import DicomSettings, HttpSettings, IngestSettings, JobsSettings, Settings, StoreSettings
+from gateway.config import (
+    DicomSettings,
+    HttpSettings,
+    IngestSettings,
+    JobsSettings,
+    ModelsSettings,
+    Settings,
+    StoreSettings,
+)
 from gateway.runtime import Gateway
 
 from peers import free_port
@@ -20,16 +28,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def make_settings(data_dir: Path, **sections: object) -> Settings:
-    """Settings for tests: loopback, ephemeral ports, no watermark, a short quiet period, no assembly workers.
+    """Settings for tests: loopback, ephemeral ports, no watermark, a short quiet period, no assembly workers, no
+    shipped models (``models=ModelsSettings()`` registers the repository's ``models/`` at start).
 
-    Jobs stay ``received`` unless a test asks for assembly (``jobs=JobsSettings(assembly_workers=1)``).
+    Jobs stay ``received`` unless a test asks for assembly (``jobs=JobsSettings(workers=1)``).
     """
     base: dict[str, object] = {
         "store": StoreSettings(data_dir=data_dir, min_free_bytes=0),
         "dicom": DicomSettings(host="127.0.0.1", port=0),
         "http": HttpSettings(host="127.0.0.1", port=0),
         "ingest": IngestSettings(quiet_period_s=0.5, completion_poll_s=0.1),
-        "jobs": JobsSettings(assembly_workers=0, poll_s=0.1),
+        "jobs": JobsSettings(workers=0, poll_s=0.1),
+        "models": ModelsSettings(register_shipped=False),  # tests register the models they need
     }
     base.update(sections)
     return Settings(**base)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from gateway import __version__
-from gateway.api import health, jobs, qido, stow, wado
+from gateway.api import health, jobs, models, qido, stow, wado
 from gateway.config import Settings
 from gateway.errors import NotFound
 from gateway.runtime import Gateway
@@ -53,7 +53,7 @@ def create_app(settings: Settings, *, start_dimse: bool = True) -> FastAPI:
         redoc_url="/redoc" if public_docs else None,
     )
     app.state.settings = settings
-    for module in (stow, qido, wado, jobs, health):
+    for module in (stow, qido, wado, jobs, models, health):
         app.include_router(module.router)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(RequestValidationError, _bad_request)

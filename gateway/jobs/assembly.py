@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,15 @@ def claim_job(store: InstanceStore) -> int | None:
         return int(job_id)
 
 
-def resume_interrupted(store: InstanceStore) -> int:
-    """Put jobs left ``assembling`` by a stopped or crashed gateway back to ``received``; return how many."""
+def resume_interrupted(store: InstanceStore, states: tuple[JobState, ...] = (JobState.ASSEMBLING,)) -> int:
+    """Put jobs a stopped or crashed gateway left in ``states`` back to ``received``; return how many.
+
+    Volumes live in memory between assembly and inference, so when inference follows assembly the gateway passes
+    ``assembling``, ``assembled`` and ``inferring``: an interrupted job is assembled again.
+    """
     with store.write_sessions.begin() as session:
         result = session.execute(
-            update(Job).where(Job.state == JobState.ASSEMBLING).values(state=JobState.RECEIVED, updated_at=time.time())
+            update(Job).where(Job.state.in_(states)).values(state=JobState.RECEIVED, updated_at=time.time())
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -118,17 +123,31 @@ def _finish(store: InstanceStore, job_id: int, summary: dict[str, Any], failure:
 
 
 class AssemblyWorkers:
-    """Threads that claim ``received`` jobs and assemble them, until stopped."""
+    """Threads that claim ``received`` jobs and assemble them, until stopped.
 
-    def __init__(self, store: InstanceStore, count: int, poll_s: float) -> None:
+    ``then`` is the next stage, called in the same thread with the job id and the volumes of a job that assembled
+    (the volumes stay in memory between the two stages; :func:`resume_interrupted` sends an interrupted job back).
+    """
+
+    def __init__(
+        self,
+        store: InstanceStore,
+        count: int,
+        poll_s: float,
+        then: Callable[[int, AssemblyResult], None] | None = None,
+    ) -> None:
         self._store = store
         self._poll = poll_s
+        self._then = then
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, name=f"assembly-{k}", daemon=True) for k in range(count)]
 
     def start(self) -> None:
         """Resume interrupted jobs, then start the threads."""
-        if self._threads and resume_interrupted(self._store):
+        states: tuple[JobState, ...] = (JobState.ASSEMBLING,)
+        if self._then is not None:
+            states += (JobState.ASSEMBLED, JobState.INFERRING)
+        if self._threads and resume_interrupted(self._store, states):
             log.warning("resumed jobs interrupted during assembly")
         for thread in self._threads:
             thread.start()
@@ -150,4 +169,6 @@ class AssemblyWorkers:
             if job_id is None:
                 self._stop.wait(self._poll)
                 continue
-            assemble_job(self._store, job_id)
+            result = assemble_job(self._store, job_id)
+            if result is not None and result.volumes and self._then is not None:
+                self._then(job_id, result)

@@ -11,7 +11,9 @@ class JobState(StrEnum):
     RECEIVED = "received"
     ASSEMBLING = "assembling"
     ASSEMBLED = "assembled"
+    INFERRING = "inferring"
     INFERRED = "inferred"
+    SKIPPED = "skipped"  # no enabled model applies: the job's routing decisions say why
     ENCODED = "encoded"
     EXPORTED = "exported"
     FAILED = "failed"

@@ -1,4 +1,4 @@
-"""The SQL index of what the gateway holds: studies, series, their revisions, instances and jobs.
+"""The SQL index of what the gateway holds: studies, series, their revisions, instances, jobs and models.
 
 Portable SQLAlchemy 2 schema (no SQLite-only types), so PostgreSQL can take over; SQLite is the embedded
 default, opened in WAL mode with ``synchronous=FULL`` and ``BEGIN IMMEDIATE`` transactions so that concurrent
@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Engine,
     Float,
     ForeignKey,
@@ -116,6 +117,28 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ModelVersion(Base):
+    """A registered model version (:mod:`gateway.registry.registry`); its package is ``models/<name>/<version>``.
+
+    ``enabled`` is the model's (the same on every version of a name); ``active`` marks the version routing uses;
+    ``pinned`` says it was chosen with ``enable`` (a newer registration does not replace it).
+    """
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    registered_at: Mapped[float] = mapped_column(Float)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    dry_run: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -54,7 +54,7 @@ class ServedGateway(PeerProcess):
             f"http: {{host: 127.0.0.1, port: {self.http_port}}}\n"
             f"store: {{data_dir: '{data_dir}', min_free_bytes: 0}}\n"
             f"ingest: {{quiet_period_s: {QUIET_S}, completion_poll_s: 0.1}}\n"
-            "jobs: {assembly_workers: 0}\n"  # this test is about ingest: jobs stay "received"
+            "jobs: {workers: 0}\n"  # this test is about ingest: jobs stay "received"
         )
 
     @property

@@ -1,0 +1,111 @@
+"""Measurements of segments on the source grid, from the volume's modality values.
+
+Volume is the voxel count times the voxel volume, ``|det(affine[:3, :3])|`` mm3, in ml; mean, stddev
+(population), min and max are over the volume's values inside the mask (Hounsfield units for CT). A 4D volume
+is measured on its first 3D volume (for a diffusion series, the first b-value and direction in acquisition order).
+An empty segment reports its volume and voxel count (zero) and no statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.assemble.model import Volume
+from gateway.registry.manifest import Measurement, SegmentLabel
+
+__all__ = ["SegmentMeasurement", "measure_mask", "measure_segments", "measurement_units", "voxel_volume_ml"]
+
+Mask = npt.NDArray[np.bool_]
+
+_STATISTICS = ("mean", "stddev", "min", "max")
+
+
+@dataclass(frozen=True)
+class SegmentMeasurement:
+    """What was measured for one segment.
+
+    Attributes
+    ----------
+    value
+        The segment's label value (``labelmap``) or output channel (``channels``).
+    name
+        The segment's name from the manifest.
+    values
+        Measurement name (``volume``, ``voxels``, ``mean``, ``stddev``, ``min``, ``max``) -> number, for those
+        the manifest lists (statistics left out for an empty segment).
+    units
+        Measurement name -> UCUM unit code (``ml``, ``1``, ``[hnsf'U]`` for CT values).
+    """
+
+    value: int
+    name: str
+    values: Mapping[str, float]
+    units: Mapping[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"value": self.value, "name": self.name, "values": dict(self.values), "units": dict(self.units)}
+
+
+def voxel_volume_ml(affine: npt.NDArray[np.float64]) -> float:
+    """The volume of one voxel of a grid with this affine, in ml."""
+    return float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+
+
+def measurement_units(modality: str | None) -> dict[str, str]:
+    """UCUM units of each measurement for a volume of this modality (``1``: unitless, e.g. MR signal)."""
+    values = "[hnsf'U]" if modality == "CT" else "1"
+    return {"volume": "ml", "voxels": "1", **dict.fromkeys(_STATISTICS, values)}
+
+
+def _values(volume: Volume) -> npt.NDArray[np.float32]:
+    return volume.array if volume.array.ndim == 3 else volume.array[0]
+
+
+def measure_mask(mask: Mask, volume: Volume, wanted: Sequence[Measurement]) -> dict[str, float]:
+    """Measure one mask (``[S, R, C]`` bool, on the volume's grid).
+
+    Parameters
+    ----------
+    mask
+        The segment's voxels.
+    volume
+        The source volume (its affine gives the voxel size, its array the values).
+    wanted
+        The measurements to report.
+    """
+    if mask.shape != volume.array.shape[-3:]:
+        raise ValueError(f"mask shape {mask.shape} does not match the volume's {volume.array.shape[-3:]}")
+    voxels = int(np.count_nonzero(mask))
+    result: dict[str, float] = {}
+    if "volume" in wanted:
+        result["volume"] = voxels * voxel_volume_ml(volume.affine)
+    if "voxels" in wanted:
+        result["voxels"] = float(voxels)
+    if voxels and any(name in wanted for name in _STATISTICS):
+        inside = _values(volume)[mask].astype(np.float64)
+        stats = {"mean": inside.mean(), "stddev": inside.std(), "min": inside.min(), "max": inside.max()}
+        result.update({name: float(stats[name]) for name in _STATISTICS if name in wanted})
+    return result
+
+
+def measure_segments(
+    masks: Mapping[int, Mask], volume: Volume, labels: Sequence[SegmentLabel]
+) -> tuple[SegmentMeasurement, ...]:
+    """Measure every declared segment that has a mask, with the measurements its label lists."""
+    units = measurement_units(volume.modality)
+    return tuple(
+        SegmentMeasurement(
+            label.value,
+            label.name,
+            measure_mask(masks[label.value], volume, label.measurements),
+            {name: units[name] for name in label.measurements},
+        )
+        for label in labels
+        if label.value in masks
+    )

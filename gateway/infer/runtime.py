@@ -1,0 +1,269 @@
+"""The inference runtime: loaded models, their batchers, and one volume through a model end to end.
+
+:class:`InferenceRuntime` keeps one backend and one :class:`~gateway.infer.batcher.Batcher` per model
+(name, version, weights SHA-256, device), loaded on first use and shared by every caller, so concurrent jobs
+share forward passes. :meth:`InferenceRuntime.run` takes a volume through the whole pipeline::
+
+    prepare (channels, orientation, spacing, intensity, crop/pad)
+      -> forward: the whole input as one item, or sliding-window patches (MONAI) submitted to the batcher
+      -> check (shape, channels, NaN) -> activation -> restore to the source grid, channel by channel
+      -> label map / masks / parametric maps -> measurements -> classifications
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from gateway.assemble.model import Volume
+from gateway.errors import InferenceError
+from gateway.infer.backend import Backend
+from gateway.infer.backends import load_backend, resolve_device
+from gateway.infer.batcher import Batcher, BatcherStats
+from gateway.infer.measure import SegmentMeasurement, measure_segments, voxel_volume_ml
+from gateway.infer.postprocess import Decoded, check_output, decode
+from gateway.infer.preprocess import Prepared, prepare
+from gateway.infer.results import Finding, ModelResult
+from gateway.registry.manifest import Manifest
+
+__all__ = ["InferenceRuntime"]
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[np.float32]
+Key = tuple[str, str, str, str]
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    backend: Backend
+    batcher: Batcher
+
+
+class _Clock:
+    """Named stage timings."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - began, 6)
+
+
+class InferenceRuntime:
+    """Loaded models on one device, each behind a batcher; thread-safe.
+
+    Parameters
+    ----------
+    device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`gateway.infer.backends.resolve_device`).
+    batching
+        Whether batchers merge requests from concurrent callers (``False``: every request runs alone).
+
+    Raises
+    ------
+    ModelError
+        If ``device`` asks for CUDA that is not there.
+    """
+
+    def __init__(self, device: str = "auto", batching: bool = True) -> None:
+        self.device = resolve_device(device)
+        self.batching = batching
+        self._lock = threading.Lock()
+        self._loading: dict[Key, threading.Lock] = {}
+        self._loaded: dict[Key, _Loaded] = {}
+
+    # -- models --------------------------------------------------------------------------------------------------
+
+    def _entry(self, manifest: Manifest, folder: Path, sha256: str) -> _Loaded:
+        key = (manifest.name, manifest.version, sha256, self.device)
+        with self._lock:
+            if key in self._loaded:
+                return self._loaded[key]
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:  # one load per model, other models' callers carry on meanwhile
+            with self._lock:
+                if key in self._loaded:
+                    return self._loaded[key]
+            backend = load_backend(manifest, folder, self.device)
+            inference = manifest.inference
+            batcher = Batcher(
+                backend, inference.batch_size, inference.max_wait_ms / 1000.0, self.batching, name=manifest.ref
+            )
+            log.info("loaded %s on %s", manifest.ref, backend.device)
+            with self._lock:
+                self._loaded[key] = _Loaded(backend, batcher)
+                self._loading.pop(key, None)
+                return self._loaded[key]
+
+    def stats(self) -> dict[str, BatcherStats]:
+        """Batcher statistics per loaded model, keyed ``name@version`` (``name@version#sha256[:12]`` for
+        a second copy with other weights)."""
+        with self._lock:
+            loaded = dict(self._loaded)
+        stats: dict[str, BatcherStats] = {}
+        for (name, version, sha256, _), entry in loaded.items():
+            ref = f"{name}@{version}"
+            stats[ref if ref not in stats else f"{ref}#{sha256[:12]}"] = entry.batcher.stats()
+        return stats
+
+    def unload(self, name: str, version: str) -> None:
+        """Close and forget every loaded copy of ``name@version`` (requests still queued for it fail)."""
+        with self._lock:
+            keys = [key for key in self._loaded if key[:2] == (name, version)]
+            entries = [self._loaded.pop(key) for key in keys]
+        for entry in entries:
+            _close(entry)
+
+    def close(self) -> None:
+        """Stop every batcher and release every model."""
+        with self._lock:
+            entries = list(self._loaded.values())
+            self._loaded.clear()
+        for entry in entries:
+            _close(entry)
+
+    # -- one volume ----------------------------------------------------------------------------------------------
+
+    def run(self, manifest: Manifest, folder: Path, sha256: str, volume: Volume) -> ModelResult:
+        """Run one model on one volume and read its output on the volume's grid.
+
+        Parameters
+        ----------
+        manifest
+            The model's manifest.
+        folder
+            The model package folder (weights are loaded from it on first use).
+        sha256
+            The weights' SHA-256 as registered (part of the cache key: new weights, new session).
+        volume
+            An assembled volume the model was routed to.
+
+        Returns
+        -------
+        ModelResult
+            Label map or masks, parametric maps, measurements, classifications, timings and notes.
+
+        Raises
+        ------
+        ModelError
+            If the model cannot be loaded.
+        InferenceError
+            If the volume does not fit the model, the forward pass fails (``OutOfMemory`` even for one item),
+            or the output cannot be read (wrong shape or channel count, NaN or infinite values).
+        """
+        entry = self._entry(manifest, folder, sha256)
+        clock = _Clock()
+        with clock.stage("prepare_s"):
+            prepared = prepare(volume, manifest)
+        with clock.stage("infer_s"):
+            output = _forward(entry.batcher, prepared, manifest)
+            check_output(output, manifest, prepared)
+        with clock.stage("restore_s"):
+            decoded = decode(output, prepared, manifest)
+        del output
+        with clock.stage("measure_s"):
+            measurements = _measurements(decoded, volume, manifest)
+            findings = _findings(decoded, volume, manifest)
+        return ModelResult(
+            name=manifest.name,
+            version=manifest.version,
+            sha256=sha256,
+            manifest=manifest,
+            volume=volume,
+            labelmap=decoded.labelmap,
+            masks=decoded.masks,
+            maps=decoded.maps,
+            probabilities=decoded.probabilities,
+            measurements=measurements,
+            classifications=findings,
+            timings=clock.timings,
+            notes=prepared.notes,
+        )
+
+
+def _close(entry: _Loaded) -> None:
+    entry.batcher.close()
+    entry.backend.close()
+
+
+def _extra(prepared: Prepared, manifest: Manifest, items: int) -> dict[str, Array] | None:
+    """The b-values input, one row per item, for a diffusion model."""
+    if prepared.b_values is None:
+        return None
+    return {manifest.inference.b_values_input: np.tile(prepared.b_values, (items, 1))}
+
+
+def _forward(batcher: Batcher, prepared: Prepared, manifest: Manifest) -> Array:
+    """The raw model output ``[C, s, r, c]`` on the model grid: one item, or sliding-window patches."""
+    patch = manifest.inference.patch_size
+    if patch is None:
+        output = batcher.run(prepared.array[None], _extra(prepared, manifest, 1))
+        return _one(output)
+    return _sliding_window(batcher, prepared, manifest, patch)
+
+
+def _one(output: Array) -> Array:
+    if output.ndim != 5:
+        raise InferenceError(f"model output must be [batch, channels, slice, row, column], got shape {output.shape}")
+    item: Array = output[0]
+    return item
+
+
+def _sliding_window(batcher: Batcher, prepared: Prepared, manifest: Manifest, patch: tuple[int, int, int]) -> Array:
+    """MONAI sliding-window inference whose predictor submits each group of patches to the shared batcher."""
+    from monai.inferers.utils import sliding_window_inference
+
+    def predictor(patches: torch.Tensor) -> torch.Tensor:
+        output = batcher.run(patches.numpy(), _extra(prepared, manifest, patches.shape[0]))
+        if output.ndim != 5 or output.shape[2:] != patches.shape[2:]:
+            raise InferenceError(f"model returned {output.shape} for patches of {tuple(patches.shape)}")
+        return torch.from_numpy(output)
+
+    inference = manifest.inference
+    with torch.inference_mode():
+        result = sliding_window_inference(
+            torch.from_numpy(prepared.array[None]),
+            roi_size=patch,
+            sw_batch_size=inference.batch_size,
+            predictor=predictor,
+            overlap=inference.overlap,
+            mode="gaussian",
+        )
+    assert isinstance(result, torch.Tensor)
+    output: Array = result[0].numpy().astype(np.float32, copy=False)
+    return output
+
+
+def _measurements(decoded: Decoded, volume: Volume, manifest: Manifest) -> tuple[SegmentMeasurement, ...]:
+    segmentation = manifest.outputs.segmentation
+    if segmentation is None:
+        return ()
+    return measure_segments(decoded.masks, volume, segmentation.labels)
+
+
+def _findings(decoded: Decoded, volume: Volume, manifest: Manifest) -> tuple[Finding, ...]:
+    """The classifications whose segment is at least ``min_volume_ml``."""
+    voxel_ml = voxel_volume_ml(volume.affine)
+    findings = []
+    for item in manifest.outputs.classifications:
+        mask = decoded.masks.get(item.label)
+        volume_ml = float(np.count_nonzero(mask)) * voxel_ml if mask is not None else 0.0
+        if mask is not None and volume_ml >= item.min_volume_ml:
+            probability = decoded.probabilities.get(item.label, 0.0)
+            findings.append(Finding(item.name, item.finding, item.label, probability, volume_ml))
+    return tuple(findings)

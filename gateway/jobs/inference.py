@@ -1,0 +1,125 @@
+"""The inference stage of a job: ``assembled -> inferring -> inferred`` (or ``skipped`` / ``failed``, with reasons).
+
+Right after assembly, in the same worker, the job's volumes are routed against the enabled models (read from the
+registry at that moment, so a model registered while the gateway runs serves the next job) and each model that
+qualifies runs. The job records every routing decision with its reason, each result's measurements and where its
+files are, and the stage timings. A job no model applies to ends ``skipped``; a model failure fails the job with
+the model and the reason, never the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from sqlalchemy import select, update
+
+from gateway.assemble.assemble import AssemblyResult
+from gateway.infer.outputs import write_model_outputs
+from gateway.infer.runtime import InferenceRuntime
+from gateway.infer.series import SeriesOutcome, run_models
+from gateway.jobs.states import JobState
+from gateway.registry.registry import Registry
+from gateway.route.route import SeriesFacts, series_facts
+from gateway.store.index import Instance, Job
+from gateway.store.store import InstanceStore
+
+__all__ = ["InferenceStage"]
+
+log = logging.getLogger(__name__)
+
+
+class InferenceStage:
+    """Routes and runs the models for an assembled job and records the outcome.
+
+    Parameters
+    ----------
+    store
+        The instance store (the job index lives there).
+    registry
+        The model registry; :meth:`Registry.active` is read for every job.
+    runtime
+        The inference runtime shared by all workers (its batchers merge work from concurrent jobs).
+    results_dir
+        Where each job's output files go (``<results_dir>/job-<id>/``).
+    """
+
+    def __init__(self, store: InstanceStore, registry: Registry, runtime: InferenceRuntime, results_dir: Path) -> None:
+        self._store = store
+        self._registry = registry
+        self._runtime = runtime
+        self._results_dir = results_dir
+
+    def __call__(self, job_id: int, assembly: AssemblyResult) -> None:
+        """Run the stage for ``job_id`` (already ``assembled``) on the volumes assembly built."""
+        if not self._claim(job_id):
+            return
+        started = time.monotonic()
+        outcome: SeriesOutcome | None = None
+        files: dict[str, list[str]] = {}
+        try:
+            facts = self._facts(assembly)
+            outcome = run_models(facts, assembly.volumes, self._registry.active(), self._runtime)
+            files = self._write(job_id, outcome)
+        except Exception as exc:  # one bad job fails, never the worker
+            log.exception("inference of job %d failed", job_id)
+            self._finish(job_id, None, {}, f"inference failed: {type(exc).__name__}: {exc}", started)
+            return
+        failure = "; ".join(f"{f.model}: {f.reason}" for f in outcome.failures) or None
+        self._finish(job_id, outcome, files, failure, started)
+
+    def _claim(self, job_id: int) -> bool:
+        with self._store.write_sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.ASSEMBLED)
+                .values(state=JobState.INFERRING, updated_at=time.time())
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def _facts(self, assembly: AssemblyResult) -> SeriesFacts:
+        """Header facts of the series, read from the first instance of its first volume."""
+        uid = assembly.volumes[0].slices[0].sop_instance_uid
+        with self._store.sessions() as session:
+            path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == uid).limit(1))
+        assert path is not None, "an assembled volume's instances are in the index"
+        return series_facts(dcmread(self._store.path_of(path), stop_before_pixels=True))
+
+    def _write(self, job_id: int, outcome: SeriesOutcome) -> dict[str, list[str]]:
+        files: dict[str, list[str]] = {}
+        folder = self._results_dir / f"job-{job_id}"
+        for k, result in enumerate(outcome.results):
+            stem = f"volume{k}"
+            written = write_model_outputs(result, folder, stem)
+            files[f"{result.name}@{result.version}"] = [str(p.relative_to(self._results_dir)) for p in written]
+        return files
+
+    def _finish(
+        self,
+        job_id: int,
+        outcome: SeriesOutcome | None,
+        files: dict[str, list[str]],
+        failure: str | None,
+        started: float,
+    ) -> None:
+        seconds = time.monotonic() - started
+        ran = bool(outcome and outcome.results)
+        state = JobState.FAILED if failure else (JobState.INFERRED if ran else JobState.SKIPPED)
+        with self._store.write_sessions.begin() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            detail: dict[str, Any] = dict(job.detail or {})
+            if outcome is not None:
+                detail["inference"] = {**outcome.summary(), "files": files}
+            detail["timings"] = {**detail.get("timings", {}), "infer_s": round(seconds, 3)}
+            if outcome is not None and not ran and not failure:
+                detail["skipped"] = "no enabled model applies to this series (see inference.routing for each reason)"
+            if failure is not None:
+                detail["failure"] = {"stage": "infer", "reason": failure}
+            job.detail = detail
+            job.state = state
+            job.updated_at = time.time()
+        log.info("job %d %s in %.1f s", job_id, state.value, seconds)

@@ -1,0 +1,168 @@
+"""``/api/models``: list, show, upload (limits, bad packages, conflicts), enable, disable, remove, scopes."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from starlette.exceptions import StarletteDeprecationWarning
+
+from gateway.config import ModelsSettings, Settings
+from gateway.registry.registry import Registry, RegistryIndex
+
+from conftest import LiveServer, make_settings
+from model_packages import manifest_dict, onnx_model, tar_folder, write_package, zip_folder
+
+with warnings.catch_warnings():
+    # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; not our code, and harmless here.
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from fastapi.testclient import TestClient
+
+    from gateway.api.app import create_app
+
+from test_auth import TOKENS, bearer, tokens_http
+
+ZIP = {"Content-Type": "application/zip"}
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, start_dimse=False)) as test_client:
+        yield test_client
+
+
+def archive(tmp_path: Path, version: str = "1.0.0", name: str = "tiny-seg", **kwargs: object) -> bytes:
+    folder = write_package(tmp_path / f"{name}-{version}", manifest_dict(name, version), **kwargs)
+    return zip_folder(folder, tmp_path / f"{name}-{version}.zip").read_bytes()
+
+
+def test_upload_list_and_show(client: TestClient, tmp_path: Path) -> None:
+    assert client.get("/api/models").json() == []
+    response = client.post("/api/models", content=archive(tmp_path), headers=ZIP)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["ref"] == "tiny-seg@1.0.0" and body["active"] and body["enabled"]
+    assert body["dry_run"]["output_shape"] == [1, 3, 8, 16, 16]
+    assert body["manifest"]["inference"]["patch_size"] == [8, 16, 16]
+    again = client.post("/api/models", content=archive(tmp_path), headers=ZIP)
+    assert again.status_code == 200 and again.json()["sha256"] == body["sha256"], "idempotent"
+
+    listed = client.get("/api/models").json()
+    assert [(m["ref"], m["active"], m["backend"]) for m in listed] == [("tiny-seg@1.0.0", True, "onnx")]
+    assert "manifest" not in listed[0]
+    shown = client.get("/api/models/tiny-seg").json()
+    assert shown["ref"] == "tiny-seg@1.0.0" and [v["version"] for v in shown["versions"]] == ["1.0.0"]
+    assert client.get("/api/models/tiny-seg/1.0.0").json()["manifest"]["name"] == "tiny-seg"
+    assert client.get("/api/models/nothing").status_code == 404
+    assert client.get("/api/models/tiny-seg/9").json() == {"detail": "no model tiny-seg@9"}
+
+
+def test_upload_a_tar_gz(client: TestClient, tmp_path: Path) -> None:
+    folder = write_package(tmp_path / "pkg", manifest_dict())
+    body = tar_folder(folder, tmp_path / "pkg.tar.gz", top="pkg").read_bytes()
+    response = client.post("/api/models", content=body, headers={"Content-Type": "application/gzip"})
+    assert response.status_code == 201, response.text
+
+
+def test_refused_uploads(client: TestClient, tmp_path: Path) -> None:
+    registered = client.post("/api/models", content=archive(tmp_path), headers=ZIP)
+    assert registered.status_code == 201
+
+    data = manifest_dict(version="2.0.0", inferense={})
+    bad = zip_folder(write_package(tmp_path / "bad", data), tmp_path / "bad.zip").read_bytes()
+    response = client.post("/api/models", content=bad, headers=ZIP)
+    assert response.status_code == 422 and "inferense" in response.json()["detail"]
+
+    other = archive(tmp_path / "other", weights=onnx_model(3, seed=7))
+    response = client.post("/api/models", content=other, headers=ZIP)
+    assert response.status_code == 409 and "already registered with other weights" in response.json()["detail"]
+
+    mismatch = archive(tmp_path, version="3.0.0", out_channels=5)
+    response = client.post("/api/models", content=mismatch, headers=ZIP)
+    assert response.status_code == 422
+    assert (
+        response.json()["detail"]
+        == "dry run: output has 5 channels, the manifest declares 2 labels, values up to 2 (needs 3)"
+    )
+
+    response = client.post("/api/models", content=b"just some text", headers=ZIP)
+    assert response.status_code == 400 and "not a .zip or .tar.gz" in response.json()["detail"]
+    assert client.post("/api/models").status_code == 400
+    form = client.post("/api/models", files={"file": ("m.zip", archive(tmp_path), "application/zip")})
+    assert form.status_code == 415
+
+    assert [m["ref"] for m in client.get("/api/models").json()] == ["tiny-seg@1.0.0"]
+    assert list((tmp_path / "data" / "tmp").iterdir()) == []
+    assert list((tmp_path / "data" / "models" / ".staging").iterdir()) == []
+
+
+def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
+    small = make_settings(tmp_path / "data", models=ModelsSettings(max_upload_bytes=500, register_shipped=False))
+    body = archive(tmp_path)
+    assert len(body) > 500
+    with TestClient(create_app(small, start_dimse=False)) as client:
+        response = client.post("/api/models", content=body, headers=ZIP)
+        assert response.status_code == 413 and "500 bytes" in response.json()["detail"]
+        chunks = iter([body[:400], body[400:]])  # no Content-Length: counted as it arrives
+        response = client.post("/api/models", content=chunks, headers=ZIP)
+        assert response.status_code == 413
+        assert list((tmp_path / "data" / "tmp").iterdir()) == []
+
+
+def test_enable_disable_remove(client: TestClient, tmp_path: Path) -> None:
+    for version in ("1.0.0", "2.0.0"):
+        assert client.post("/api/models", content=archive(tmp_path, version), headers=ZIP).status_code == 201
+    assert client.get("/api/models/tiny-seg").json()["version"] == "2.0.0"
+    enabled = client.post("/api/models/tiny-seg/1.0.0/enable")
+    assert enabled.status_code == 200 and enabled.json()["active"]
+    assert client.get("/api/models/tiny-seg").json()["version"] == "1.0.0"
+    disabled = client.post("/api/models/tiny-seg/disable").json()
+    assert [m["enabled"] for m in disabled] == [False, False]
+    assert client.app.state.gateway.registry.active() == []  # type: ignore[attr-defined]
+    assert client.post("/api/models/tiny-seg@1.0.0/disable").status_code == 400
+    removed = client.delete("/api/models/tiny-seg/1.0.0")
+    assert removed.status_code == 200 and removed.json()["ref"] == "tiny-seg@1.0.0"
+    assert [m["ref"] for m in client.get("/api/models").json()] == ["tiny-seg@2.0.0"]
+    assert client.get("/api/models/tiny-seg").json()["active"]
+    assert client.delete("/api/models/tiny-seg/1.0.0").status_code == 404
+    assert client.post("/api/models/nothing/1/enable").status_code == 404
+    assert client.post("/api/models/nothing/disable").status_code == 404
+
+
+def test_scopes(tmp_path: Path) -> None:
+    secured = make_settings(tmp_path / "data", http=tokens_http())
+    body = archive(tmp_path)
+    with TestClient(create_app(secured, start_dimse=False)) as client:
+        assert client.get("/api/models").status_code == 401
+        assert client.get("/api/models", headers=bearer(TOKENS["read"])).status_code == 200
+        refused = client.post("/api/models", content=body, headers={**ZIP, **bearer(TOKENS["read"])})
+        assert refused.status_code == 403 and "'write' scope" in refused.json()["detail"]
+        refused = client.post("/api/models", content=body, headers={**ZIP, **bearer(TOKENS["write"])})
+        assert refused.status_code == 403 and "'admin' scope" in refused.json()["detail"]
+        for method, path in (("POST", "/api/models/tiny-seg/1.0.0/enable"), ("DELETE", "/api/models/tiny-seg/1.0.0")):
+            assert client.request(method, path, headers=bearer(TOKENS["write"])).status_code == 403
+        admin = client.post("/api/models", content=body, headers={**ZIP, **bearer(TOKENS["admin"])})
+        assert admin.status_code == 201
+        assert client.get("/api/models/tiny-seg", headers=bearer(TOKENS["read"])).status_code == 200
+
+
+def test_a_model_registered_beside_the_server_is_served(settings: Settings, tmp_path: Path) -> None:
+    package = write_package(tmp_path / "pkg", manifest_dict())
+    with LiveServer(settings) as server, httpx.Client(base_url=server.url) as http:
+        assert http.get("/api/models").json() == []
+        index = RegistryIndex(settings.store)  # what `gateway models register` does while the gateway runs
+        try:
+            Registry(index).register(package)
+        finally:
+            index.close()
+        (model,) = http.get("/api/models").json()
+        assert model["ref"] == "tiny-seg@1.0.0" and model["active"]
+        assert [m.ref for m in server.app.state.gateway.registry.active()] == ["tiny-seg@1.0.0"]
+        stream = http.post("/api/models", content=iter([archive(tmp_path, "2.0.0")]), headers=ZIP)
+        assert stream.status_code == 201, stream.text
+        stored = Path(settings.store.data_dir) / "models" / "tiny-seg" / "2.0.0" / "model.yaml"
+        assert yaml.safe_load(stored.read_text())["version"] == "2.0.0"

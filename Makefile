@@ -45,6 +45,7 @@ bench: $(VENV)/.installed-test system-deps
 	$(PIP) install -q -e '.[test,bench]'
 	$(PY) bench/ingest.py
 	$(PY) bench/volume.py
+	$(PY) bench/inference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -78,6 +78,14 @@ class OutOfResources(IngestError):
     default_status = 0xA700
 
 
+class _Reasoned(GatewayError):
+    """An error whose message is a ``reason`` shown to users as is (never patient data)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class NotFound(GatewayError):
     """The requested object is not held by the gateway."""
 
@@ -86,24 +94,16 @@ class InvalidQuery(GatewayError, ValueError):
     """A search names an attribute the index cannot match on, or gives a malformed value."""
 
 
-class AssemblyError(GatewayError):
+class AssemblyError(_Reasoned):
     """A series (or stack) cannot be assembled into a volume; ``reason`` says why, without patient data."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class DecodeError(AssemblyError):
     """A frame cannot be decoded; the message names the transfer syntax and the cause."""
 
 
-class ModelError(GatewayError):
+class ModelError(_Reasoned):
     """A model package cannot be registered or loaded: bad manifest, missing or corrupt weights, failed dry run."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class ManifestError(ModelError):
@@ -114,12 +114,8 @@ class ModelConflict(ModelError):
     """The same ``name@version`` is already registered with different weights."""
 
 
-class InferenceError(GatewayError):
+class InferenceError(_Reasoned):
     """A model failed on a job's input; the job fails with this reason, the gateway carries on."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class OutOfMemory(InferenceError):

@@ -16,6 +16,8 @@
      |    +-- ModelConflict           name@version already registered with other weights (HTTP 409)
      +-- InferenceError               a model failed on a job's input (fails that job, never the gateway)
      |    +-- OutOfMemory             the device ran out of memory (the batcher splits the batch and retries)
+     +-- EncodeError                  results cannot become DICOM objects: SEG, SR, Parametric Map (the reason says why)
+     +-- ExportError                  results cannot be queued for export, or a job has nothing to retry (HTTP 409)
      +-- InvalidQuery                 a QIDO-RS search the index cannot answer (HTTP 400)
      +-- NotFound                     a study, series, instance, job or model the gateway does not hold
 """
@@ -118,5 +120,13 @@ class InferenceError(_Reasoned):
     """A model failed on a job's input; the job fails with this reason, the gateway carries on."""
 
 
+class ExportError(_Reasoned):
+    """Results cannot be queued for export (an unreadable output file), or a job has no dead delivery to retry."""
+
+
 class OutOfMemory(InferenceError):
     """The device ran out of memory for a batch (CUDA OOM); the batcher splits the batch and retries."""
+
+
+class EncodeError(_Reasoned):
+    """A model's results cannot be encoded as DICOM (SEG, SR, Parametric Map); ``reason`` says why."""

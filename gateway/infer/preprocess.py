@@ -28,7 +28,7 @@ from gateway.assemble.model import Volume
 from gateway.errors import InferenceError
 from gateway.registry.manifest import Intensity, Manifest
 
-__all__ = ["Prepared", "axis_codes", "prepare", "restore", "restore_channel"]
+__all__ = ["Prepared", "axis_codes", "model_pad_value", "prepare", "restore", "restore_channel"]
 
 Array = npt.NDArray[np.float32]
 Shape = tuple[int, int, int]
@@ -222,6 +222,12 @@ def _apply_intensity(values: Array, out: Array, scale: float, shift: float, inte
         np.clip(out, 0.0, 1.0, out=out)
     if intensity.mode == "zscore" and intensity.nonzero:
         out[values == 0] = 0.0
+
+
+def model_pad_value(prepared: Prepared, manifest: Manifest) -> float:
+    """``preprocess.pad_value`` as the model sees it (after the intensity step): what padding must be filled with,
+    by crop/pad here and by the sliding window for an image smaller than a patch."""
+    return _pad_value(manifest.preprocess.pad_value, prepared.scale, prepared.shift, manifest.preprocess.intensity)
 
 
 def _pad_value(value: float, scale: float, shift: float, intensity: Intensity) -> float:

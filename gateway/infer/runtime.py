@@ -31,7 +31,7 @@ from gateway.infer.backends import load_backend, resolve_device
 from gateway.infer.batcher import Batcher, BatcherStats
 from gateway.infer.measure import SegmentMeasurement, measure_segments, voxel_volume_ml
 from gateway.infer.postprocess import Decoded, check_output, decode
-from gateway.infer.preprocess import Prepared, prepare
+from gateway.infer.preprocess import Prepared, model_pad_value, prepare
 from gateway.infer.results import Finding, ModelResult
 from gateway.registry.manifest import Manifest
 
@@ -243,6 +243,8 @@ def _sliding_window(batcher: Batcher, prepared: Prepared, manifest: Manifest, pa
             predictor=predictor,
             overlap=inference.overlap,
             mode="gaussian",
+            padding_mode="constant",  # an image smaller than a patch is padded with the manifest's pad value
+            cval=model_pad_value(prepared, manifest),
         )
     assert isinstance(result, torch.Tensor)
     output: Array = result[0].numpy().astype(np.float32, copy=False)

@@ -25,6 +25,8 @@ synth_app = typer.Typer(help="Synthetic data for demos, tests and benchmarks.", 
 app.add_typer(synth_app, name="synth")
 models_app = typer.Typer(help="Model packages: register, list, show, enable, disable, remove.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+jobs_app = typer.Typer(help="Jobs: retry a job's failed exports.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
 
@@ -348,11 +350,13 @@ def run(
         list[str] | None, typer.Option("--model", help="NAME or NAME@VERSION (repeatable); default: every enabled one.")
     ] = None,
     write_volumes: Annotated[bool, typer.Option(help="Also write each source volume as NIfTI.")] = False,
+    dicom: Annotated[bool, typer.Option(help="Write the DICOM outputs (SEG + SR, Parametric Map) too.")] = True,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the config's).")] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Assemble, route and infer on files, no network; write label maps / maps (NIfTI) and measurements (JSON)."""
+    """Assemble, route, infer and encode on files, no network: NIfTI label maps / maps, JSON measurements, and the
+    DICOM outputs (SEG + TID 1500 SR, Parametric Maps) the gateway would send."""
     from gateway.infer.runtime import InferenceRuntime
     from gateway.offline import run_files
     from gateway.registry.registry import shipped_models_dir
@@ -369,7 +373,7 @@ def run(
             _fail("no model to run: register one with `gateway models register PATH` or name one with --model", 1)
         runtime = InferenceRuntime(device or settings.models.device, batching=settings.models.batching)
         try:
-            report = run_files(inputs, outdir, models, runtime, write_volumes=write_volumes)
+            report = run_files(inputs, outdir, models, runtime, write_volumes=write_volumes, write_dicom=dicom)
         finally:
             runtime.close()
     for series in report.series:
@@ -393,6 +397,28 @@ def run(
     )
     if report.failed or not report.results:
         raise typer.Exit(1)
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: Annotated[int, typer.Argument(metavar="ID", help="The job's id (GET /api/jobs).")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Send a job's dead deliveries again (attempts reset); exit 1 if there is no such job or nothing to retry."""
+    from gateway.errors import ExportError, NotFound
+    from gateway.export.queue import retry_job
+    from gateway.registry.registry import RegistryIndex
+
+    settings = _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+    index = RegistryIndex(settings.store)  # the index alone: a running gateway's files are left alone
+    try:
+        requeued = retry_job(index, job_id)
+    except (NotFound, ExportError) as exc:
+        _fail(str(exc), 1)
+    finally:
+        index.close()
+    typer.echo(f"job {job_id}: {requeued} deliveries requeued; the running gateway sends them")
 
 
 def main() -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -138,6 +139,69 @@ class ModelsSettings(_Section):
     max_upload_bytes: int = Field(default=1 << 30, gt=0)  # largest model archive accepted (upload or register)
 
 
+_DESTINATION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ClientTLSSettings(_Section):
+    """TLS for an outgoing connection (TLS 1.2 minimum): whom to trust, and optionally our client certificate."""
+
+    ca_bundle: Path | None = None  # default: the system's trusted certificate authorities
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _certificate_with_key(self) -> ClientTLSSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (a client certificate needs its key)")
+        return self
+
+
+class DimseDestination(_Section):
+    """A DICOM node the gateway sends to with C-STORE."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: ClientTLSSettings | None = None
+
+
+class StowDestination(_Section):
+    """A DICOMweb server the gateway sends to with STOW-RS (``stow_url``: the URL POSTed to, e.g. ``.../studies``)."""
+
+    stow_url: str = Field(pattern=r"^https?://[^\s/]+")
+    token: SecretStr | None = None  # sent as "Authorization: Bearer <token>"
+    tls: ClientTLSSettings | None = None
+
+
+class ExportSettings(_Section):
+    """Where results go, and how failed deliveries are retried (:mod:`gateway.export`)."""
+
+    destinations: dict[str, DimseDestination | StowDestination] = Field(default_factory=dict)
+    return_to_sender: dict[str, str] = Field(default_factory=dict)  # calling AE title -> destination name
+    default: list[str] = Field(default_factory=list)  # destinations of every result (and of STOW-RS input)
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_initial_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    workers: int = Field(default=2, ge=0)
+    poll_s: float = Field(default=1.0, gt=0)
+    calling_ae_title: str = Field(default="GATEWAY", min_length=1, max_length=16)
+    timeout_s: float = Field(default=60.0, gt=0)  # connect, association, response and HTTP timeouts
+    batch_size: int = Field(default=64, ge=1)  # deliveries sent over one association or in one STOW-RS request
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> ExportSettings:
+        bad = [name for name in self.destinations if not re.match(_DESTINATION_NAME, name)]
+        if bad:
+            raise ValueError(f"destination names must match {_DESTINATION_NAME}: {', '.join(map(repr, bad))}")
+        named = [*self.default, *self.return_to_sender.values()]
+        unknown = sorted({name for name in named if name not in self.destinations})
+        if unknown:
+            raise ValueError(f"unknown destination(s) {', '.join(map(repr, unknown))}: not in export.destinations")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must not be below backoff_initial_s")
+        return self
+
+
 class Settings(BaseSettings):
     """All gateway settings; see the module docstring for where values come from."""
 
@@ -149,6 +213,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

@@ -7,21 +7,25 @@ same assembly, routing and runtime), so a data scientist sees offline exactly wh
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
+import gateway
 from gateway.assemble.assemble import Refusal, assemble_series
 from gateway.assemble.convert import find_series
 from gateway.assemble.nifti import write_nifti
+from gateway.encode import encode_result, write_objects
 from gateway.infer.outputs import write_model_outputs
 from gateway.infer.series import SeriesOutcome, run_models
+from gateway.jobs.encoding import SERIES_NUMBER_BASE
 from gateway.route.route import series_facts
 
 if TYPE_CHECKING:
+    from gateway.infer.results import ModelResult
     from gateway.infer.runtime import InferenceRuntime
     from gateway.registry.registry import RegisteredModel
 
@@ -65,6 +69,7 @@ def run_files(
     runtime: InferenceRuntime,
     *,
     write_volumes: bool = False,
+    write_dicom: bool = True,
 ) -> RunReport:
     """Run ``models`` on every series found under ``inputs`` and write the results into ``outdir``.
 
@@ -73,14 +78,16 @@ def run_files(
     inputs
         DICOM files and folders (searched recursively).
     outdir
-        Output folder: per series and model, NIfTI label maps / masks / maps and a JSON summary; ``run.json`` holds
-        every routing decision with its reason.
+        Output folder: per series and model, NIfTI label maps / masks / maps and a JSON summary, and the DICOM
+        outputs; ``run.json`` holds every routing decision with its reason.
     models
         The models to consider (routing decides which apply to each series).
     runtime
         The inference runtime.
     write_volumes
         Also write each source volume as NIfTI (the outputs overlay it voxel for voxel).
+    write_dicom
+        Also write the DICOM outputs ``gateway serve`` would send (under ``dicom/<series>_<model>/``).
 
     Returns
     -------
@@ -91,7 +98,7 @@ def run_files(
     groups, labels, report.skipped = find_series(inputs)
     outdir.mkdir(parents=True, exist_ok=True)
     for uid, paths in sorted(groups.items(), key=lambda item: labels[item[0]]):
-        report.series.append(_run_series(uid, labels[uid], paths, outdir, models, runtime, write_volumes))
+        report.series.append(_run_series(uid, labels[uid], paths, outdir, models, runtime, write_volumes, write_dicom))
     (outdir / "run.json").write_text(json.dumps(_report_json(report), indent=2, default=str) + "\n", encoding="utf-8")
     return report
 
@@ -104,6 +111,7 @@ def _run_series(
     models: Sequence[RegisteredModel],
     runtime: InferenceRuntime,
     write_volumes: bool,
+    write_dicom: bool,
 ) -> SeriesRun:
     assembly = assemble_series(paths)
     if not assembly.volumes:
@@ -111,14 +119,31 @@ def _run_series(
     facts = series_facts(dcmread(sorted(paths)[0], stop_before_pixels=True))
     outcome = run_models(facts, assembly.volumes, models, runtime)
     files: list[Path] = []
+    sources = _sources(paths) if outcome.results and write_dicom else {}
     for k, volume in enumerate(assembly.volumes):
         stem = label if len(assembly.volumes) == 1 else f"{label}_{k + 1}"
         if write_volumes:
             files.extend(write_nifti(volume, outdir / f"{stem}.nii"))
-        for result in outcome.results:
+        for n, result in enumerate(outcome.results):
             if result.volume is volume:
                 files.extend(write_model_outputs(result, outdir, stem))
+                if write_dicom:
+                    files.extend(_write_dicom(result, sources, outdir / "dicom" / f"{stem}_{result.name}", n))
     return SeriesRun(label, uid, len(assembly.volumes), assembly.refused, outcome, tuple(files))
+
+
+def _sources(paths: Sequence[Path]) -> dict[str, Dataset]:
+    """The series' instances by SOP Instance UID (what the encoders reference)."""
+    datasets = (dcmread(path) for path in paths)
+    return {str(ds.SOPInstanceUID): ds for ds in datasets}
+
+
+def _write_dicom(result: ModelResult, sources: Mapping[str, Dataset], folder: Path, index: int) -> list[Path]:
+    """The result as DICOM (a SEG and its TID 1500 SR, or Parametric Maps), as ``gateway serve`` sends them."""
+    objects = encode_result(
+        result, sources, series_number=SERIES_NUMBER_BASE + 10 * index, gateway_version=gateway.__version__
+    )
+    return write_objects(objects, folder)
 
 
 def _report_json(report: RunReport) -> dict[str, Any]:

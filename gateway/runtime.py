@@ -10,10 +10,12 @@ import logging
 import pydicom.config
 
 from gateway.config import Settings
+from gateway.export.workers import ExportWorkers
 from gateway.infer.runtime import InferenceRuntime
 from gateway.ingest.completion import CompletionMonitor
 from gateway.ingest.dimse import StorageSCP
 from gateway.jobs.assembly import AssemblyWorkers
+from gateway.jobs.encoding import EncodeStage
 from gateway.jobs.inference import InferenceStage
 from gateway.registry.registry import Registry, shipped_models_dir
 from gateway.store.store import InstanceStore
@@ -34,7 +36,7 @@ def quiet_pydicom() -> int:
 
 
 class Gateway:
-    """Store, model registry, completion monitor, job workers, inference runtime and (optionally) the DICOM listener.
+    """Store, registry, completion monitor, job workers, inference, export workers and (optionally) the DICOM listener.
 
     Parameters
     ----------
@@ -53,8 +55,11 @@ class Gateway:
         )
         self.scp = StorageSCP(settings.dicom, self.store) if dimse else None
         self.inference = InferenceRuntime(settings.models.device, batching=settings.models.batching)
-        stage = InferenceStage(self.store, self.registry, self.inference, settings.store.data_dir / "results")
+        data = settings.store.data_dir
+        encode = EncodeStage(self.store, settings.export, data / "outputs")
+        stage = InferenceStage(self.store, self.registry, self.inference, data / "results", then=encode)
         self.assembly = AssemblyWorkers(self.store, settings.jobs.workers, settings.jobs.poll_s, then=stage)
+        self.export = ExportWorkers(self.store, settings.export)
         self._pydicom_mode: int | None = None
 
     def start(self) -> None:
@@ -64,11 +69,13 @@ class Gateway:
         self._pydicom_mode = quiet_pydicom()
         self.monitor.start()
         self.assembly.start()
+        self.export.start()
         if self.scp is not None:
             try:
                 self.scp.start()
             except BaseException:  # e.g. the port is taken: leave no monitor thread or index open behind
                 self.assembly.stop()
+                self.export.stop()
                 self.inference.close()
                 self.monitor.stop()
                 self.store.close()
@@ -81,6 +88,7 @@ class Gateway:
             self.scp.stop()
         self.monitor.stop()
         self.assembly.stop()
+        self.export.stop()
         self.inference.close()
         self.store.close()
         self._restore_pydicom()

@@ -1,15 +1,19 @@
-"""The JSON API over studies and jobs: ``GET /api/studies``, ``GET /api/jobs``, ``GET /api/jobs/{id}``."""
+"""The JSON API over studies and jobs: ``GET /api/studies``, ``GET /api/jobs``, ``GET /api/jobs/{id}`` (with its
+export deliveries) and ``POST /api/jobs/{id}/retry`` (``write`` scope: dead deliveries back to the queue; 409 when
+the job has none)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
 from gateway.api.auth import require_scope
 from gateway.api.deps import get_store
-from gateway.errors import NotFound
+from gateway.errors import ExportError, NotFound
+from gateway.export.queue import deliveries_of, retry_job
 from gateway.store.index import Instance, Job, Series, SeriesRevision, Study
 from gateway.store.store import InstanceStore
 
@@ -51,7 +55,18 @@ def get_job(job_id: int, store: InstanceStore = Depends(get_store)) -> dict[str,
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id}")
-        return job_view(job)
+        view = job_view(job)
+    return {**view, "deliveries": deliveries_of(store, job_id)}
+
+
+@router.post("/jobs/{job_id}/retry", dependencies=[Depends(require_scope("write"))], response_model=None)
+def retry_export(job_id: int, store: InstanceStore = Depends(get_store)) -> dict[str, Any] | JSONResponse:
+    """Requeue a job's dead deliveries (attempts reset) and put the job back to ``encoded``."""
+    try:
+        requeued = retry_job(store, job_id)
+    except ExportError as exc:
+        return JSONResponse({"detail": exc.reason}, status_code=409)
+    return {"requeued": requeued, **get_job(job_id, store)}
 
 
 @router.get("/studies")

@@ -1,1 +1,8 @@
-"""Export: sending DICOM objects to other nodes (C-STORE SCU; later STOW-RS and retry policy)."""
+"""Export: AI results to PACS and archives, through a durable queue with retries.
+
+- :mod:`gateway.export.destinations`: which destinations a series' results go to (:func:`destinations_for`).
+- :mod:`gateway.export.queue`: the ``deliveries`` queue (:func:`enqueue`, retry of dead deliveries, job states).
+- :mod:`gateway.export.workers`: :class:`ExportWorkers`, the threads that send what is due.
+- :mod:`gateway.export.dimse` and :mod:`gateway.export.stow`: the C-STORE and STOW-RS senders.
+- :mod:`gateway.export.scu`: C-ECHO and C-STORE of files and folders (``gateway echo``, ``gateway send``).
+"""

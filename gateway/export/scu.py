@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +21,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket
 
 from gateway.paths import walk_files
 
@@ -29,6 +31,33 @@ _ADDRESS_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<p
 _MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
 _JOIN_TIMEOUT_S = 10.0
 _NO_RESPONSE = "no response (association aborted or timed out)"
+
+
+class _ClosingSocket(AssociationSocket):
+    """pynetdicom 3.0's socket, closed even when it never connected.
+
+    When the connection is refused, pynetdicom's ``_shutdown_socket`` calls ``shutdown`` first, which fails on an
+    unconnected socket, so ``close`` never runs and the socket is left to the garbage collector (a
+    ``ResourceWarning`` for every refused association). Fixed upstream after 3.0.4 (pynetdicom PR #999).
+    """
+
+    def _shutdown_socket(self) -> None:
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+class ClosingAE(AE):
+    """A pynetdicom ``AE`` whose requested associations close their socket whatever happens."""
+
+    def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> AssociationSocket:
+        sock = _ClosingSocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
 
 
 @dataclass(frozen=True)
@@ -94,23 +123,23 @@ def echo(peer: Peer, calling_ae: str = "GATEWAY-SCU", timeout: float = 30) -> in
     ConnectionError
         If no association could be established.
     """
-    ae = AE(ae_title=calling_ae)
+    ae = ClosingAE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        _close(assoc)
+        close_socket(assoc)
         why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted the association"
         raise ConnectionError(f"{peer.ae_title}@{peer.host}:{peer.port} {why}")
     status: Any = None
     try:
         status = assoc.send_c_echo()
     finally:
-        _finish(assoc, broken=status is None or "Status" not in status)
+        finish_association(assoc, broken=status is None or "Status" not in status)
     return int(status.Status) if "Status" in status else -1
 
 
-def _finish(assoc: Any, *, broken: bool = False) -> None:
+def finish_association(assoc: Any, *, broken: bool = False) -> None:
     """Release a working association; abort a ``broken`` one (a request went unanswered); close the socket.
 
     pynetdicom closes the socket on a release but not always when the association ends in an abort (a peer's
@@ -123,10 +152,10 @@ def _finish(assoc: Any, *, broken: bool = False) -> None:
     if assoc.is_established:
         assoc.abort()  # no answer came, yet pynetdicom may not have noticed the connection is gone
     assoc.join(timeout=_JOIN_TIMEOUT_S)  # let the association's own thread stop using the socket first
-    _close(assoc)
+    close_socket(assoc)
 
 
-def _close(assoc: Any) -> None:
+def close_socket(assoc: Any) -> None:
     """Close the socket of an association that was not established (pynetdicom leaves it to the GC)."""
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
@@ -195,12 +224,12 @@ def _send_batch(
     lock: threading.Lock,
     on_progress: Callable[[int], object] | None,
 ) -> None:
-    ae = AE(ae_title=calling_ae)
+    ae = ClosingAE(ae_title=calling_ae)
     for key in sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files}):
         ae.add_requested_context(key[0], key[1])
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        _close(assoc)
+        close_socket(assoc)
         for f in files:
             _record(f, "association not accepted", report, lock, on_progress)
         return
@@ -217,7 +246,7 @@ def _send_batch(
                     _record(rest, "not sent: the association was lost", report, lock, on_progress)
                 break
     finally:
-        _finish(assoc, broken=broken)
+        finish_association(assoc, broken=broken)
 
 
 def _record(

@@ -38,8 +38,9 @@ def claim_job(store: InstanceStore) -> int | None:
 def resume_interrupted(store: InstanceStore, states: tuple[JobState, ...] = (JobState.ASSEMBLING,)) -> int:
     """Put jobs a stopped or crashed gateway left in ``states`` back to ``received``; return how many.
 
-    Volumes live in memory between assembly and inference, so when inference follows assembly the gateway passes
-    ``assembling``, ``assembled`` and ``inferring``: an interrupted job is assembled again.
+    Volumes and results live in memory between assembly, inference and encoding, so when the later stages follow
+    assembly the gateway also passes ``assembled``, ``inferring``, ``inferred`` and ``encoding``: an interrupted job
+    is assembled again. Once ``encoded``, its files and deliveries are on disk and the export queue resumes them.
     """
     with store.write_sessions.begin() as session:
         result = session.execute(
@@ -146,7 +147,7 @@ class AssemblyWorkers:
         """Resume interrupted jobs, then start the threads."""
         states: tuple[JobState, ...] = (JobState.ASSEMBLING,)
         if self._then is not None:
-            states += (JobState.ASSEMBLED, JobState.INFERRING)
+            states += (JobState.ASSEMBLED, JobState.INFERRING, JobState.INFERRED, JobState.ENCODING)
         if self._threads and resume_interrupted(self._store, states):
             log.warning("resumed jobs interrupted during assembly")
         for thread in self._threads:

@@ -1,5 +1,7 @@
 """The inference stage of a job: ``assembled -> inferring -> inferred`` (or ``skipped`` / ``failed``, with reasons).
 
+Then the encode stage follows in the same thread (``then``), on the results still in memory.
+
 Right after assembly, in the same worker, the job's volumes are routed against the enabled models (read from the
 registry at that moment, so a model registered while the gateway runs serves the next job) and each model that
 qualifies runs. The job records every routing decision with its reason, each result's measurements and where its
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from sqlalchemy import select, update
 
 from gateway.assemble.assemble import AssemblyResult
 from gateway.infer.outputs import write_model_outputs
+from gateway.infer.results import ModelResult
 from gateway.infer.runtime import InferenceRuntime
 from gateway.infer.series import SeriesOutcome, run_models
 from gateway.jobs.states import JobState
@@ -45,13 +49,23 @@ class InferenceStage:
         The inference runtime shared by all workers (its batchers merge work from concurrent jobs).
     results_dir
         Where each job's output files go (``<results_dir>/job-<id>/``).
+    then
+        The next stage, called in the same thread with the job id and the results of a job that ended ``inferred``.
     """
 
-    def __init__(self, store: InstanceStore, registry: Registry, runtime: InferenceRuntime, results_dir: Path) -> None:
+    def __init__(
+        self,
+        store: InstanceStore,
+        registry: Registry,
+        runtime: InferenceRuntime,
+        results_dir: Path,
+        then: Callable[[int, Sequence[ModelResult]], None] | None = None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._runtime = runtime
         self._results_dir = results_dir
+        self._then = then
 
     def __call__(self, job_id: int, assembly: AssemblyResult) -> None:
         """Run the stage for ``job_id`` (already ``assembled``) on the volumes assembly built."""
@@ -70,6 +84,8 @@ class InferenceStage:
             return
         failure = "; ".join(f"{f.model}: {f.reason}" for f in outcome.failures) or None
         self._finish(job_id, outcome, files, failure, started)
+        if failure is None and outcome.results and self._then is not None:
+            self._then(job_id, outcome.results)
 
     def _claim(self, job_id: int) -> bool:
         with self._store.write_sessions.begin() as session:

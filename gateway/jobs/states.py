@@ -14,6 +14,7 @@ class JobState(StrEnum):
     INFERRING = "inferring"
     INFERRED = "inferred"
     SKIPPED = "skipped"  # no enabled model applies: the job's routing decisions say why
+    ENCODING = "encoding"
     ENCODED = "encoded"
     EXPORTED = "exported"
     FAILED = "failed"

@@ -1,4 +1,4 @@
-"""The SQL index of what the gateway holds: studies, series, their revisions, instances, jobs and models.
+"""The SQL index of what the gateway holds: studies, series, revisions, instances, jobs, deliveries and models.
 
 Portable SQLAlchemy 2 schema (no SQLite-only types), so PostgreSQL can take over; SQLite is the embedded
 default, opened in WAL mode with ``synchronous=FULL`` and ``BEGIN IMMEDIATE`` transactions so that concurrent
@@ -15,6 +15,7 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
@@ -117,6 +118,39 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Delivery(Base):
+    """One output file of a job to send to one export destination: the durable queue of :mod:`gateway.export`.
+
+    ``state`` is ``pending`` (due at ``next_attempt_at``), ``sending`` (claimed by a worker under ``claim``),
+    ``delivered`` or ``dead``; ``history`` lists every attempt (``at``, ``outcome``, ``status``, ``reason``).
+    ``path`` is relative to the data folder when the file lies inside it.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", "sop_instance_uid", "destination"),
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    sop_class_uid: Mapped[str] = mapped_column(_UID)
+    sop_instance_uid: Mapped[str] = mapped_column(_UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(_UID)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    claim: Mapped[str | None] = mapped_column(String(32), index=True)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(1024))
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    delivered_at: Mapped[float | None] = mapped_column(Float)
 
 
 class ModelVersion(Base):

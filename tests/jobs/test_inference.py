@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 import onnx
+import pydicom
 import pytest
 from onnx import TensorProto, helper
 from sqlalchemy import select
@@ -70,12 +71,12 @@ def test_a_model_registered_while_the_gateway_runs_serves_the_next_job(tmp_path:
         deadline = time.monotonic() + 60
         while len(jobs(gw.store)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        first, second = wait_for_state(gw.store, {JobState.SKIPPED, JobState.INFERRED, JobState.FAILED})
+        first, second = wait_for_state(gw.store, {JobState.SKIPPED, JobState.EXPORTED, JobState.FAILED})
     finally:
         gw.stop()
     assert first.state == JobState.SKIPPED and first.detail["inference"]["routing"] == []
     assert "no enabled model applies" in first.detail["skipped"]
-    assert second.state == JobState.INFERRED, second.detail
+    assert second.state == JobState.EXPORTED, second.detail  # no export destination configured: nothing to send
     (decision,) = second.detail["inference"]["routing"]
     assert decision["model"] == "tiny-seg@1.0.0" and decision["run"] is True
     (result,) = second.detail["inference"]["results"]
@@ -89,6 +90,11 @@ def test_a_model_registered_while_the_gateway_runs_serves_the_next_job(tmp_path:
         (settings.store.data_dir / "results" / next(f for f in files if f.endswith(".json"))).read_text()
     )
     assert summary["model"] == "tiny-seg@1.0.0" and summary["labels"][0]["name"] == "label 1"
+    seg, sr = second.detail["outputs"]
+    assert (seg["kind"], sr["kind"]) == ("SEG", "SR") and seg["model"] == "tiny-seg@1.0.0"
+    written = pydicom.dcmread(settings.store.data_dir / "outputs" / seg["file"])
+    assert written.SOPInstanceUID == seg["SOPInstanceUID"] and written.Modality == "SEG"
+    assert {"assemble_s", "infer_s", "encode_s"} <= set(second.detail["timings"])
 
 
 @pytest.fixture

@@ -1,0 +1,157 @@
+"""The C-STORE sender of the export queue: one association per batch, files sent as stored (PS3.4 Annex B).
+
+The association proposes exactly the presentation contexts the batch needs, one per (SOP class, transfer
+syntax) of its files, so each file goes in its own transfer syntax (never transcoded). A file whose context the
+destination rejects is dead (the reason names the SOP class, the transfer syntax and the rejection); a refused
+or failed association, an abort or a timeout is a network fault and is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from pynetdicom import _config
+
+from gateway.config import DimseDestination
+from gateway.export.destinations import Report, client_ssl_context
+from gateway.export.outcome import Item, Kind, Outcome, dimse_outcome
+from gateway.export.scu import ClosingAE, close_socket, finish_association
+
+__all__ = ["DimseSender"]
+
+log = logging.getLogger(__name__)
+
+_MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
+_CONTEXT_RESULTS = {  # PS3.8 9.3.3.2: why an acceptor rejected a presentation context
+    0x01: "rejected by the destination (user rejection)",
+    0x02: "rejected by the destination (no reason given)",
+    0x03: "SOP class not supported by the destination",
+    0x04: "transfer syntax not supported by the destination",
+}
+_NO_RESPONSE = "no response (association aborted or timed out)"
+
+Context = tuple[str, str]  # (SOP Class UID, Transfer Syntax UID)
+
+
+class DimseSender:
+    """C-STORE SCU for one destination (thread-safe: each batch has its own AE and association).
+
+    Parameters
+    ----------
+    destination
+        AE title, host, port and optional TLS of the destination.
+    calling_ae_title
+        Our AE title.
+    timeout_s
+        TCP connect, association (ACSE), response (DIMSE) and network idle timeout.
+    """
+
+    def __init__(self, destination: DimseDestination, *, calling_ae_title: str, timeout_s: float) -> None:
+        self.destination = destination
+        self.calling_ae_title = calling_ae_title
+        self.timeout_s = timeout_s
+        self._tls = (client_ssl_context(destination.tls), destination.host) if destination.tls else None
+
+    def send(self, items: Sequence[Item], report: Report, stopping: Callable[[], bool]) -> None:
+        """Send ``items`` over one association per 128 presentation contexts, reporting each file's outcome."""
+        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as stored
+        for batch in _by_contexts(items):
+            if stopping():
+                return
+            self._send_batch(batch, report, stopping)
+
+    def close(self) -> None:
+        """Nothing is held between batches."""
+
+    def _associate(self, contexts: set[Context]) -> Any:
+        ae = ClosingAE(ae_title=self.calling_ae_title)
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        for sop_class, syntax in sorted(contexts):
+            ae.add_requested_context(sop_class, syntax)
+        d = self.destination
+        return ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=self._tls)
+
+    def _send_batch(self, items: list[Item], report: Report, stopping: Callable[[], bool]) -> None:
+        assoc = self._associate({_context(item) for item in items})
+        if not assoc.is_established:
+            close_socket(assoc)
+            for item in items:
+                report(item, _refusal(assoc, item))
+            return
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+        rejected = {(str(cx.abstract_syntax), _rejected_syntax(cx)): cx.result for cx in assoc.rejected_contexts}
+        broken = False
+        try:
+            for item in items:
+                if stopping():
+                    break
+                if _context(item) not in accepted:
+                    report(item, _context_refused(item, rejected))
+                    continue
+                outcome = _store(assoc, item)
+                report(item, outcome)
+                if outcome.kind is Kind.RETRY and outcome.status is None:
+                    broken = True  # the association is gone: the rest go back to the queue unattempted
+                    break
+        finally:
+            finish_association(assoc, broken=broken)
+
+
+def _context(item: Item) -> Context:
+    return (item.sop_class_uid, item.transfer_syntax_uid)
+
+
+def _by_contexts(items: Sequence[Item]) -> Iterator[list[Item]]:
+    """Split ``items`` so that each batch needs at most 128 presentation contexts."""
+    batch: list[Item] = []
+    contexts: set[Context] = set()
+    for item in items:
+        if _context(item) not in contexts and len(contexts) == _MAX_CONTEXTS:
+            yield batch
+            batch, contexts = [], set()
+        contexts.add(_context(item))
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _rejected_syntax(cx: Any) -> str:
+    """The transfer syntax a rejected context proposed (we propose exactly one per context)."""
+    return str(cx.transfer_syntax[0]) if cx.transfer_syntax else ""
+
+
+def _refusal(assoc: Any, item: Item) -> Outcome:
+    """Why no association was established: every context rejected (dead), else a network fault (retried)."""
+    if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
+        rejected = {(str(cx.abstract_syntax), _rejected_syntax(cx)): cx.result for cx in assoc.rejected_contexts}
+        return _context_refused(item, rejected)
+    if assoc.is_rejected:
+        rsp = getattr(assoc.acceptor, "primitive", None)
+        detail = (
+            f"{rsp.result_str}, source: {rsp.source_str}, reason: {rsp.reason_str}" if rsp is not None else "no details"
+        )
+        return Outcome(Kind.RETRY, f"association rejected ({detail})")
+    return Outcome(Kind.RETRY, "association failed: destination unreachable, or it aborted or timed out")
+
+
+def _context_refused(item: Item, rejected: dict[Context, int | None]) -> Outcome:
+    why = _CONTEXT_RESULTS.get(rejected.get(_context(item)) or 0x02, _CONTEXT_RESULTS[0x02])
+    return Outcome(
+        Kind.DEAD,
+        f"presentation context for SOP class {item.sop_class_uid} in transfer syntax {item.transfer_syntax_uid} {why}",
+    )
+
+
+def _store(assoc: Any, item: Item) -> Outcome:
+    """One C-STORE; an exception with the association still up is a problem of the file (dead)."""
+    try:
+        status = assoc.send_c_store(item.path)
+    except Exception as exc:  # a vanished or unreadable file, or an association lost while sending
+        if not assoc.is_established:
+            return Outcome(Kind.RETRY, f"association lost while sending: {type(exc).__name__}")
+        return Outcome(Kind.DEAD, f"the output file cannot be sent: {type(exc).__name__}: {exc}")
+    if "Status" not in status:
+        return Outcome(Kind.RETRY, _NO_RESPONSE)
+    return dimse_outcome(int(status.Status), str(status.get("ErrorComment", "")))

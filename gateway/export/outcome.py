@@ -1,0 +1,108 @@
+"""What one delivery attempt came to, how a DIMSE status is read, and the retry policy (exponential backoff).
+
+A status either delivers the instance (success, or a warning that is recorded), asks for a later attempt (the
+destination is short of resources, or unreachable), or dead-letters it (the destination will never take it as it
+is: retrying would only repeat the refusal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from gateway.config import ExportSettings
+
+#: General warning statuses of PS3.7 Annex C that a C-STORE may also answer (the instance is stored).
+_GENERAL_WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
+#: "Resource limitation" (PS3.7 C.5.15): transient, like the C-STORE "Refused: Out of Resources" (0xA7xx).
+_RESOURCE_LIMITATION = 0x0213
+
+
+class Kind(StrEnum):
+    """The kinds of outcome; ``delivered`` and ``warning`` both mean the destination holds the instance."""
+
+    DELIVERED = "delivered"
+    WARNING = "warning"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class Item:
+    """A claimed delivery, as a sender needs it: which file, and what its presentation context must be."""
+
+    id: int
+    job_id: int
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One attempt's result: its kind, the status the destination answered (DIMSE or HTTP) and why."""
+
+    kind: Kind
+    reason: str = ""
+    status: int | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the destination holds the instance now."""
+        return self.kind in (Kind.DELIVERED, Kind.WARNING)
+
+
+def dimse_outcome(status: int, comment: str = "") -> Outcome:
+    """Read a C-STORE response status (PS3.4 B.2.3, PS3.7 Annex C).
+
+    ``0x0000`` delivers; ``0xB0xx`` and the general warnings deliver with a warning; ``0xA7xx`` (out of
+    resources) and ``0x0213`` (resource limitation) retry; anything else (``0xA9xx`` data set does not match the
+    SOP class, ``0xCxxx`` cannot understand, ``0x0122`` SOP class not supported, ...) is dead.
+    """
+    text = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
+    if status == 0x0000:
+        return Outcome(Kind.DELIVERED, "", status)
+    if status & 0xF000 == 0xB000 or status in _GENERAL_WARNINGS:
+        return Outcome(Kind.WARNING, f"warning {text}", status)
+    if status & 0xFF00 == 0xA700 or status == _RESOURCE_LIMITATION:
+        return Outcome(Kind.RETRY, f"out of resources, {text}", status)
+    return Outcome(Kind.DEAD, f"refused, {text}", status)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how late a transiently failing delivery is tried again.
+
+    The wait before attempt ``n + 1`` is ``backoff_initial_s * 2 ** (n - 1)``, capped at ``backoff_max_s``, then
+    scaled by a factor in [0.5, 1) drawn at random ("equal jitter"), so that batches failing at the same time do
+    not all come back at the same time. After ``max_attempts`` attempts the delivery is dead.
+    """
+
+    max_attempts: int = 8
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if not 0 < self.backoff_initial_s <= self.backoff_max_s:
+            raise ValueError("backoff_initial_s must be positive and not above backoff_max_s")
+
+    @classmethod
+    def from_settings(cls, settings: ExportSettings) -> RetryPolicy:
+        """The policy of the ``export`` settings."""
+        return cls(settings.max_attempts, settings.backoff_initial_s, settings.backoff_max_s)
+
+    def delay_s(self, attempts: int, jitter: float) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (``attempts`` >= 1).
+
+        ``jitter`` is a random draw in [0, 1); the deliveries of one batch share one draw, so that a batch that
+        failed together is retried together (one association, one request).
+        """
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        exponent = min(max(attempts - 1, 0), 62)
+        capped = min(self.backoff_max_s, self.backoff_initial_s * 2.0**exponent)
+        return capped * (0.5 + 0.5 * jitter)

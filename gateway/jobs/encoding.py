@@ -1,0 +1,145 @@
+"""The encode stage of a job: ``inferred -> encoding -> encoded`` (then export), or ``failed`` with the reason.
+
+Each model result becomes DICOM objects in the source study (a SEG and its TID 1500 SR, or Parametric Maps),
+written durably under ``<data_dir>/outputs/job-<id>/``; then, in one transaction, a delivery per file and destination
+is queued and the job moves to ``encoded`` (:func:`gateway.export.queue.enqueue`). From there the export workers
+own it: a restart resumes the queue and sends each file once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select, update
+
+import gateway
+from gateway.config import ExportSettings
+from gateway.encode import encode_result, write_objects
+from gateway.export.destinations import destinations_for
+from gateway.export.queue import enqueue
+from gateway.infer.results import ModelResult
+from gateway.jobs.states import JobState
+from gateway.store.index import Instance, Job
+from gateway.store.store import InstanceStore
+
+__all__ = ["SERIES_NUMBER_BASE", "EncodeStage"]
+
+log = logging.getLogger(__name__)
+
+#: SeriesNumber of the first result's SEG (its SR takes the next); each further result adds 10.
+SERIES_NUMBER_BASE = 9000
+
+
+class EncodeStage:
+    """Encodes an inferred job's results, stores the files and queues their deliveries.
+
+    Parameters
+    ----------
+    store
+        The instance store (the job index and the source instances).
+    export
+        The export settings (which destinations each series' results go to).
+    outputs_dir
+        Where each job's DICOM outputs go (``<outputs_dir>/job-<id>/``).
+    """
+
+    def __init__(self, store: InstanceStore, export: ExportSettings, outputs_dir: Path) -> None:
+        self._store = store
+        self._export = export
+        self._outputs_dir = outputs_dir
+
+    def __call__(self, job_id: int, results: Sequence[ModelResult]) -> None:
+        """Run the stage for ``job_id`` (``inferred``) on the results inference gave."""
+        if not self._claim(job_id):
+            return
+        started = time.monotonic()
+        try:
+            outputs, paths = self._encode(job_id, results)
+            self._record(job_id, outputs, time.monotonic() - started)
+            enqueue(self._store, job_id, paths, destinations_for(self._export, self._source(job_id)))
+        except Exception as exc:  # one bad job fails, never the worker
+            log.exception("encoding of job %d failed", job_id)
+            self._fail(job_id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
+
+    def _claim(self, job_id: int) -> bool:
+        with self._store.write_sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.INFERRED)
+                .values(state=JobState.ENCODING, updated_at=time.time())
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def _encode(self, job_id: int, results: Sequence[ModelResult]) -> tuple[list[dict[str, Any]], list[Path]]:
+        folder = self._outputs_dir / f"job-{job_id}"
+        outputs: list[dict[str, Any]] = []
+        paths: list[Path] = []
+        for k, result in enumerate(results):
+            objects = encode_result(
+                result,
+                self._sources(result),
+                series_number=SERIES_NUMBER_BASE + 10 * k,
+                gateway_version=gateway.__version__,
+            )
+            written = write_objects(objects, folder)
+            paths.extend(written)
+            outputs.extend(
+                {
+                    "model": f"{result.name}@{result.version}",
+                    "kind": obj.kind,
+                    "SOPClassUID": obj.sop_class_uid,
+                    "SOPInstanceUID": obj.sop_instance_uid,
+                    "SeriesInstanceUID": obj.series_instance_uid,
+                    "file": str(path.relative_to(self._outputs_dir)),
+                }
+                for obj, path in zip(objects, written, strict=True)
+            )
+        return outputs, paths
+
+    def _sources(self, result: ModelResult) -> dict[str, Dataset]:
+        """The source instances the result's volume names, read from the store."""
+        uids = {ref.sop_instance_uid for ref in result.volume.slices}
+        for refs in result.volume.slices_4d:
+            uids.update(ref.sop_instance_uid for ref in refs)
+        with self._store.sessions() as session:
+            rows = session.execute(
+                select(Instance.sop_instance_uid, Instance.path).where(Instance.sop_instance_uid.in_(uids))
+            ).all()
+        return {uid: dcmread(self._store.path_of(path)) for uid, path in rows}
+
+    def _source(self, job_id: int) -> str:
+        """Where the job's series came from (``dimse:<calling AE>`` or ``stow``): its first instance's source."""
+        with self._store.sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            source = session.scalar(
+                select(Instance.source).where(Instance.series_instance_uid == job.series_instance_uid).limit(1)
+            )
+        return source or ""
+
+    def _record(self, job_id: int, outputs: list[dict[str, Any]], seconds: float) -> None:
+        with self._store.write_sessions.begin() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            detail = dict(job.detail or {})
+            detail["outputs"] = outputs
+            detail["timings"] = {**detail.get("timings", {}), "encode_s": round(seconds, 3)}
+            job.detail = detail
+            job.updated_at = time.time()
+        log.info("job %d: %d DICOM output(s) in %.1f s", job_id, len(outputs), seconds)
+
+    def _fail(self, job_id: int, reason: str, seconds: float) -> None:
+        with self._store.write_sessions.begin() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            detail = dict(job.detail or {})
+            detail["failure"] = {"stage": "encode", "reason": f"encoding failed: {reason}"}
+            detail["timings"] = {**detail.get("timings", {}), "encode_s": round(seconds, 3)}
+            job.detail = detail
+            job.state = JobState.FAILED
+            job.updated_at = time.time()

@@ -1,0 +1,89 @@
+"""The ``export`` settings (validated at load) and which destinations a series' results go to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from gateway.config import DimseDestination, ExportSettings, StowDestination, get_settings
+from gateway.export.destinations import destinations_for
+
+DESTINATIONS = {
+    "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+    "vna": {"stow_url": "https://vna.example.org/dicom-web/studies", "token": "s3cret"},
+    "ris": {"ae_title": "RIS", "host": "ris.example.org", "port": 11112},
+}
+
+
+def export(**values: object) -> ExportSettings:
+    return ExportSettings(**{"destinations": DESTINATIONS, **values})  # type: ignore[arg-type]
+
+
+def test_destination_kinds_are_told_apart_and_the_token_is_kept_secret() -> None:
+    settings = export()
+    assert isinstance(settings.destinations["pacs"], DimseDestination)
+    vna = settings.destinations["vna"]
+    assert isinstance(vna, StowDestination)
+    assert vna.token is not None and vna.token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
+
+
+def test_defaults() -> None:
+    settings = ExportSettings()
+    assert settings.destinations == {} and settings.default == [] and settings.return_to_sender == {}
+    assert (settings.max_attempts, settings.backoff_initial_s, settings.backoff_max_s) == (8, 2.0, 300.0)
+    assert (settings.workers, settings.poll_s, settings.calling_ae_title) == (2, 1.0, "GATEWAY")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"default": ["nowhere"]}, "unknown destination.*'nowhere'"),
+        ({"return_to_sender": {"CT1": "elsewhere"}}, "unknown destination.*'elsewhere'"),
+        ({"destinations": {"bad name": DESTINATIONS["pacs"]}}, "destination names must match"),
+        ({"destinations": {"x": {"ae_title": "X", "host": "h", "port": 0}}}, "port"),
+        ({"destinations": {"x": {"ae_title": "X" * 17, "host": "h", "port": 1}}}, "ae_title"),
+        ({"destinations": {"x": {"stow_url": "ftp://h/studies"}}}, "stow_url"),
+        ({"destinations": {"x": {"stow_url": "http://h/s", "ae_title": "X"}}}, "ae_title"),
+        ({"backoff_initial_s": 10, "backoff_max_s": 5}, "backoff_max_s"),
+        ({"max_attempts": 0}, "max_attempts"),
+    ],
+)
+def test_invalid_settings_name_the_problem(values: dict[str, object], message: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=message):
+        export(**values)
+
+
+def test_client_certificate_needs_its_key(tmp_path: Path) -> None:
+    tls = {"ca_bundle": tmp_path / "ca.pem", "certificate": tmp_path / "client.pem"}
+    with pytest.raises(pydantic.ValidationError, match="certificate and private_key go together"):
+        export(destinations={"x": {**DESTINATIONS["pacs"], "tls": tls}})
+
+
+def test_yaml_section(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "export:\n"
+        "  destinations:\n"
+        "    pacs: {ae_title: PACS, host: pacs.example.org, port: 104, tls: {ca_bundle: /etc/ca.pem}}\n"
+        "    vna: {stow_url: 'http://127.0.0.1:8042/dicom-web/studies'}\n"
+        "  return_to_sender: {CT1: pacs}\n"
+        "  default: [vna]\n"
+        "  max_attempts: 3\n"
+    )
+    settings = get_settings(config).export
+    pacs = settings.destinations["pacs"]
+    assert isinstance(pacs, DimseDestination) and pacs.tls is not None and pacs.tls.ca_bundle == Path("/etc/ca.pem")
+    assert settings.max_attempts == 3 and settings.default == ["vna"]
+
+
+def test_destinations_for_a_source() -> None:
+    settings = export(return_to_sender={"CT1": "pacs", "MR1": "vna"}, default=["vna", "ris"])
+    assert destinations_for(settings, "dimse:CT1") == ["pacs", "vna", "ris"]
+    assert destinations_for(settings, "dimse:MR1") == ["vna", "ris"], "each destination once"
+    assert destinations_for(settings, "dimse:OTHER") == ["vna", "ris"]
+    assert destinations_for(settings, "stow") == ["vna", "ris"]
+    assert destinations_for(export(), "dimse:CT1") == []
+    assert destinations_for(export(return_to_sender={"CT1": "pacs"}), "dimse:CT1") == ["pacs"]

@@ -46,6 +46,7 @@ bench: $(VENV)/.installed-test system-deps
 	$(PY) bench/ingest.py
 	$(PY) bench/volume.py
 	$(PY) bench/inference.py
+	$(PY) bench/e2e.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -4,13 +4,15 @@ One synthetic CT series (default 300 slices of 512x512) is generated once, uncom
 Endian), and copied once as JPEG 2000 lossless (pydicom 3 ``Dataset.compress`` with pylibjpeg-openjpeg, one file
 per process of a pool). On each copy it times whole processes, from start to exit:
 
-- ``gateway volume DIR -o OUT`` (float32 NIfTI + JSON sidecar);
+- ``gateway volume DIR -o OUT`` (NIfTI, int16 when every voxel is an integer in range as here, else float32,
+  + JSON sidecar);
 - ``dcm2niix -z n -o OUT DIR`` (uncompressed NIfTI, int16 stored values + scaling, + JSON sidecar);
 - MONAI's ``LoadImage(reader="PydicomReader")`` on the folder, in a fresh ``python -c`` (loads, writes nothing).
 
 Peak memory, two ways, the larger counting against the volume's size: the kernel's peak RSS of the largest single
 process (GNU ``time``'s ``%M``), and the peak of the process tree's summed PSS (the gateway decodes JPEG 2000 in
-worker processes), sampled every 20 ms from ``/proc/PID/smaps_rollup``.
+worker processes), sampled every 20 ms from ``/proc/PID/smaps_rollup``. Once more on the uncompressed copy, the
+two NIfTI files are compared: same voxel values (as nibabel reads them, scaling applied) and affine.
 
 Decoding is timed in this process: every frame of each copy through ``gateway.assemble.decode.decode_frames``
 (one worker, and all CPUs) and through GDCM (python-gdcm, pydicom's ``gdcm`` decoding plugin; in turn, and in a
@@ -240,6 +242,27 @@ def measure_tools(series: dict[str, Path], work: Path, repeat: int) -> list[Resu
     return list(results.values())
 
 
+def compare_outputs(src: Path, work: Path) -> str:
+    """Run the gateway and dcm2niix once more on ``src`` and compare their NIfTI files; a line for the report."""
+    import nibabel as nib
+
+    images = {}
+    for tool in (GATEWAY, DCM2NIIX):
+        out = work / f"compare-{tool.name.split()[0]}"
+        out.mkdir(parents=True)
+        run_process(tool.command(src, out), work / "log.txt")
+        (path,) = out.glob("*.nii")
+        image = nib.Nifti1Image.from_filename(path)
+        images[tool.name] = (image, image.get_data_dtype(), image.get_fdata(dtype=np.float32))
+    (ours, our_type, our_values), (theirs, their_type, their_values) = images.values()
+    same = np.array_equal(our_values, their_values) and np.allclose(ours.affine, theirs.affine, atol=1e-3)
+    verdict = "identical" if same else "DIFFERENT"
+    return (
+        f"- output: the gateway's NIfTI ({our_type}) and dcm2niix's ({their_type}, scaled) hold {verdict} voxel "
+        "values and affines (nibabel, affine to 1e-3 mm)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
@@ -393,6 +416,7 @@ def section(
     sizes: dict[str, float],
     volume_bytes: int,
     args: argparse.Namespace,
+    comparison: str,
 ) -> str:
     stored = ", ".join(f"{label} {mb:.1f} MB" for label, mb in sizes.items())
     lines = [
@@ -401,7 +425,8 @@ def section(
         f"One synthetic CT series ({args.slices} slices of {args.size}x{args.size}, 12 bits stored in 16; {stored}) "
         f"as Explicit VR Little Endian files and as a JPEG 2000 lossless copy (pydicom `Dataset.compress`, "
         f"pylibjpeg-openjpeg). Whole processes, start to exit, best of {args.repeat} runs (median shown too), "
-        "each into an empty output folder on the same disk: `gateway volume DIR -o OUT` (float32 NIfTI + JSON), "
+        "each into an empty output folder on the same disk: `gateway volume DIR -o OUT` (NIfTI + JSON: int16 "
+        "when every voxel is an integer in range, as here, else float32; no scaling), "
         "`dcm2niix -z n -o OUT DIR` (uncompressed NIfTI, int16 + scaling, + JSON; this build links OpenJPEG), "
         "and MONAI's `LoadImage(reader='PydicomReader')` on the folder in a fresh `python -c` (it loads the "
         "volume into memory, float32, and writes nothing). `gateway ÷ peer` is the gateway's time over the "
@@ -412,6 +437,8 @@ def section(
         "its interpreter and libraries (a bare `python -c 'import numpy, pydicom'` is ~75 MB RSS here).",
         "",
         *tool_table(results, volume_bytes),
+        "",
+        comparison,
         "",
         "Decoding alone, every frame of each copy, in the benchmark's process (pools started per call and "
         "counted): the gateway's `decode_frames` (pydicom 3 with pylibjpeg) against GDCM through pydicom's "
@@ -457,11 +484,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"series: {args.slices} files each, {sizes} MB, made in {time.monotonic() - started:.0f} s", flush=True)
         try:
             results = measure_tools(series, Path(tmp) / "runs", args.repeat)
+            comparison = compare_outputs(series["uncompressed"], Path(tmp) / "runs")
+            print(comparison, flush=True)
             decodes = measure_decoding(series, args.repeat)
         except BenchError as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
-    text = section(results, decodes, sizes, volume_bytes, args)
+    text = section(results, decodes, sizes, volume_bytes, args, comparison)
     print()
     print(text)
     print(f"total time {time.monotonic() - started:.0f} s")

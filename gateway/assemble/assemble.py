@@ -21,7 +21,7 @@ from gateway.assemble.sources import SourceFile, modality_frames, read_source
 from gateway.assemble.stacks import Stack, split_stacks
 from gateway.errors import AssemblyError
 
-__all__ = ["AssemblyResult", "Refusal", "assemble_series", "assemble_stack"]
+__all__ = ["AssemblyResult", "Refusal", "assemble_series", "assemble_sources", "assemble_stack"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +185,30 @@ def assemble_series(paths: Sequence[Path]) -> AssemblyResult:
         regularly) in a stable order, and the refused stacks or files with their reasons.
     """
     planes, sources, refused = _read_all(paths)
+    return _assemble(planes, sources, refused)
+
+
+def assemble_sources(sources: Sequence[SourceFile], refused: Sequence[Refusal] = ()) -> AssemblyResult:
+    """:func:`assemble_series` for files whose headers were already read (each header is read only once).
+
+    Parameters
+    ----------
+    sources
+        The series' image files, from :func:`~gateway.assemble.sources.read_source` or
+        :func:`~gateway.assemble.sources.source_from_header`.
+    refused
+        Files of the series already refused (not images, unreadable), reported first.
+
+    Returns
+    -------
+    AssemblyResult
+        As :func:`assemble_series` returns it.
+    """
+    planes = [plane for source in sources for plane in source.planes]
+    return _assemble(planes, {source.path: source for source in sources}, list(refused))
+
+
+def _assemble(planes: list[Plane], sources: dict[Path, SourceFile], refused: list[Refusal]) -> AssemblyResult:
     stacks, bad = split_stacks(planes)
     refused.extend(_refusal(r.reason, r.planes) for r in bad)
     volumes: list[Volume] = []

@@ -3,8 +3,10 @@
 dcm2niix (its default, no ``-x`` reorientation) stores voxels ``i = column``, ``j = row`` counted from the last
 row up (``flipY``), ``k = slice`` in the order of the slices along the normal, and writes the affine in RAS+
 scanner coordinates (LPS with x and y negated) as both qform and sform, code 1 (scanner anatomical). The volume
-is written the same way, as float32 modality values with no scaling, so the same voxel index holds the same value
-in both files.
+is written the same way, as modality values with no scaling (slope 1, intercept 0), so the same voxel index holds
+the same value in both files: as int16 when every voxel is an integer in int16's range (CT in HU, most MR), which
+halves the file as dcm2niix's int16 output does, else as float32. Either way the values read back are exactly
+the volume's float32 values; the sidecar's ``nifti_data_type`` says which was written.
 
 The sidecar holds the geometry, every QC flag (and whether anything was resampled), the dimension-4 labels, and
 the SOPInstanceUID (and frame) of each slice in slice order, so results can be traced to their sources.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +28,8 @@ __all__ = ["nifti_affine", "nifti_array", "sidecar", "to_nifti", "write_nifti"]
 
 _LPS_TO_RAS: Final = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SCANNER_CODE: Final = 1
+_INT16: Final = np.dtype("<i2")
+_FLOAT32: Final = np.dtype("<f4")
 
 
 def nifti_affine(volume: Volume) -> npt.NDArray[np.float64]:
@@ -96,13 +100,16 @@ def _jsonable(value: Any) -> Any:
     return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
-def sidecar(volume: Volume) -> dict[str, Any]:
+def sidecar(volume: Volume, *, data_type: str | None = None) -> dict[str, Any]:
     """The JSON sidecar of a volume: geometry, QC, provenance (UIDs only, no patient data).
 
     Parameters
     ----------
     volume
         The volume.
+    data_type
+        The NIfTI data type the voxels were written as (``int16`` or ``float32``), recorded as
+        ``nifti_data_type`` when given.
 
     Returns
     -------
@@ -115,6 +122,7 @@ def sidecar(volume: Volume) -> dict[str, Any]:
         "FrameOfReferenceUID": volume.frame_of_reference_uid,
         "Modality": volume.modality,
         "shape_nifti": list(nifti_array(volume).shape),
+        **({"nifti_data_type": data_type} if data_type is not None else {}),
         "spacing_mm": {"slice": volume.spacing[0], "row": volume.spacing[1], "column": volume.spacing[2]},
         "affine_lps_slice_row_column": volume.affine.tolist(),
         "affine_ras_nifti": nifti_affine(volume).tolist(),
@@ -130,6 +138,9 @@ def sidecar(volume: Volume) -> dict[str, Any]:
 def write_nifti(volume: Volume, path: Path) -> tuple[Path, Path]:
     """Write a volume as an uncompressed ``.nii`` file and its ``.json`` sidecar.
 
+    The voxels are written as int16 when every one is an integer in int16's range, else as float32; both read
+    back as the volume's values exactly (no scaling). Slab by slab, so the volume is never copied whole.
+
     Parameters
     ----------
     volume
@@ -144,6 +155,36 @@ def write_nifti(volume: Volume, path: Path) -> tuple[Path, Path]:
     """
     image_path = Path(path).with_suffix(".nii")
     sidecar_path = image_path.with_suffix(".json")
-    nib.save(to_nifti(volume), image_path)
-    sidecar_path.write_text(json.dumps(sidecar(volume), indent=2), encoding="utf-8")
+    image = to_nifti(volume)
+    image.update_header()  # type: ignore[no-untyped-call]
+    header = image.header
+    with image_path.open("wb") as fp:
+        for dtype in (_INT16, _FLOAT32):  # float32 overwrites a failed int16 attempt, being twice as long: no
+            fp.seek(0)  # truncation, which would make ext4 flush the file on close (auto_da_alloc)
+            header.set_data_dtype(dtype)  # type: ignore[no-untyped-call]
+            header.write_to(fp)  # type: ignore[no-untyped-call]
+            fp.seek(header.get_data_offset())  # type: ignore[no-untyped-call]
+            if _write_voxels(volume.array, fp, dtype):
+                break
+    data_type = str(header.get_data_dtype().name)  # type: ignore[no-untyped-call]
+    sidecar_path.write_text(json.dumps(sidecar(volume, data_type=data_type), indent=2), encoding="utf-8")
     return image_path, sidecar_path
+
+
+def _write_voxels(array: npt.NDArray[np.float32], fp: BinaryIO, dtype: np.dtype[Any]) -> bool:
+    """Write the voxels in NIfTI order, one ``[row, column]`` plane at a time, rows flipped; ``False`` (stopped) as
+    soon as a plane does not survive the conversion to ``dtype`` exactly."""
+    shape = array.shape[-2:]
+    converted, flipped, exact = np.empty(shape, dtype), np.empty(shape, dtype), np.empty(shape, bool)
+    for index in np.ndindex(array.shape[:-2]):  # NIfTI [i, j, k, t] is C order [t, k, j, i]: planes in turn
+        source = array[index]
+        if dtype == array.dtype:
+            np.copyto(flipped, source[::-1])
+        else:  # converted and checked in source order (contiguous: twice as fast as through the flipped view)
+            with np.errstate(invalid="ignore"):  # NaN or out of range: caught by the comparison
+                np.copyto(converted, source, casting="unsafe")
+            if not np.equal(converted, source, out=exact).all():
+                return False
+            np.copyto(flipped, converted[::-1])
+        fp.write(flipped.data)
+    return True

@@ -35,6 +35,7 @@ __all__ = [
     "read_image_header",
     "read_plane",
     "read_planes",
+    "require_image",
     "series_header",
 ]
 
@@ -137,9 +138,19 @@ def read_header(path: Path) -> Dataset:
 
 def read_image_header(path: Path) -> Dataset:
     """:func:`read_header` of a file that must be an image (Rows, Columns and SOPInstanceUID present)."""
-    ds = read_header(path)
+    return require_image(path, read_header(path))
+
+
+def require_image(path: Path, ds: Dataset) -> Dataset:
+    """Return ``ds``, the header of ``path``, if it is an image (Rows, Columns and SOPInstanceUID present).
+
+    Raises
+    ------
+    AssemblyError
+        When it is not.
+    """
     if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
-        raise AssemblyError(f"{path.name} is not an image (no Rows, Columns or SOPInstanceUID)")
+        raise AssemblyError(f"{Path(path).name} is not an image (no Rows, Columns or SOPInstanceUID)")
     return ds
 
 
@@ -186,8 +197,7 @@ def plane_from_header(path: Path, ds: Dataset) -> Plane:
     AssemblyError
         When ``ds`` is not a single-frame image.
     """
-    if "Rows" not in ds or "Columns" not in ds or "SOPInstanceUID" not in ds:
-        raise AssemblyError(f"{Path(path).name} is not an image (no Rows, Columns or SOPInstanceUID)")
+    require_image(path, ds)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise AssemblyError(f"{Path(path).name} is a multi-frame image; use gateway.assemble.multiframe")
     if "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", [])]:

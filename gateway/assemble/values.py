@@ -28,6 +28,8 @@ def floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
 
 def siemens_private(ds: Dataset, element: int) -> Any:
     """The value of Siemens MR private element (0019,xxEE) of the ``SIEMENS MR HEADER`` block, or ``None``."""
+    if not any(0x00190010 <= tag <= 0x001900FF for tag in map(int, ds.keys())):
+        return None  # no private creator in group 0019: skip pydicom's block search (it copies the group)
     try:
         return ds.get_private_item(0x0019, element, SIEMENS_MR_HEADER).value
     except KeyError:

@@ -1,0 +1,235 @@
+"""End to end: a gateway killed (``kill -9``) between encode and export sends every result once after a restart.
+
+A real ``gateway serve`` process (ct-tissue registered with ``gateway models register`` before it starts) receives
+a small synthetic CT by ``gateway send``, assembles it, runs the model and encodes a SEG and its TID 1500 SR, whose
+deliveries go to an Orthanc that is not running yet: they fail and are retried. Once at least one attempt has
+failed, the gateway is killed with SIGKILL, Orthanc starts on the destination's ports, and the gateway restarts on
+the same data folder. Then Orthanc must hold exactly the job's outputs, one series each, every delivery must have
+succeeded exactly once, and the job must be ``exported`` without being run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.synth.ct import write_synthetic_ct
+
+from conftest import require_tool
+from peers import Orthanc, PeerProcess, free_port, orthanc_binary, wait_until
+
+pytestmark = pytest.mark.slow
+
+GATEWAY_SCRIPT = Path(sys.executable).with_name("gateway")
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "models" / "ct-tissue"
+DESTINATION = "pacs"
+
+
+class ServedGateway(PeerProcess):
+    """``gateway serve --config CFG`` on loopback ports over ``data_dir``, its output in ``gateway.log``.
+
+    ``sections`` are further settings sections (``ingest``, ``jobs``, ``export``, ...), merged over loopback
+    listeners on free ports, the data folder and no shipped models.
+    """
+
+    name = "gateway"
+
+    def __init__(self, tmpdir: Path, data_dir: Path, sections: Mapping[str, Any]) -> None:
+        super().__init__(tmpdir)
+        self.data_dir = data_dir
+        self.dicom_port, self.http_port = free_port(), free_port()
+        self.config_path = self.tmpdir / "gateway.yaml"
+        config: dict[str, Any] = {
+            "dicom": {"host": "127.0.0.1", "port": self.dicom_port, "ae_title": "GATEWAY"},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
+            "store": {"data_dir": str(data_dir), "min_free_bytes": 0},
+            "models": {"register_shipped": False},
+            **sections,
+        }
+        self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+
+    @property
+    def address(self) -> str:
+        """``AET@HOST:PORT`` of the DICOM listener."""
+        return f"GATEWAY@127.0.0.1:{self.dicom_port}"
+
+    def _command(self) -> Sequence[str]:
+        return [str(GATEWAY_SCRIPT), "serve", "--config", str(self.config_path)]
+
+    def _env(self) -> Mapping[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def cli(self, *args: str, timeout_s: float = 300) -> str:
+        """Run ``gateway ARGS`` (another process) against this gateway's settings; its output (fails on error)."""
+        done = subprocess.run(
+            [str(GATEWAY_SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=dict(self._env()),
+        )
+        assert done.returncode == 0, f"gateway {' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    def api(self, path: str) -> Any:
+        """``GET /api/...`` as JSON."""
+        answer = httpx.get(f"http://127.0.0.1:{self.http_port}/api{path}", timeout=10)
+        answer.raise_for_status()
+        return answer.json()
+
+    def kill9(self) -> None:
+        """SIGKILL the server and reap it: no shutdown code runs."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.stop()  # closes the log
+
+
+class OrthancOn(Orthanc):
+    """Orthanc on ports chosen before it starts, so that a destination can name it while it is down."""
+
+    def __init__(self, tmpdir: Path, http_port: int, dicom_port: int) -> None:
+        super().__init__(tmpdir, dicomweb=False)
+        self.http_port, self.dicom_port = http_port, dicom_port
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        (self.tmpdir / "tmp").mkdir(exist_ok=True)
+        self.config_path.write_text(json.dumps(self.config(), indent=2))
+        PeerProcess.start(self, timeout_s)
+
+
+@pytest.fixture
+def need_orthanc() -> None:
+    if orthanc_binary() is None:
+        require_tool("Orthanc")
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[PeerProcess]]:
+    """Peers to stop at the end, whatever happened."""
+    peers: list[PeerProcess] = []
+    try:
+        yield peers
+    finally:
+        for peer in reversed(peers):
+            peer.stop()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float, gateway: ServedGateway) -> None:
+    """Poll ``condition``; fail with the gateway's log tail at the deadline or if it exits."""
+    try:
+        wait_until(condition, timeout_s=timeout_s, what=what, alive=lambda: gateway.alive)
+    except Exception as exc:
+        pytest.fail(f"{exc}\n--- gateway log ---\n{gateway.log_path.read_text(errors='replace')[-4000:]}")
+
+
+def only_job(gateway: ServedGateway) -> dict[str, Any]:
+    """The gateway's one job, with its deliveries."""
+    jobs = gateway.api("/jobs")
+    assert len(jobs) == 1, [(j["id"], j["state"]) for j in jobs]
+    job: dict[str, Any] = gateway.api(f"/jobs/{jobs[0]['id']}")
+    return job
+
+
+def encoded_and_failed(gateway: ServedGateway) -> bool:
+    """Whether the job is ``encoded`` and every delivery has failed at least once."""
+    jobs = gateway.api("/jobs")
+    if not jobs:
+        return False
+    job = gateway.api(f"/jobs/{jobs[0]['id']}")
+    assert job["state"] in ("received", "assembling", "assembled", "inferring", "inferred", "encoding", "encoded"), (
+        job["state"],
+        job["detail"].get("failure"),
+    )
+    deliveries = job["deliveries"]
+    failed = [d for d in deliveries if any(h["outcome"] == "retry" for h in d["history"])]
+    return job["state"] == "encoded" and bool(deliveries) and len(failed) == len(deliveries)
+
+
+def orthanc_series(orthanc: Orthanc) -> dict[str, list[str]]:
+    """{Modality: [SeriesInstanceUID, ...]} of every series Orthanc holds."""
+    held: dict[str, list[str]] = {}
+    for series in orthanc.rest("GET", "/series?expand"):
+        tags = series["MainDicomTags"]
+        held.setdefault(tags.get("Modality", ""), []).append(tags["SeriesInstanceUID"])
+    return held
+
+
+def orthanc_instances(orthanc: Orthanc) -> list[str]:
+    """The SOP Instance UID of every instance Orthanc holds (duplicates kept)."""
+    return [i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.rest("GET", "/instances?expand")]
+
+
+def test_killed_between_encode_and_export(need_orthanc: None, tmp_path: Path, cleanup: list[PeerProcess]) -> None:
+    pacs_http, pacs_dicom = free_port(), free_port()
+    sections = {
+        "ingest": {"quiet_period_s": 1.0, "completion_poll_s": 0.2},
+        "jobs": {"workers": 1, "poll_s": 0.2},
+        "export": {
+            "destinations": {DESTINATION: {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_dicom}},
+            "default": [DESTINATION],
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 0.5,
+            "max_attempts": 1000,  # never dead while the PACS is down
+            "poll_s": 0.1,
+            "timeout_s": 10.0,
+            "workers": 1,
+        },
+    }
+    data = tmp_path / "data"
+    first = ServedGateway(tmp_path / "run1", data, sections)
+    cleanup.append(first)
+    registered = first.cli("models", "register", str(MODEL), "--config", str(first.config_path))
+    assert registered.startswith("ct-tissue@"), registered
+    write_synthetic_ct(tmp_path / "ct", 16, rows=96, columns=96, seed=3)
+
+    first.start()
+    sent = first.cli("send", str(tmp_path / "ct"), "--to", first.address, "--associations", "1")
+    assert "16 sent, 0 failed" in sent, sent
+    wait_for(lambda: encoded_and_failed(first), "job encoded, every delivery failed once", 240, first)
+    before = only_job(first)
+    first.kill9()
+
+    orthanc = OrthancOn(tmp_path / "orthanc", pacs_http, pacs_dicom)
+    cleanup.append(orthanc)
+    orthanc.start()
+    assert orthanc_instances(orthanc) == []
+    second = ServedGateway(tmp_path / "run2", data, sections)
+    cleanup.append(second)
+    second.start()
+    wait_for(lambda: {"SEG", "SR"} <= orthanc_series(orthanc).keys(), "SEG and SR in Orthanc", 120, second)
+    wait_for(lambda: only_job(second)["state"] != "encoded", "job settled", 60, second)
+
+    after = only_job(second)
+    assert after["state"] == "exported", after["detail"]
+    outputs = after["detail"]["outputs"]
+    assert outputs == before["detail"]["outputs"], "the job was encoded again after the restart"
+    assert sorted(o["kind"] for o in outputs) == ["SEG", "SR"]
+    assert after["detail"]["export"]["delivered"] == len(outputs) == len(after["deliveries"])
+    for delivery in after["deliveries"]:
+        outcomes = [h["outcome"] for h in delivery["history"]]
+        assert delivery["state"] == "delivered" and outcomes.count("delivered") == 1, delivery
+        assert outcomes[-1] == "delivered" and "retry" in outcomes, outcomes  # failed while down, then delivered
+    held = orthanc_instances(orthanc)
+    assert sorted(held) == sorted(o["SOPInstanceUID"] for o in outputs), "Orthanc holds exactly the job's outputs"
+    series = orthanc_series(orthanc)
+    assert sorted(series) == ["SEG", "SR"], series
+    expected = {o["kind"]: [o["SeriesInstanceUID"]] for o in outputs}
+    assert series == expected, "one series per output, the job's own"
+    second.stop()

@@ -135,7 +135,7 @@ class ModelsSettings(_Section):
     register_shipped: bool = True  # register the packages in shipped_dir (default: the repository's models/)
     shipped_dir: Path | None = None
     device: str = "auto"  # auto (first CUDA device, else CPU), cpu, cuda or cuda:N
-    batching: bool = True  # merge concurrent jobs' inputs into one forward pass per model
+    batching: bool = True  # forward passes of up to batch_size inputs, across jobs; off: one at a time
     max_upload_bytes: int = Field(default=1 << 30, gt=0)  # largest model archive accepted (upload or register)
 
 

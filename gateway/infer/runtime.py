@@ -72,7 +72,8 @@ class InferenceRuntime:
     device
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`gateway.infer.backends.resolve_device`).
     batching
-        Whether batchers merge requests from concurrent callers (``False``: every request runs alone).
+        Whether forward passes take up to the model's ``batch_size`` inputs or patches, merged across concurrent
+        callers (``False``: one at a time, every input or patch in a forward pass of its own).
 
     Raises
     ------
@@ -101,9 +102,8 @@ class InferenceRuntime:
                     return self._loaded[key]
             backend = load_backend(manifest, folder, self.device)
             inference = manifest.inference
-            batcher = Batcher(
-                backend, inference.batch_size, inference.max_wait_ms / 1000.0, self.batching, name=manifest.ref
-            )
+            limit = inference.batch_size if self.batching else 1  # off: one input or patch per forward pass
+            batcher = Batcher(backend, limit, inference.max_wait_ms / 1000.0, self.batching, name=manifest.ref)
             log.info("loaded %s on %s", manifest.ref, backend.device)
             with self._lock:
                 self._loaded[key] = _Loaded(backend, batcher)

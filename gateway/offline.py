@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from pydicom import Dataset, dcmread
 
 import gateway
-from gateway.assemble.assemble import Refusal, assemble_series
-from gateway.assemble.convert import find_series
+from gateway.assemble.assemble import Refusal, assemble_sources
+from gateway.assemble.convert import SeriesFiles, read_series
 from gateway.assemble.nifti import write_nifti
 from gateway.encode import encode_result, write_objects
 from gateway.infer.outputs import write_model_outputs
@@ -95,28 +95,29 @@ def run_files(
         Per series: refusals, decisions, results, failures, files.
     """
     report = RunReport()
-    groups, labels, report.skipped = find_series(inputs)
+    series, report.skipped = read_series(inputs)
     outdir.mkdir(parents=True, exist_ok=True)
-    for uid, paths in sorted(groups.items(), key=lambda item: labels[item[0]]):
-        report.series.append(_run_series(uid, labels[uid], paths, outdir, models, runtime, write_volumes, write_dicom))
+    for uid, files in sorted(series.items(), key=lambda item: item[1].label):
+        report.series.append(_run_series(uid, files, outdir, models, runtime, write_volumes, write_dicom))
     (outdir / "run.json").write_text(json.dumps(_report_json(report), indent=2, default=str) + "\n", encoding="utf-8")
     return report
 
 
 def _run_series(
     uid: str,
-    label: str,
-    paths: list[Path],
+    series: SeriesFiles,
     outdir: Path,
     models: Sequence[RegisteredModel],
     runtime: InferenceRuntime,
     write_volumes: bool,
     write_dicom: bool,
 ) -> SeriesRun:
-    assembly = assemble_series(paths)
+    label = series.label
+    assembly = assemble_sources(series.sources, series.refused)
     if not assembly.volumes:
         return SeriesRun(label, uid, 0, assembly.refused, None)
-    facts = series_facts(dcmread(sorted(paths)[0], stop_before_pixels=True))
+    paths = sorted(source.path for source in series.sources)
+    facts = series_facts(dcmread(paths[0], stop_before_pixels=True))
     outcome = run_models(facts, assembly.volumes, models, runtime)
     files: list[Path] = []
     sources = _sources(paths) if outcome.results and write_dicom else {}
@@ -133,8 +134,8 @@ def _run_series(
 
 
 def _sources(paths: Sequence[Path]) -> dict[str, Dataset]:
-    """The series' instances by SOP Instance UID (what the encoders reference)."""
-    datasets = (dcmread(path) for path in paths)
+    """The series' instances by SOP Instance UID (what the encoders reference: headers, no pixels)."""
+    datasets = (dcmread(path, stop_before_pixels=True) for path in paths)
     return {str(ds.SOPInstanceUID): ds for ds in datasets}
 
 

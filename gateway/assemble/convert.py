@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from gateway.assemble.assemble import Refusal, assemble_sources
@@ -55,29 +53,6 @@ class SeriesFiles:
 
 
 _NOT_DICOM = (InvalidDicomError, AttributeError, OSError, ValueError, EOFError)
-
-
-def find_series(inputs: Iterable[Path]) -> tuple[dict[str, list[Path]], dict[str, str], list[Path]]:
-    """Group the DICOM files under ``inputs`` by SeriesInstanceUID; return groups, labels and non-DICOM files."""
-    groups: dict[str, list[Path]] = defaultdict(list)
-    labels: dict[str, str] = {}
-    skipped: list[Path] = []
-    for path in walk_files(inputs):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = dcmread(
-                    path,
-                    stop_before_pixels=True,
-                    specific_tags=["SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality"],
-                )
-            uid = str(ds.SeriesInstanceUID)
-        except _NOT_DICOM:
-            skipped.append(path)
-            continue
-        groups[uid].append(path)
-        labels.setdefault(uid, _label(ds.get("SeriesNumber"), ds.get("SeriesDescription") or ds.get("Modality")))
-    return dict(groups), labels, skipped
 
 
 def read_series(inputs: Iterable[Path]) -> tuple[dict[str, SeriesFiles], list[Path]]:

@@ -110,7 +110,7 @@ class EncodeStage:
             rows = session.execute(
                 select(Instance.sop_instance_uid, Instance.path).where(Instance.sop_instance_uid.in_(uids))
             ).all()
-        return {uid: dcmread(self._store.path_of(path)) for uid, path in rows}
+        return {uid: dcmread(self._store.path_of(path), stop_before_pixels=True) for uid, path in rows}
 
     def _source(self, job_id: int) -> str:
         """Where the job's series came from (``dimse:<calling AE>`` or ``stow``): its first instance's source."""

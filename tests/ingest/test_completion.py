@@ -321,7 +321,9 @@ def test_jobs_and_studies_api(settings: Settings, tmp_path: Path) -> None:
             assert job["state"] == "received"
             assert (job["study_instance_uid"], job["series_instance_uid"]) == (STUDY, SERIES_A)
             assert job["detail"] == {"revision": revision, "instances": count}
-        assert client.get(f"/api/jobs/{oldest['id']}").json() == oldest
+        single = client.get(f"/api/jobs/{oldest['id']}").json()
+        assert single.pop("deliveries") == [], "one job also lists its output deliveries (none yet)"
+        assert single == oldest
         assert client.get("/api/jobs/999999").status_code == 404
         assert client.get("/api/jobs", params={"state": "received", "limit": 1}).json() == [newest]
         assert client.get("/api/jobs", params={"state": "failed"}).json() == []

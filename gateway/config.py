@@ -137,6 +137,7 @@ class ModelsSettings(_Section):
     device: str = "auto"  # auto (first CUDA device, else CPU), cpu, cuda or cuda:N
     batching: bool = True  # forward passes of up to batch_size inputs, across jobs; off: one at a time
     max_upload_bytes: int = Field(default=1 << 30, gt=0)  # largest model archive accepted (upload or register)
+    keep_nifti: bool = False  # also write each job's results as NIfTI under data_dir/results (seconds per large job)
 
 
 _DESTINATION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

@@ -57,7 +57,8 @@ class Gateway:
         self.inference = InferenceRuntime(settings.models.device, batching=settings.models.batching)
         data = settings.store.data_dir
         encode = EncodeStage(self.store, settings.export, data / "outputs")
-        stage = InferenceStage(self.store, self.registry, self.inference, data / "results", then=encode)
+        results = data / "results" if settings.models.keep_nifti else None
+        stage = InferenceStage(self.store, self.registry, self.inference, results, then=encode)
         self.assembly = AssemblyWorkers(self.store, settings.jobs.workers, settings.jobs.poll_s, then=stage)
         self.export = ExportWorkers(self.store, settings.export)
         self._pydicom_mode: int | None = None

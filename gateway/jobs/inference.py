@@ -48,7 +48,8 @@ class InferenceStage:
     runtime
         The inference runtime shared by all workers (its batchers merge work from concurrent jobs).
     results_dir
-        Where each job's output files go (``<results_dir>/job-<id>/``).
+        Where each job's NIfTI results go (``<results_dir>/job-<id>/``), or ``None`` to write none (the
+        measurements are on the job, the DICOM outputs come from the encode stage).
     then
         The next stage, called in the same thread with the job id and the results of a job that ended ``inferred``.
     """
@@ -58,7 +59,7 @@ class InferenceStage:
         store: InstanceStore,
         registry: Registry,
         runtime: InferenceRuntime,
-        results_dir: Path,
+        results_dir: Path | None,
         then: Callable[[int, Sequence[ModelResult]], None] | None = None,
     ) -> None:
         self._store = store
@@ -106,6 +107,8 @@ class InferenceStage:
 
     def _write(self, job_id: int, outcome: SeriesOutcome) -> dict[str, list[str]]:
         files: dict[str, list[str]] = {}
+        if self._results_dir is None:
+            return files
         folder = self._results_dir / f"job-{job_id}"
         for k, result in enumerate(outcome.results):
             stem = f"volume{k}"

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from test_assembly import jobs, wait_for_state
 
 from gateway.assemble.assemble import assemble_series
-from gateway.config import JobsSettings
+from gateway.config import JobsSettings, ModelsSettings
 from gateway.export.scu import Peer, SendReport, scan, send
 from gateway.infer.runtime import InferenceRuntime
 from gateway.jobs.inference import InferenceStage
@@ -60,7 +60,8 @@ def send_ct(gw: Gateway, folder: Path, seed: int) -> None:
 
 
 def test_a_model_registered_while_the_gateway_runs_serves_the_next_job(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "data", jobs=JobsSettings(workers=2, poll_s=0.05))
+    models = ModelsSettings(register_shipped=False, keep_nifti=True)
+    settings = make_settings(tmp_path / "data", jobs=JobsSettings(workers=2, poll_s=0.05), models=models)
     gw = Gateway(settings)
     gw.start()
     try:

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import sqlite3
 import subprocess
 import sys
@@ -48,9 +46,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from ingest import (  # noqa: E402  (bench/ is not a package)
     BenchError,
     GatewayProcess,
-    _first_match,
-    disk_description,
     gateway_executable,
+    machine,
     write_section,
 )
 
@@ -377,18 +374,14 @@ def verdicts(runs: Sequence[Run], enc: EncodeTiming) -> list[str]:
     return out
 
 
-def machine() -> list[str]:
+def software_and_load() -> list[str]:
     import torch
 
-    model = _first_match(Path("/proc/cpuinfo"), "model name") or platform.processor() or "unknown"
-    mem_kib = int((_first_match(Path("/proc/meminfo"), "MemTotal") or "0 kB").split()[0])
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return [
-        f"- CPUs: {len(os.sched_getaffinity(0))} (nproc), {model}; torch {torch.__version__}; memory "
-        f"{mem_kib / 2**20:.1f} GiB; load average at the end {load} (the machine is shared: other people's "
-        "builds and tests ran at the same time)",
-        f"- disk: {disk_description(Path(tempfile.gettempdir()))}",
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- software: torch {torch.__version__}",
+        f"- load average at the end: {load} (the machine is shared: other people's builds and tests ran at the "
+        "same time)",
     ]
 
 
@@ -405,9 +398,8 @@ def section(runs: Sequence[Run], enc: EncodeTiming, args: argparse.Namespace, si
         f"{POLL_S * 1000:.0f} ms), minus the quiet period; the stages come from the job's `detail.timings` and "
         "its deliveries' timestamps. The first study after start loads the model (on first use); the next ones "
         "show the steady state. The `waiting` row is mostly the pollers' intervals; a last hop at or below zero means "
-        "the poll saw the SR before the gateway had committed its delivery. The job's `infer` also routes and writes "
-        "the NIfTI results, and its `encode` also reads the source instances, so both exceed the parts timed alone "
-        "below.",
+        "the poll saw the SR before the gateway had committed its delivery. The job's `infer` also routes, and its "
+        "`encode` also reads the source headers, so both exceed the parts timed alone below.",
         "",
         *table(runs),
         "",
@@ -428,7 +420,7 @@ def section(runs: Sequence[Run], enc: EncodeTiming, args: argparse.Namespace, si
         "",
         "Machine:",
         "",
-        *machine(),
+        *machine(software_and_load()),
         "",
     ]
     return "\n".join(lines)

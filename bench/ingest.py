@@ -366,17 +366,25 @@ def verdicts(results: Sequence[Measurement]) -> list[str]:
     return out
 
 
-def machine() -> list[str]:
-    """Where it ran: CPUs, CPU model, memory, disk of the working folder, software versions, date."""
+def machine(extra: Sequence[str] = ()) -> list[str]:
+    """Where a benchmark ran, as list items: CPUs, CPU model, memory, disk of the temporary folder, then ``extra``
+    (the benchmark's own lines: the versions of what it measures, ...), then the date."""
     model = _first_match(Path("/proc/cpuinfo"), "model name") or platform.processor() or "unknown"
     mem_kib = int((_first_match(Path("/proc/meminfo"), "MemTotal") or "0 kB").split()[0])
     return [
         f"- CPUs: {len(os.sched_getaffinity(0))} (nproc), {model}",
         f"- memory: {mem_kib / 2**20:.1f} GiB",
         f"- disk: {disk_description(Path(tempfile.gettempdir()))}",
-        f"- software: Python {platform.python_version()}, {_version_line(dcmtk_tool('storescu'))}, "
-        f"{_version_line(orthanc_binary())}, pynetdicom {_package_version('pynetdicom')}",
+        *extra,
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+    ]
+
+
+def software() -> list[str]:
+    """The versions of what this benchmark measures."""
+    return [
+        f"- software: Python {platform.python_version()}, {_version_line(dcmtk_tool('storescu'))}, "
+        f"{_version_line(orthanc_binary())}, pynetdicom {_package_version('pynetdicom')}"
     ]
 
 
@@ -459,7 +467,7 @@ def section(results: Sequence[Measurement], count: int, total_bytes: int, args: 
         "",
         "Machine:",
         "",
-        *machine(),
+        *machine(software()),
         "",
     ]
     return "\n".join(lines)

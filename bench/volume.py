@@ -44,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from ingest import _first_match, disk_description, write_section  # noqa: E402  (bench/ is not a package)
+from ingest import machine, write_section  # noqa: E402  (bench/ is not a package)
 
 from gateway.assemble.decode import decode_frames  # noqa: E402
 from gateway.synth.ct import write_synthetic_ct  # noqa: E402
@@ -392,21 +392,15 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def machine() -> list[str]:
-    model = _first_match(Path("/proc/cpuinfo"), "model name") or "unknown"
-    mem_kib = int((_first_match(Path("/proc/meminfo"), "MemTotal") or "0 kB").split()[0])
+def software() -> list[str]:
     dcm2niix = subprocess.run([str(BIN / "dcm2niix"), "--version"], capture_output=True, text=True, timeout=10)
     dcm2niix_line = (dcm2niix.stdout + dcm2niix.stderr).strip().splitlines()[0].strip()
     import platform
 
     return [
-        f"- CPUs: {len(os.sched_getaffinity(0))} (nproc), {model}",
-        f"- memory: {mem_kib / 2**20:.1f} GiB",
-        f"- disk: {disk_description(Path(tempfile.gettempdir()))}",
         f"- software: Python {platform.python_version()}, {dcm2niix_line}, pydicom {_version('pydicom')}, "
         f"pylibjpeg-openjpeg {_version('pylibjpeg-openjpeg')}, python-gdcm {_version('python-gdcm')}, "
-        f"MONAI {_version('monai')}, torch {_version('torch')}, nibabel {_version('nibabel')}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"MONAI {_version('monai')}, torch {_version('torch')}, nibabel {_version('nibabel')}"
     ]
 
 
@@ -453,7 +447,7 @@ def section(
         "",
         "Machine:",
         "",
-        *machine(),
+        *machine(software()),
         "",
     ]
     return "\n".join(lines)

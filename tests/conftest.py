@@ -21,6 +21,7 @@ from gateway.config import (
     StoreSettings,
 )
 from gateway.runtime import Gateway
+from gateway.store.store import InstanceStore
 
 from peers import free_port
 
@@ -66,6 +67,16 @@ def gateway(settings: Settings) -> Iterator[Gateway]:
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture
+def instance_store(tmp_path: Path) -> Iterator[InstanceStore]:
+    """An instance store (index and files) over ``tmp_path / "data"``, without the free-space watermark."""
+    store = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 @pytest.fixture

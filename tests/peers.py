@@ -1,4 +1,5 @@
-"""Real DICOM peers on loopback as context managers: Orthanc, DCMTK ``storescp``, a minimal pynetdicom SCP.
+"""Real DICOM peers on loopback as context managers: Orthanc, DCMTK ``storescp``, a minimal pynetdicom SCP, and
+the gateway itself served by its console script.
 
 Helpers for tests and benchmarks (``bench/ingest.py``), not tests. Each peer runs in its own process and
 session (process group) on free ports of 127.0.0.1; leaving the ``with`` block stops it (SIGTERM to the
@@ -31,6 +32,9 @@ MAX_PDU = 131_072
 #: Environment for DCMTK-based programs (storescu, storescp, Orthanc). Debian's DCMTK 3.6.7 leaves Nagle's
 #: algorithm on unless ``TCP_NODELAY=1``: every C-STORE then waits on delayed ACKs (~40 ms each way).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+#: The ``gateway`` console script installed beside the running interpreter.
+GATEWAY_SCRIPT = Path(sys.executable).with_name("gateway")
 
 _STARTUP_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 10.0
@@ -375,6 +379,59 @@ class Orthanc(PeerProcess):
         if response.headers.get("content-type", "").startswith("application/json"):
             return response.json()
         return response.content
+
+
+class OrthancOn(Orthanc):
+    """Orthanc on ports chosen before it starts, so that a destination can name it while it is down.
+
+    ``kwargs`` are :class:`Orthanc`'s. Unlike :class:`Orthanc`, it does not move to other ports when one is taken.
+    """
+
+    def __init__(self, tmpdir: Path, http_port: int, dicom_port: int, **kwargs: Any) -> None:
+        super().__init__(tmpdir, **kwargs)
+        self.http_port, self.dicom_port = http_port, dicom_port
+
+    def start(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
+        """Write the configuration and start on the chosen ports."""
+        (self.tmpdir / "tmp").mkdir(exist_ok=True)
+        self.config_path.write_text(json.dumps(self.config(), indent=2))
+        PeerProcess.start(self, timeout_s)
+
+
+class GatewayServer(PeerProcess):
+    """``gateway serve --config CFG`` on loopback ports over ``data_dir``, its output in ``gateway.log``.
+
+    The configuration (``gateway.yaml`` in ``tmpdir``) has DICOM (AE title ``GATEWAY``) and HTTP listeners on free
+    ports of 127.0.0.1 and the data folder; ``sections`` (``ingest``, ``jobs``, ``models``, ...) are merged over
+    them. The process does not inherit the ``GATEWAY_*`` environment variables.
+    """
+
+    name = "gateway"
+
+    def __init__(self, tmpdir: Path, data_dir: Path, sections: Mapping[str, Any]) -> None:
+        super().__init__(tmpdir)
+        self.data_dir = data_dir
+        self.dicom_port, self.http_port = free_port(), free_port()
+        self.config_path = self.tmpdir / "gateway.yaml"
+        config: dict[str, Any] = {
+            "dicom": {"host": "127.0.0.1", "port": self.dicom_port, "ae_title": "GATEWAY"},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
+            "store": {"data_dir": str(data_dir), "min_free_bytes": 0},
+            **sections,
+        }
+        self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+
+    def _command(self) -> Sequence[str]:
+        return [str(GATEWAY_SCRIPT), "serve", "--config", str(self.config_path)]
+
+    def _env(self) -> Mapping[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
 
 
 class StoreSCP(PeerProcess):

@@ -10,12 +10,10 @@ succeeded exactly once, and the job must be ``exported`` without being run again
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,55 +23,26 @@ import pytest
 from gateway.synth.ct import write_synthetic_ct
 
 from conftest import require_tool
-from peers import Orthanc, PeerProcess, free_port, orthanc_binary, wait_until
+from peers import GATEWAY_SCRIPT, GatewayServer, Orthanc, OrthancOn, PeerProcess, free_port, orthanc_binary, wait_until
 
 pytestmark = pytest.mark.slow
 
-GATEWAY_SCRIPT = Path(sys.executable).with_name("gateway")
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "ct-tissue"
 DESTINATION = "pacs"
 
 
-class ServedGateway(PeerProcess):
-    """``gateway serve --config CFG`` on loopback ports over ``data_dir``, its output in ``gateway.log``.
-
-    ``sections`` are further settings sections (``ingest``, ``jobs``, ``export``, ...), merged over loopback
-    listeners on free ports, the data folder and no shipped models.
-    """
-
-    name = "gateway"
+class ServedGateway(GatewayServer):
+    """The gateway served over ``data_dir`` without shipped models; ``sections`` are further settings sections
+    (``ingest``, ``jobs``, ``export``, ...)."""
 
     def __init__(self, tmpdir: Path, data_dir: Path, sections: Mapping[str, Any]) -> None:
-        super().__init__(tmpdir)
-        self.data_dir = data_dir
-        self.dicom_port, self.http_port = free_port(), free_port()
-        self.config_path = self.tmpdir / "gateway.yaml"
-        config: dict[str, Any] = {
-            "dicom": {"host": "127.0.0.1", "port": self.dicom_port, "ae_title": "GATEWAY"},
-            "http": {"host": "127.0.0.1", "port": self.http_port},
-            "store": {"data_dir": str(data_dir), "min_free_bytes": 0},
-            "models": {"register_shipped": False},
-            **sections,
-        }
-        self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        super().__init__(tmpdir, data_dir, {"models": {"register_shipped": False}, **sections})
 
     @property
     def address(self) -> str:
         """``AET@HOST:PORT`` of the DICOM listener."""
         return f"GATEWAY@127.0.0.1:{self.dicom_port}"
-
-    def _command(self) -> Sequence[str]:
-        return [str(GATEWAY_SCRIPT), "serve", "--config", str(self.config_path)]
-
-    def _env(self) -> Mapping[str, str]:
-        return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def cli(self, *args: str, timeout_s: float = 300) -> str:
         """Run ``gateway ARGS`` (another process) against this gateway's settings; its output (fails on error)."""
@@ -99,19 +68,6 @@ class ServedGateway(PeerProcess):
         os.kill(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
         self.stop()  # closes the log
-
-
-class OrthancOn(Orthanc):
-    """Orthanc on ports chosen before it starts, so that a destination can name it while it is down."""
-
-    def __init__(self, tmpdir: Path, http_port: int, dicom_port: int) -> None:
-        super().__init__(tmpdir, dicomweb=False)
-        self.http_port, self.dicom_port = http_port, dicom_port
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        (self.tmpdir / "tmp").mkdir(exist_ok=True)
-        self.config_path.write_text(json.dumps(self.config(), indent=2))
-        PeerProcess.start(self, timeout_s)
 
 
 @pytest.fixture
@@ -206,7 +162,7 @@ def test_killed_between_encode_and_export(need_orthanc: None, tmp_path: Path, cl
     before = only_job(first)
     first.kill9()
 
-    orthanc = OrthancOn(tmp_path / "orthanc", pacs_http, pacs_dicom)
+    orthanc = OrthancOn(tmp_path / "orthanc", pacs_http, pacs_dicom, dicomweb=False)
     cleanup.append(orthanc)
     orthanc.start()
     assert orthanc_instances(orthanc) == []

@@ -3,35 +3,23 @@ while gets them once it is up (the attempts before are recorded)."""
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
 from pacs import deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for
 
-from gateway.config import ExportSettings, StoreSettings
+from gateway.config import ExportSettings
 from gateway.export import queue
 from gateway.export.workers import ExportWorkers
 from gateway.jobs.states import JobState
 from gateway.store.store import InstanceStore
 
 from conftest import require_tool
-from peers import Orthanc, PeerProcess, dicomweb_plugin, free_port, orthanc_binary
+from peers import Orthanc, OrthancOn, dicomweb_plugin, free_port, orthanc_binary
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[InstanceStore]:
-    s = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture
@@ -40,20 +28,6 @@ def need_orthanc() -> None:
         require_tool("Orthanc")
     if dicomweb_plugin() is None:
         pytest.skip("Orthanc's DICOMweb plugin is not installed (make test installs orthanc-dicomweb)")
-
-
-class OrthancOn(Orthanc):
-    """Orthanc on ports chosen before it starts (so that a destination can point at it while it is down)."""
-
-    def __init__(self, tmpdir: Path, http_port: int, dicom_port: int, **kwargs: Any) -> None:
-        super().__init__(tmpdir, **kwargs)
-        self._ports = (http_port, dicom_port)
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        self.http_port, self.dicom_port = self._ports
-        (self.tmpdir / "tmp").mkdir(exist_ok=True)
-        self.config_path.write_text(json.dumps(self.config(), indent=2))
-        PeerProcess.start(self, timeout_s)
 
 
 def held(orthanc: Orthanc) -> dict[str, str]:
@@ -85,12 +59,14 @@ def drain(store: InstanceStore, settings: ExportSettings, job_id: int, timeout_s
 
 
 @pytest.mark.parametrize("destination", ["orthanc-dimse", "orthanc-web"])
-def test_results_arrive_in_orthanc(need_orthanc: None, store: InstanceStore, tmp_path: Path, destination: str) -> None:
-    files = outputs(store.data_dir / "results" / "job-1", 4)
-    job = make_job(store)
-    queue.enqueue(store, job, files, [destination])
+def test_results_arrive_in_orthanc(
+    need_orthanc: None, instance_store: InstanceStore, tmp_path: Path, destination: str
+) -> None:
+    files = outputs(instance_store.data_dir / "results" / "job-1", 4)
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, files, [destination])
     with Orthanc(tmp_path / "orthanc") as orthanc:
-        assert drain(store, settings_for(orthanc), job) == JobState.EXPORTED
+        assert drain(instance_store, settings_for(orthanc), job) == JobState.EXPORTED
         holding = held(orthanc)
         assert set(holding) == {sop_instance_uid(f) for f in files}
         original = pydicom.dcmread(files[0])
@@ -98,31 +74,30 @@ def test_results_arrive_in_orthanc(need_orthanc: None, store: InstanceStore, tmp
             pydicom.filebase.DicomBytesIO(orthanc.rest("GET", f"/instances/{holding[original.SOPInstanceUID]}/file"))
         )
     assert copy.PixelData == original.PixelData and copy.SOPClassUID == original.SOPClassUID
-    assert {(r.state, r.attempts) for r in deliveries(store, job)} == {("delivered", 1)}
+    assert {(r.state, r.attempts) for r in deliveries(instance_store, job)} == {("delivered", 1)}
     expected = 0 if destination == "orthanc-dimse" else 200
-    assert {r.last_status for r in deliveries(store, job)} == {expected}
+    assert {r.last_status for r in deliveries(instance_store, job)} == {expected}
 
 
-def test_orthanc_down_for_a_while_then_up(need_orthanc: None, store: InstanceStore, tmp_path: Path) -> None:
+def test_orthanc_down_for_a_while_then_up(need_orthanc: None, instance_store: InstanceStore, tmp_path: Path) -> None:
     files = outputs(tmp_path / "out", 2)
-    job = make_job(store)
+    job = make_job(instance_store)
     orthanc = OrthancOn(tmp_path / "orthanc", free_port(), free_port())
-    orthanc.http_port, orthanc.dicom_port = orthanc._ports
-    queue.enqueue(store, job, files, ["orthanc-dimse", "orthanc-web"])
-    workers = ExportWorkers(store, settings_for(orthanc, workers=2, backoff_max_s=0.5))
+    queue.enqueue(instance_store, job, files, ["orthanc-dimse", "orthanc-web"])
+    workers = ExportWorkers(instance_store, settings_for(orthanc, workers=2, backoff_max_s=0.5))
     workers.start()
     try:
-        wait_for(lambda: min(r.attempts for r in deliveries(store, job)) >= 2, what="two failed attempts each")
+        wait_for(lambda: min(r.attempts for r in deliveries(instance_store, job)) >= 2, what="two failed attempts each")
         with orthanc:
-            wait_for(lambda: job_of(store, job).state != JobState.ENCODED, timeout_s=60, what="export")
+            wait_for(lambda: job_of(instance_store, job).state != JobState.ENCODED, timeout_s=60, what="export")
             holding = held(orthanc)
     finally:
         workers.stop()
-    assert job_of(store, job).state == JobState.EXPORTED, job_of(store, job).detail
+    assert job_of(instance_store, job).state == JobState.EXPORTED, job_of(instance_store, job).detail
     assert set(holding) == {sop_instance_uid(f) for f in files}
-    for row in deliveries(store, job):
+    for row in deliveries(instance_store, job):
         outcomes = [h["outcome"] for h in row.history]
         assert row.state == "delivered" and row.attempts == len(outcomes) >= 3, row.history
         assert outcomes[-1] == "delivered" and set(outcomes[:-1]) == {"retry"}
-    web = next(r for r in deliveries(store, job) if r.destination == "orthanc-web")
+    web = next(r for r in deliveries(instance_store, job) if r.destination == "orthanc-web")
     assert "STOW-RS request failed: ConnectError" in web.history[0]["reason"]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pacs import deliveries, job_of, make_job, outputs, sop_instance_uid
 
-from gateway.config import StoreSettings
 from gateway.errors import ExportError, NotFound
 from gateway.export import queue
 from gateway.export.outcome import Kind, Outcome, RetryPolicy
@@ -19,21 +17,12 @@ POLICY = RetryPolicy(max_attempts=3, backoff_initial_s=10, backoff_max_s=100)
 T0 = 1_000_000.0
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[InstanceStore]:
-    s = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def test_enqueue_one_delivery_per_file_and_destination(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    inside = outputs(store.data_dir / "results" / f"job-{job}", 2)
+def test_enqueue_one_delivery_per_file_and_destination(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    inside = outputs(instance_store.data_dir / "results" / f"job-{job}", 2)
     outside = outputs(tmp_path / "elsewhere", 1, seed=1)
-    assert queue.enqueue(store, job, [*inside, *outside], ["pacs", "vna", "pacs"], now=T0) == 6
-    rows = deliveries(store, job)
+    assert queue.enqueue(instance_store, job, [*inside, *outside], ["pacs", "vna", "pacs"], now=T0) == 6
+    rows = deliveries(instance_store, job)
     assert [(r.destination, r.state, r.attempts, r.next_attempt_at) for r in rows[:2]] == [
         ("pacs", "pending", 0, T0),
         ("vna", "pending", 0, T0),
@@ -43,160 +32,166 @@ def test_enqueue_one_delivery_per_file_and_destination(store: InstanceStore, tmp
     assert rows[-1].path == str(outside[0].resolve())
     assert rows[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
     assert rows[0].transfer_syntax_uid == "1.2.840.10008.1.2.1"
-    state = job_of(store, job)
+    state = job_of(instance_store, job)
     assert state.state == JobState.ENCODED and state.detail["export"] == {
         "deliveries": 6,
         "destinations": ["pacs", "vna"],
     }
-    assert queue.enqueue(store, job, inside, ["pacs", "ris"], now=T0) == 2, "only what is not queued yet"
+    assert queue.enqueue(instance_store, job, inside, ["pacs", "ris"], now=T0) == 2, "only what is not queued yet"
 
 
-def test_enqueue_without_destination_exports_at_once(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    assert queue.enqueue(store, job, outputs(tmp_path / "out", 1), []) == 0
-    state = job_of(store, job)
+def test_enqueue_without_destination_exports_at_once(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    assert queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), []) == 0
+    state = job_of(instance_store, job)
     assert state.state == JobState.EXPORTED and state.detail["export"]["reason"] == queue.NO_DESTINATION
 
 
-def test_enqueue_refuses_an_unreadable_file_and_queues_nothing(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
+def test_enqueue_refuses_an_unreadable_file_and_queues_nothing(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"not DICOM")
     with pytest.raises(ExportError, match=r"bad\.dcm cannot be queued"):
-        queue.enqueue(store, job, [*outputs(tmp_path / "out", 2), bad], ["pacs"])
-    assert deliveries(store, job) == [] and job_of(store, job).state == JobState.INFERRED
+        queue.enqueue(instance_store, job, [*outputs(tmp_path / "out", 2), bad], ["pacs"])
+    assert deliveries(instance_store, job) == [] and job_of(instance_store, job).state == JobState.INFERRED
     with pytest.raises(NotFound):
-        queue.enqueue(store, 9999, [], ["pacs"])
+        queue.enqueue(instance_store, 9999, [], ["pacs"])
 
 
-def test_claim_takes_due_deliveries_of_one_destination(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "out", 3), ["pacs", "vna"], now=T0)
-    assert queue.claim(store, ["pacs", "vna"], 10, now=T0 - 1) is None, "not due yet"
-    assert queue.claim(store, ["ris"], 10, now=T0) is None, "no delivery for that destination"
-    name, items = queue.claim(store, ["pacs", "vna"], 2, now=T0) or ("", [])
+def test_claim_takes_due_deliveries_of_one_destination(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 3), ["pacs", "vna"], now=T0)
+    assert queue.claim(instance_store, ["pacs", "vna"], 10, now=T0 - 1) is None, "not due yet"
+    assert queue.claim(instance_store, ["ris"], 10, now=T0) is None, "no delivery for that destination"
+    name, items = queue.claim(instance_store, ["pacs", "vna"], 2, now=T0) or ("", [])
     assert name == "pacs" and len(items) == 2 and all(i.path.is_file() for i in items)
-    name, items = queue.claim(store, ["pacs", "vna"], 10, now=T0) or ("", [])
+    name, items = queue.claim(instance_store, ["pacs", "vna"], 10, now=T0) or ("", [])
     assert name == "vna" and len(items) == 3, "the destination whose oldest delivery is due first"
-    name, items = queue.claim(store, ["pacs", "vna"], 10, now=T0) or ("", [])
+    name, items = queue.claim(instance_store, ["pacs", "vna"], 10, now=T0) or ("", [])
     assert name == "pacs" and len(items) == 1
-    assert queue.claim(store, ["pacs", "vna"], 10, now=T0) is None, "everything is sending"
-    assert {r.state for r in deliveries(store, job)} == {"sending"}
+    assert queue.claim(instance_store, ["pacs", "vna"], 10, now=T0) is None, "everything is sending"
+    assert {r.state for r in deliveries(instance_store, job)} == {"sending"}
 
 
-def test_retry_backs_off_then_gives_up(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
+def test_retry_backs_off_then_gives_up(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
     busy = Outcome(Kind.RETRY, "out of resources, status 0xA700", 0xA700)
     now = T0
     for attempt in (1, 2):
-        (item,) = (queue.claim(store, ["pacs"], 10, now=now) or ("", []))[1]
-        assert queue.record(store, item, busy, POLICY, jitter=0.5, now=now) == "pending"
-        (row,) = deliveries(store, job)
+        (item,) = (queue.claim(instance_store, ["pacs"], 10, now=now) or ("", []))[1]
+        assert queue.record(instance_store, item, busy, POLICY, jitter=0.5, now=now) == "pending"
+        (row,) = deliveries(instance_store, job)
         assert row.next_attempt_at == now + 0.75 * 10 * 2 ** (attempt - 1) and row.attempts == attempt
-        assert queue.claim(store, ["pacs"], 10, now=row.next_attempt_at - 0.001) is None
+        assert queue.claim(instance_store, ["pacs"], 10, now=row.next_attempt_at - 0.001) is None
         now = row.next_attempt_at
-        assert queue.settle(store, job, now=now) is None, "still pending"
-    (item,) = (queue.claim(store, ["pacs"], 10, now=now) or ("", []))[1]
-    assert queue.record(store, item, busy, POLICY, jitter=0.5, now=now) == "dead"
-    (row,) = deliveries(store, job)
+        assert queue.settle(instance_store, job, now=now) is None, "still pending"
+    (item,) = (queue.claim(instance_store, ["pacs"], 10, now=now) or ("", []))[1]
+    assert queue.record(instance_store, item, busy, POLICY, jitter=0.5, now=now) == "dead"
+    (row,) = deliveries(instance_store, job)
     assert row.last_error == "gave up after 3 attempts; last: out of resources, status 0xA700"
     assert [h["outcome"] for h in row.history] == ["retry"] * 3 and row.history[0]["status"] == 0xA700
-    assert queue.settle(store, job, now=now) == JobState.FAILED
-    detail = job_of(store, job).detail
+    assert queue.settle(instance_store, job, now=now) == JobState.FAILED
+    detail = job_of(instance_store, job).detail
     assert detail["failure"]["stage"] == "export"
     assert detail["failure"]["reason"] == "1 of 1 deliveries dead: pacs: " + row.last_error
     assert detail["export"]["dead"] == 1
 
 
-def test_job_exported_when_all_delivered_with_warnings_counted(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    first, second = queue.claim(store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
-    assert queue.record(store, first, Outcome(Kind.DELIVERED, "", 0), POLICY, jitter=0.5, now=T0) == "delivered"
-    assert queue.settle(store, job) is None, "one is still sending"
+def test_job_exported_when_all_delivered_with_warnings_counted(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
+    first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    assert (
+        queue.record(instance_store, first, Outcome(Kind.DELIVERED, "", 0), POLICY, jitter=0.5, now=T0) == "delivered"
+    )
+    assert queue.settle(instance_store, job) is None, "one is still sending"
     warning = Outcome(Kind.WARNING, "warning status 0xB000", 0xB000)
-    assert queue.record(store, second, warning, POLICY, jitter=0.5, now=T0) == "delivered"
-    assert queue.record(store, second, warning, POLICY, jitter=0.5, now=T0) is None, "no longer claimed"
-    assert queue.settle(store, job) == JobState.EXPORTED
-    detail = job_of(store, job).detail["export"]
+    assert queue.record(instance_store, second, warning, POLICY, jitter=0.5, now=T0) == "delivered"
+    assert queue.record(instance_store, second, warning, POLICY, jitter=0.5, now=T0) is None, "no longer claimed"
+    assert queue.settle(instance_store, job) == JobState.EXPORTED
+    detail = job_of(instance_store, job).detail["export"]
     assert (detail["delivered"], detail["warnings"], detail["dead"]) == (2, 1, 0)
-    assert [r.delivered_at for r in deliveries(store, job)] == [T0, T0]
+    assert [r.delivered_at for r in deliveries(instance_store, job)] == [T0, T0]
 
 
-def test_dead_outcome_is_final_at_once(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
-    (item,) = queue.claim(store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+def test_dead_outcome_is_final_at_once(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
+    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
     outcome = Outcome(Kind.DEAD, "refused, status 0xA900", 0xA900)
-    assert queue.record(store, item, outcome, POLICY, jitter=0.5, now=T0) == "dead"
-    (row,) = deliveries(store, job)
+    assert queue.record(instance_store, item, outcome, POLICY, jitter=0.5, now=T0) == "dead"
+    (row,) = deliveries(instance_store, job)
     assert (row.attempts, row.last_status, row.last_error) == (1, 0xA900, "refused, status 0xA900")
 
 
-def test_resume_and_release(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "out", 3), ["pacs", "gone"], now=T0)
-    items = queue.claim(store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
-    queue.record(store, items[0], Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
-    assert queue.release(store, [items[1].id], at=T0 + 5, now=T0) == 1
-    assert queue.resume(store, ["pacs"], now=T0 + 1) == (1, 3)
-    states = [(r.destination, r.state) for r in deliveries(store, job)]
+def test_resume_and_release(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 3), ["pacs", "gone"], now=T0)
+    items = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    queue.record(instance_store, items[0], Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
+    assert queue.release(instance_store, [items[1].id], at=T0 + 5, now=T0) == 1
+    assert queue.resume(instance_store, ["pacs"], now=T0 + 1) == (1, 3)
+    states = [(r.destination, r.state) for r in deliveries(instance_store, job)]
     assert states.count(("pacs", "pending")) == 2 and states.count(("pacs", "delivered")) == 1
     assert states.count(("gone", "dead")) == 3
-    gone = next(r for r in deliveries(store, job) if r.destination == "gone")
+    gone = next(r for r in deliveries(instance_store, job) if r.destination == "gone")
     assert gone.last_error == "destination 'gone' is no longer configured"
-    released = next(r for r in deliveries(store, job) if r.id == items[1].id)
+    released = next(r for r in deliveries(instance_store, job) if r.id == items[1].id)
     assert released.next_attempt_at == T0 + 5 and released.attempts == 0
 
 
-def test_resume_settles_a_job_whose_deliveries_all_ended(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
-    (item,) = queue.claim(store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
-    queue.record(store, item, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)  # then a crash before settle
-    assert job_of(store, job).state == JobState.ENCODED
-    queue.resume(store, ["pacs"])
-    assert job_of(store, job).state == JobState.EXPORTED
+def test_resume_settles_a_job_whose_deliveries_all_ended(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
+    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    queue.record(
+        instance_store, item, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0
+    )  # then a crash before settle
+    assert job_of(instance_store, job).state == JobState.ENCODED
+    queue.resume(instance_store, ["pacs"])
+    assert job_of(instance_store, job).state == JobState.EXPORTED
 
 
-def test_retry_job_requeues_dead_deliveries(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    first, second = queue.claim(store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
-    queue.record(store, first, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
-    queue.record(store, second, Outcome(Kind.DEAD, "refused, status 0xC000", 0xC000), POLICY, jitter=0.5, now=T0)
-    assert queue.settle(store, job) == JobState.FAILED
-    assert queue.retry_job(store, job, now=T0 + 60) == 1
-    state = job_of(store, job)
+def test_retry_job_requeues_dead_deliveries(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
+    first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    queue.record(instance_store, first, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
+    queue.record(
+        instance_store, second, Outcome(Kind.DEAD, "refused, status 0xC000", 0xC000), POLICY, jitter=0.5, now=T0
+    )
+    assert queue.settle(instance_store, job) == JobState.FAILED
+    assert queue.retry_job(instance_store, job, now=T0 + 60) == 1
+    state = job_of(instance_store, job)
     assert state.state == JobState.ENCODED and "failure" not in state.detail
     assert state.detail["previous_failures"][0]["stage"] == "export"
-    delivered, requeued = deliveries(store, job)
+    delivered, requeued = deliveries(instance_store, job)
     assert delivered.state == "delivered" and delivered.attempts == 1
     assert (requeued.state, requeued.attempts, requeued.next_attempt_at) == ("pending", 0, T0 + 60)
     assert [h["outcome"] for h in requeued.history] == ["dead", "requeued"]
     with pytest.raises(ExportError, match="no dead delivery"):
-        queue.retry_job(store, job)
+        queue.retry_job(instance_store, job)
     with pytest.raises(NotFound):
-        queue.retry_job(store, 9999)
+        queue.retry_job(instance_store, 9999)
 
 
-def test_deliveries_view(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
+def test_deliveries_view(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
     (path,) = outputs(tmp_path / "out", 1)
-    queue.enqueue(store, job, [path], ["pacs"], now=T0)
-    (view,) = queue.deliveries_of(store, job)
+    queue.enqueue(instance_store, job, [path], ["pacs"], now=T0)
+    (view,) = queue.deliveries_of(instance_store, job)
     assert view["sop_instance_uid"] == sop_instance_uid(path) and view["destination"] == "pacs"
     assert (view["state"], view["attempts"], view["history"], view["next_attempt_at"]) == ("pending", 0, [], T0)
     assert "path" not in view
 
 
-def test_a_batch_that_failed_together_is_due_again_together(store: InstanceStore, tmp_path: Path) -> None:
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    items = queue.claim(store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+def test_a_batch_that_failed_together_is_due_again_together(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
+    items = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
     busy = Outcome(Kind.RETRY, "HTTP 503", 503)
     for k, item in enumerate(items):  # the answers came in at different times
-        queue.record(store, item, busy, POLICY, jitter=0.2, now=T0 + 3 + k, retry_from=T0)
-    assert {r.next_attempt_at for r in deliveries(store, job)} == {T0 + 10 * 0.6}
-    assert len(queue.claim(store, ["pacs"], 10, now=T0 + 6)[1]) == 2  # type: ignore[index]
+        queue.record(instance_store, item, busy, POLICY, jitter=0.2, now=T0 + 3 + k, retry_from=T0)
+    assert {r.next_attempt_at for r in deliveries(instance_store, job)} == {T0 + 10 * 0.6}
+    assert len(queue.claim(instance_store, ["pacs"], 10, now=T0 + 6)[1]) == 2  # type: ignore[index]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pacs import deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid
 
-from gateway.config import ExportSettings, HttpSettings, StoreSettings, TokenSettings, hash_token
+from gateway.config import ExportSettings, HttpSettings, TokenSettings, hash_token
 from gateway.export import queue
 from gateway.export.workers import ExportWorkers
 from gateway.jobs.states import JobState
@@ -21,15 +21,6 @@ from gateway.store.store import InstanceStore
 from conftest import LiveServer, make_settings
 
 WRITE_TOKEN = "stow-export-token-0b8f4d2a9c1e"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[InstanceStore]:
-    s = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,42 +62,46 @@ def study_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
-def test_stored_with_a_bearer_token(peer: LiveServer, store: InstanceStore, tmp_path: Path) -> None:
+def test_stored_with_a_bearer_token(peer: LiveServer, instance_store: InstanceStore, tmp_path: Path) -> None:
     files = outputs(tmp_path / "out", 3)
-    job = make_job(store)
-    queue.enqueue(store, job, files, ["web"])
-    assert drain(store, to_web(f"{peer.url}/dicomweb/studies"), job) == JobState.EXPORTED
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, files, ["web"])
+    assert drain(instance_store, to_web(f"{peer.url}/dicomweb/studies"), job) == JobState.EXPORTED
     assert all(held_by(peer, f) for f in files)
-    assert {(r.state, r.attempts, r.last_status) for r in deliveries(store, job)} == {("delivered", 1, 200)}
+    assert {(r.state, r.attempts, r.last_status) for r in deliveries(instance_store, job)} == {("delivered", 1, 200)}
 
 
-def test_without_the_right_token_is_a_dead_letter(peer: LiveServer, store: InstanceStore, tmp_path: Path) -> None:
+def test_without_the_right_token_is_a_dead_letter(
+    peer: LiveServer, instance_store: InstanceStore, tmp_path: Path
+) -> None:
     files = outputs(tmp_path / "out", 1)
-    job = make_job(store)
-    queue.enqueue(store, job, files, ["web"])
-    assert drain(store, to_web(f"{peer.url}/dicomweb/studies", token="wrong"), job) == JobState.FAILED
-    (row,) = deliveries(store, job)
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, files, ["web"])
+    assert drain(instance_store, to_web(f"{peer.url}/dicomweb/studies", token="wrong"), job) == JobState.FAILED
+    (row,) = deliveries(instance_store, job)
     assert (row.state, row.attempts, row.last_status, row.last_error) == ("dead", 1, 401, "refused, HTTP 401")
     assert not held_by(peer, files[0])
 
 
-def test_partial_acceptance_202_and_conflict_409(peer: LiveServer, store: InstanceStore, tmp_path: Path) -> None:
+def test_partial_acceptance_202_and_conflict_409(
+    peer: LiveServer, instance_store: InstanceStore, tmp_path: Path
+) -> None:
     ours = outputs(tmp_path / "a", 2, seed=1)
     others = outputs(tmp_path / "b", 1, seed=2)
     url = f"{peer.url}/dicomweb/studies/{study_of(ours[0])}"  # the other study's instance does not belong there
-    job = make_job(store)
-    queue.enqueue(store, job, [*ours, *others], ["web"])
-    assert drain(store, to_web(url), job) == JobState.FAILED
-    first, second, mismatched = deliveries(store, job)
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, [*ours, *others], ["web"])
+    assert drain(instance_store, to_web(url), job) == JobState.FAILED
+    first, second, mismatched = deliveries(instance_store, job)
     assert (first.state, second.state, first.last_status) == ("delivered", "delivered", 202)
     assert (mismatched.state, mismatched.last_status) == ("dead", 202)
     assert mismatched.last_error == "refused, HTTP 202, FailureReason 0xA900"
     assert held_by(peer, ours[0]) and not held_by(peer, others[0])
 
-    job = make_job(store)
-    queue.enqueue(store, job, outputs(tmp_path / "c", 1, seed=3), ["web"])
-    assert drain(store, to_web(url), job) == JobState.FAILED
-    (row,) = deliveries(store, job)
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "c", 1, seed=3), ["web"])
+    assert drain(instance_store, to_web(url), job) == JobState.FAILED
+    (row,) = deliveries(instance_store, job)
     assert (row.state, row.last_status, row.last_error) == ("dead", 409, "refused, HTTP 409, FailureReason 0xA900")
 
 
@@ -124,21 +119,21 @@ class _Unavailable(BaseHTTPRequestHandler):
         pass
 
 
-def test_server_unavailable_is_retried_then_dead(store: InstanceStore, tmp_path: Path) -> None:
+def test_server_unavailable_is_retried_then_dead(instance_store: InstanceStore, tmp_path: Path) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        job = make_job(store)
-        queue.enqueue(store, job, outputs(tmp_path / "out", 2), ["web"])
+        job = make_job(instance_store)
+        queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["web"])
         url = f"http://127.0.0.1:{server.server_address[1]}/studies"
-        assert drain(store, to_web(url, max_attempts=3), job) == JobState.FAILED
+        assert drain(instance_store, to_web(url, max_attempts=3), job) == JobState.FAILED
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
     assert _Unavailable.requests == 3, "one request per attempt, both files in it"
-    for row in deliveries(store, job):
+    for row in deliveries(instance_store, job):
         assert (row.state, row.attempts) == ("dead", 3)
         assert row.last_error == "gave up after 3 attempts; last: HTTP 503"
         assert [(h["outcome"], h["status"]) for h in row.history] == [("retry", 503)] * 3

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import TinyConv, save_torchscript, write_package
+from tiny_models import TinyConv, at_once, torchscript_package
 
 from gateway.errors import InferenceError, OutOfMemory
 from gateway.infer.backend import Backend
@@ -53,8 +53,7 @@ class Doubler:
 
 @pytest.fixture
 def model(tmp_path: Path) -> Iterator[Backend]:
-    save_torchscript(TinyConv(), tmp_path / "model.pt")
-    backend = load_backend(write_package(tmp_path, "torchscript", "model.pt"), tmp_path, "cpu")
+    backend = load_backend(torchscript_package(tmp_path, TinyConv()), tmp_path, "cpu")
     yield backend
     backend.close()
 
@@ -65,21 +64,15 @@ def items(n: int, seed: int = 0, shape: tuple[int, ...] = (1, 6, 7, 8)) -> np.nd
 
 def submit_together(batcher: Batcher, batches: list[np.ndarray]) -> list[np.ndarray | BaseException]:
     """Submit from one thread per batch, all at once; return each output or error."""
-    barrier = threading.Barrier(len(batches))
     results: list[np.ndarray | BaseException] = [np.empty(0)] * len(batches)
 
-    def worker(index: int) -> None:
-        barrier.wait()
+    def submit(index: int) -> None:
         try:
             results[index] = batcher.run(batches[index])
         except Exception as exc:
             results[index] = exc
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(batches))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    at_once(submit, len(batches), timeout_s=30)
     return results
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,13 @@ from tiny_models import (
     LabelValues,
     NaNNet,
     Threshold,
+    at_once,
     cuda_or_skip,
     make_volume,
     save_onnx,
     save_torchscript,
     segment,
+    torchscript_package,
     write_package,
 )
 
@@ -106,17 +107,11 @@ def test_small_segments_are_not_classified(tmp_path: Path, runtime: InferenceRun
 
 def run_concurrently(runtime: InferenceRuntime, manifest: Any, folder: Path, volumes: list[Any]) -> list[Any]:
     results: list[Any] = [None] * len(volumes)
-    barrier = threading.Barrier(len(volumes))
 
-    def worker(index: int) -> None:
-        barrier.wait()
+    def run(index: int) -> None:
         results[index] = runtime.run(manifest, folder, "c" * 64, volumes[index])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(volumes))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    at_once(run, len(volumes), timeout_s=120)
     return results
 
 
@@ -137,11 +132,9 @@ def test_sliding_window_jobs_share_forward_passes(tmp_path: Path, runtime: Infer
 
 
 def test_overlapping_channels(tmp_path: Path, runtime: InferenceRuntime) -> None:
-    save_torchscript(Channels(), tmp_path / "model.pt")
-    manifest = write_package(
+    manifest = torchscript_package(
         tmp_path,
-        "torchscript",
-        "model.pt",
+        Channels(),
         preprocess={"intensity": WINDOW},
         outputs={
             "segmentation": {
@@ -163,11 +156,9 @@ def test_overlapping_channels(tmp_path: Path, runtime: InferenceRuntime) -> None
 
 
 def test_single_channel_label_values(tmp_path: Path, runtime: InferenceRuntime) -> None:
-    save_torchscript(LabelValues(), tmp_path / "model.pt")
-    manifest = write_package(
+    manifest = torchscript_package(
         tmp_path,
-        "torchscript",
-        "model.pt",
+        LabelValues(),
         preprocess={"intensity": MIDWAY, "spacing_mm": [1.0, 1.0, 1.0]},
         outputs={"segmentation": {"activation": "none", "labels": [segment(3, "Three")]}},
     )
@@ -211,15 +202,11 @@ def test_diffusion_parametric_map(tmp_path: Path, runtime: InferenceRuntime, bac
 
 def test_nan_output_and_wrong_channel_count_are_inference_errors(tmp_path: Path, runtime: InferenceRuntime) -> None:
     volume, _ = sphere_volume()
-    (tmp_path / "nan").mkdir()
-    save_torchscript(NaNNet(), tmp_path / "nan" / "model.pt")
-    nan = write_package(tmp_path / "nan", "torchscript", "model.pt")
+    nan = torchscript_package(tmp_path / "nan", NaNNet())
     with pytest.raises(InferenceError, match="NaN or infinite"):
         runtime.run(nan, tmp_path / "nan", "1" * 64, volume)
-    (tmp_path / "few").mkdir()
-    save_torchscript(Threshold(), tmp_path / "few" / "model.pt")
     labels = [segment(1, "One"), segment(2, "Two")]
-    few = write_package(tmp_path / "few", "torchscript", "model.pt", outputs={"segmentation": {"labels": labels}})
+    few = torchscript_package(tmp_path / "few", Threshold(), outputs={"segmentation": {"labels": labels}})
     with pytest.raises(InferenceError, match=r"2 channel\(s\); the manifest's outputs need 3"):
         runtime.run(few, tmp_path / "few", "2" * 64, volume)
 

@@ -2,14 +2,16 @@
 
 The models are small enough to build in milliseconds and simple enough that their output is known:
 ``Threshold`` turns an intensity into two-class logits, ``Channels`` into two overlapping sigmoid channels,
-``ADC`` computes the apparent diffusion coefficient from two b-values.
+``ADC`` computes the apparent diffusion coefficient from two b-values. Also: :func:`at_once`, concurrent calls
+for the batching tests.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,13 @@ def write_package(folder: Path, backend: str, weights: str, **sections: Any) -> 
     return load_manifest(folder)
 
 
+def torchscript_package(folder: Path, module: torch.nn.Module, **sections: Any) -> Manifest:
+    """``module`` saved as TorchScript (``model.pt``) in ``folder`` with a model.yaml; the manifest read back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torchscript(module, folder / "model.pt")
+    return write_package(folder, "torchscript", "model.pt", **sections)
+
+
 def make_volume(array: np.ndarray, affine: np.ndarray | None = None, **fields: Any) -> Volume:
     """A volume from an array ``[S, R, C]`` (or 4D) and an affine (default: 1 mm axial, IPL as scanned)."""
     if affine is None:
@@ -207,3 +216,18 @@ def cuda_or_skip() -> str:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     return "cuda:0"
+
+
+def at_once(work: Callable[[int], None], n: int, timeout_s: float) -> None:
+    """Call ``work(0)`` ... ``work(n - 1)`` from one thread each, released together by a barrier; join them."""
+    barrier = threading.Barrier(n)
+
+    def worker(index: int) -> None:
+        barrier.wait()
+        work(index)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)

@@ -17,9 +17,8 @@ import json
 import os
 import signal
 import sqlite3
-import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,48 +29,26 @@ from gateway.export.scu import DicomFile, Peer, SendReport, scan, send
 from gateway.synth.ct import write_synthetic_ct
 
 from dicom_files import dataset_bytes
-from peers import PeerProcess, free_port, wait_until
+from peers import GatewayServer, wait_until
 
 pytestmark = pytest.mark.slow
 
-GATEWAY_SCRIPT = Path(sys.executable).with_name("gateway")
 SLICES = 200
 QUIET_S = 1.5
 
 
-class ServedGateway(PeerProcess):
-    """``gateway serve --config CFG`` on loopback ports, its output in ``gateway.log``."""
-
-    name = "gateway"
+class ServedGateway(GatewayServer):
+    """The gateway served over ``data_dir``, with a short quiet period and no job workers."""
 
     def __init__(self, tmpdir: Path, data_dir: Path) -> None:
-        super().__init__(tmpdir)
-        self.data_dir = data_dir
-        self.dicom_port, self.http_port = free_port(), free_port()
-        self.config = self.tmpdir / "gateway.yaml"
-        self.config.write_text(
-            f"dicom: {{host: 127.0.0.1, port: {self.dicom_port}, ae_title: GATEWAY}}\n"
-            f"http: {{host: 127.0.0.1, port: {self.http_port}}}\n"
-            f"store: {{data_dir: '{data_dir}', min_free_bytes: 0}}\n"
-            f"ingest: {{quiet_period_s: {QUIET_S}, completion_poll_s: 0.1}}\n"
-            "jobs: {workers: 0}\n"  # this test is about ingest: jobs stay "received"
-        )
+        ingest = {"quiet_period_s": QUIET_S, "completion_poll_s": 0.1}
+        super().__init__(
+            tmpdir, data_dir, {"ingest": ingest, "jobs": {"workers": 0}}
+        )  # about ingest: jobs stay "received"
 
     @property
     def peer(self) -> Peer:
         return Peer("GATEWAY", "127.0.0.1", self.dicom_port)
-
-    def _command(self) -> Sequence[str]:
-        return [str(GATEWAY_SCRIPT), "serve", "--config", str(self.config)]
-
-    def _env(self) -> Mapping[str, str]:
-        return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def jobs(self) -> list[dict[str, object]]:
         answer = httpx.get(f"http://127.0.0.1:{self.http_port}/api/jobs", timeout=10)

@@ -77,7 +77,7 @@ class BatcherStats:
         }
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes requests by identity, never by comparing their arrays
 class _Request:
     batch: Array
     extra: dict[str, Array]
@@ -192,14 +192,7 @@ class Batcher:
 
     def close(self) -> None:
         """Stop the thread after the forward pass in progress; requests still queued fail."""
-        with self._cond:
-            self._closed = True
-            pending = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for request in pending:
-            if request.future.set_running_or_notify_cancel():
-                request.future.set_exception(InferenceError("the model was unloaded before this request ran"))
+        self._fail_queued(InferenceError("the model was unloaded before this request ran"))
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -207,7 +200,12 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            group = self._next_group()
+            try:
+                group = self._next_group()
+            except BaseException as exc:  # a bug in grouping must not strand the queued callers
+                log.exception("batcher failed unexpectedly")
+                self._fail_queued(InferenceError(f"batcher failed: {reason(exc)}"))
+                return
             if group is None:
                 return
             try:
@@ -318,6 +316,17 @@ class Batcher:
             else:
                 request.future.set_result(_gather(outputs, start, stop))
             start = stop
+
+    def _fail_queued(self, error: InferenceError) -> None:
+        """Close: refuse new requests and fail every queued one with ``error``."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for request in pending:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(error)
 
     def _fail(self, group: list[_Request], error: InferenceError) -> None:
         for request in group:

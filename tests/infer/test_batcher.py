@@ -203,3 +203,23 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="one row per batch item"):
         batcher.submit(items(2), {"scale": np.ones((3, 1), np.float32)})
     batcher.close()
+
+
+def test_requests_of_another_shape_queued_between_do_not_break_grouping() -> None:
+    """A queued request is taken out of the queue past one of another shape (regression: the queue compared
+    requests by value, which compares their arrays, and the batcher thread died leaving every caller waiting)."""
+    backend = Doubler()
+    backend.gate.clear()
+    batcher = Batcher(backend, max_batch=4, max_wait_s=0.0)
+    running = batcher.submit(items(1))
+    assert backend.entered.wait(timeout=10)
+    first, other, second = (
+        batcher.submit(items(1, 1)),
+        batcher.submit(items(1, 2, shape=(1, 3, 3, 3))),
+        batcher.submit(items(1, 3)),
+    )
+    backend.gate.set()
+    outputs = [f.result(timeout=10) for f in (running, first, other, second)]
+    batcher.close()
+    assert [o.shape for o in outputs] == [(1, 1, 6, 7, 8), (1, 1, 6, 7, 8), (1, 1, 3, 3, 3), (1, 1, 6, 7, 8)]
+    assert backend.sizes == [1, 2, 1], "the two requests of one shape shared a forward pass past the other shape"

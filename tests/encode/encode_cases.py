@@ -72,16 +72,8 @@ def threshold_result(volume: Volume) -> ModelResult:
     labelmap[values > np.percentile(values, 80)] = 1
     labelmap[values > np.percentile(values, 97)] = 3
     masks = {1: labelmap == 1, 3: labelmap == 3}
-    return ModelResult(
-        name=manifest.name,
-        version=manifest.version,
-        sha256=SHA256,
-        manifest=manifest,
-        volume=volume,
-        labelmap=labelmap,
-        masks=masks,
-        measurements=measure_segments(masks, volume, manifest.outputs.segmentation.labels),
-    )
+    measurements = measure_segments(masks, volume, manifest.outputs.segmentation.labels)
+    return result_of(manifest, volume, labelmap=labelmap, masks=masks, measurements=measurements)
 
 
 def synthetic_ct(folder: Path, slices: int = 24, size: int = 128, seed: int = 1) -> Case:
@@ -126,46 +118,60 @@ def run_model(name: str, volume: Volume) -> ModelResult:
         runtime.close()
 
 
-def labelmap_manifest() -> Manifest:
-    """A label-map model with two non-overlapping, non-contiguous labels (1 lung, 3 bone) and a finding."""
-    code = {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"}
+def result_of(manifest: Manifest, volume: Volume, **outputs: Any) -> ModelResult:
+    """The result of ``manifest``'s model (weights hash :data:`SHA256`) on ``volume``: ``outputs`` are the other
+    :class:`ModelResult` fields."""
+    return ModelResult(
+        name=manifest.name, version=manifest.version, sha256=SHA256, manifest=manifest, volume=volume, **outputs
+    )
+
+
+def onnx_manifest(name: str, version: str, description: str, outputs: dict[str, Any]) -> Manifest:
+    """The manifest of an ONNX model for the tests, with these ``outputs``."""
     data: dict[str, Any] = {
-        "name": "phantom-labels",
-        "version": "2.1.0",
-        "description": "Lung and bone from HU thresholds.",
+        "name": name,
+        "version": version,
+        "description": description,
         "authors": ["Tests"],
         "licence": "CC0",
         "intended_use": "Tests only.",
         "backend": "onnx",
         "weights": "model.onnx",
-        "outputs": {
-            "segmentation": {
-                "kind": "labelmap",
-                "labels": [
-                    {
-                        "value": 1,
-                        "name": "lung",
-                        "category": {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"},
-                        "type": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"},
-                        "color": [80, 160, 255],
-                        "measurements": ["volume", "mean", "stddev", "min", "max", "voxels"],
-                    },
-                    {
-                        "value": 3,
-                        "name": "bone",
-                        "category": code,
-                        "type": {"value": "3138006", "scheme": "SCT", "meaning": "Bone"},
-                        "color": [240, 240, 220],
-                        "measurements": ["volume", "mean"],
-                    },
-                ],
-            },
-            "classifications": [
-                {"name": "Bone", "finding": {"value": "3138006", "scheme": "SCT", "meaning": "Bone"}, "label": 3}
-            ],
-        },
+        "outputs": outputs,
     }
     return Manifest.model_validate(data)
+
+
+def labelmap_manifest() -> Manifest:
+    """A label-map model with two non-overlapping, non-contiguous labels (1 lung, 3 bone) and a finding."""
+    code = {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"}
+    outputs: dict[str, Any] = {
+        "segmentation": {
+            "kind": "labelmap",
+            "labels": [
+                {
+                    "value": 1,
+                    "name": "lung",
+                    "category": {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"},
+                    "type": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"},
+                    "color": [80, 160, 255],
+                    "measurements": ["volume", "mean", "stddev", "min", "max", "voxels"],
+                },
+                {
+                    "value": 3,
+                    "name": "bone",
+                    "category": code,
+                    "type": {"value": "3138006", "scheme": "SCT", "meaning": "Bone"},
+                    "color": [240, 240, 220],
+                    "measurements": ["volume", "mean"],
+                },
+            ],
+        },
+        "classifications": [
+            {"name": "Bone", "finding": {"value": "3138006", "scheme": "SCT", "meaning": "Bone"}, "label": 3}
+        ],
+    }
+    return onnx_manifest("phantom-labels", "2.1.0", "Lung and bone from HU thresholds.", outputs)
 
 
 def labelmap_result(volume: Volume) -> ModelResult:
@@ -179,12 +185,9 @@ def labelmap_result(volume: Volume) -> ModelResult:
     masks = {1: labelmap == 1, 3: labelmap == 3}
     measurements = measure_segments(masks, volume, manifest.outputs.segmentation.labels)
     bone = Finding("Bone", manifest.outputs.classifications[0].finding, 3, 0.87, measurements[1].values["volume"])
-    return ModelResult(
-        name=manifest.name,
-        version=manifest.version,
-        sha256=SHA256,
-        manifest=manifest,
-        volume=volume,
+    return result_of(
+        manifest,
+        volume,
         labelmap=labelmap,
         masks=masks,
         probabilities={1: 0.9, 3: 0.87},
@@ -195,40 +198,19 @@ def labelmap_result(volume: Volume) -> ModelResult:
 
 def map_manifest(name: str = "relative-hu") -> Manifest:
     """A model with one parametric map."""
-    data: dict[str, Any] = {
-        "name": name,
-        "version": "0.3.0",
-        "description": "A map.",
-        "authors": ["Tests"],
-        "licence": "CC0",
-        "intended_use": "Tests only.",
-        "backend": "onnx",
-        "weights": "model.onnx",
-        "outputs": {
-            "parametric_maps": [
-                {
-                    "name": "relative HU",
-                    "quantity": {"value": "112031", "scheme": "DCM", "meaning": "Attenuation Coefficient"},
-                    "units": {"value": "[hnsf'U]", "scheme": "UCUM", "meaning": "Hounsfield unit"},
-                }
-            ]
-        },
+    hu_map = {
+        "name": "relative HU",
+        "quantity": {"value": "112031", "scheme": "DCM", "meaning": "Attenuation Coefficient"},
+        "units": {"value": "[hnsf'U]", "scheme": "UCUM", "meaning": "Hounsfield unit"},
     }
-    return Manifest.model_validate(data)
+    return onnx_manifest(name, "0.3.0", "A map.", {"parametric_maps": [hu_map]})
 
 
 def map_result(volume: Volume) -> ModelResult:
     """A parametric map of the volume's HU above air (float32, fractional values)."""
     manifest = map_manifest()
     values = ((volume.array + 1000.0) / 3.0).astype(np.float32)
-    return ModelResult(
-        name=manifest.name,
-        version=manifest.version,
-        sha256=SHA256,
-        manifest=manifest,
-        volume=volume,
-        maps={"relative HU": values},
-    )
+    return result_of(manifest, volume, maps={"relative HU": values})
 
 
 def large_labelmap_case(slices: int = 300, size: int = 512) -> tuple[ModelResult, dict[str, Dataset]]:
@@ -271,18 +253,8 @@ def large_labelmap_case(slices: int = 300, size: int = 512) -> tuple[ModelResult
     for value, ((cz, cy, cx), radius) in enumerate(spheres, start=1):
         labelmap[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 < radius**2] = value
     manifest = five_label_manifest()
-    return (
-        ModelResult(
-            name=manifest.name,
-            version=manifest.version,
-            sha256=SHA256,
-            manifest=manifest,
-            volume=volume,
-            labelmap=labelmap,
-            masks={value: labelmap == value for value in range(1, 6)},
-        ),
-        sources,
-    )
+    masks = {value: labelmap == value for value in range(1, 6)}
+    return result_of(manifest, volume, labelmap=labelmap, masks=masks), sources
 
 
 def five_label_manifest() -> Manifest:

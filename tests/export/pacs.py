@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from gateway.config import ExportSettings
 from gateway.export.queue import ExportIndex
+from gateway.export.workers import ExportWorkers
 from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Job, Series, SeriesRevision, Study
 from gateway.synth.ct import write_synthetic_ct
@@ -96,6 +97,20 @@ def job_of(store: ExportIndex, job_id: int) -> Job:
         job = session.get(Job, job_id)
         assert job is not None
         return job
+
+
+def drain(store: ExportIndex, settings: ExportSettings, job_id: int, timeout_s: float = 30.0) -> str:
+    """Run the export workers' loop in this thread until the job leaves ``encoded``; its state."""
+    workers = ExportWorkers(store, settings)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while job_of(store, job_id).state == JobState.ENCODED:
+            assert time.monotonic() < deadline, f"job {job_id} still encoded after {timeout_s} s"
+            if not workers.run_once():
+                time.sleep(0.02)
+    finally:
+        workers.stop()
+    return job_of(store, job_id).state
 
 
 def deliveries(store: ExportIndex, job_id: int | None = None) -> list[Delivery]:

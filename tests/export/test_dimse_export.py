@@ -3,7 +3,6 @@ a PACS that is down for a while, and a restart that resumes what was being sent 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pydicom
@@ -11,6 +10,7 @@ import pytest
 from pacs import (
     StatusSCP,
     deliveries,
+    drain,
     fast_export,
     job_of,
     make_job,
@@ -43,20 +43,6 @@ from peers import free_port
 
 def to_pacs(port: int, **values: object) -> ExportSettings:
     return fast_export(destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port}}, **values)
-
-
-def drain(store: InstanceStore, settings: ExportSettings, job_id: int, timeout_s: float = 30.0) -> str:
-    """Run the workers' loop in this thread until the job leaves ``encoded``; its state."""
-    workers = ExportWorkers(store, settings)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while job_of(store, job_id).state == JobState.ENCODED:
-            assert time.monotonic() < deadline, f"job {job_id} still encoded after {timeout_s} s"
-            if not workers.run_once():
-                time.sleep(0.02)
-    finally:
-        workers.stop()
-    return job_of(store, job_id).state
 
 
 def implicit_copy(src: Path, dest: Path) -> Path:

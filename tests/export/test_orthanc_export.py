@@ -3,12 +3,11 @@ while gets them once it is up (the attempts before are recorded)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from pacs import deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for
+from pacs import deliveries, drain, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for
 
 from gateway.config import ExportSettings
 from gateway.export import queue
@@ -44,20 +43,6 @@ def settings_for(orthanc: Orthanc, **values: object) -> ExportSettings:
     return fast_export(destinations=destinations, **values)
 
 
-def drain(store: InstanceStore, settings: ExportSettings, job_id: int, timeout_s: float = 60.0) -> str:
-    """Run the workers' loop in this thread until the job leaves ``encoded``; its state."""
-    workers = ExportWorkers(store, settings)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while job_of(store, job_id).state == JobState.ENCODED:
-            assert time.monotonic() < deadline, f"job {job_id} still encoded after {timeout_s} s"
-            if not workers.run_once():
-                time.sleep(0.02)
-    finally:
-        workers.stop()
-    return job_of(store, job_id).state
-
-
 @pytest.mark.parametrize("destination", ["orthanc-dimse", "orthanc-web"])
 def test_results_arrive_in_orthanc(
     need_orthanc: None, instance_store: InstanceStore, tmp_path: Path, destination: str
@@ -66,7 +51,7 @@ def test_results_arrive_in_orthanc(
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, files, [destination])
     with Orthanc(tmp_path / "orthanc") as orthanc:
-        assert drain(instance_store, settings_for(orthanc), job) == JobState.EXPORTED
+        assert drain(instance_store, settings_for(orthanc), job, timeout_s=60.0) == JobState.EXPORTED
         holding = held(orthanc)
         assert set(holding) == {sop_instance_uid(f) for f in files}
         original = pydicom.dcmread(files[0])

@@ -4,17 +4,15 @@ per-instance failures, 409, 401; and a server answering 503 (retried, then dead 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from pacs import deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid
+from pacs import deliveries, drain, fast_export, make_job, outputs, sop_instance_uid
 
 from gateway.config import ExportSettings, HttpSettings, TokenSettings, hash_token
 from gateway.export import queue
-from gateway.export.workers import ExportWorkers
 from gateway.jobs.states import JobState
 from gateway.store.store import InstanceStore
 
@@ -37,19 +35,6 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 def to_web(url: str, token: str | None = WRITE_TOKEN, **values: object) -> ExportSettings:
     return fast_export(destinations={"web": {"stow_url": url, "token": token}}, **values)
-
-
-def drain(store: InstanceStore, settings: ExportSettings, job_id: int, timeout_s: float = 30.0) -> str:
-    workers = ExportWorkers(store, settings)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while job_of(store, job_id).state == JobState.ENCODED:
-            assert time.monotonic() < deadline, f"job {job_id} still encoded after {timeout_s} s"
-            if not workers.run_once():
-                time.sleep(0.02)
-    finally:
-        workers.stop()
-    return job_of(store, job_id).state
 
 
 def held_by(peer: LiveServer, path: Path) -> bool:

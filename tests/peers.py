@@ -10,7 +10,9 @@ peer fails to start, the error carries the tail of that log.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
+import ipaddress
 import json
 import os
 import shutil
@@ -25,6 +27,10 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 #: Largest PDU that every peer accepts (DCMTK's and Orthanc's ceiling); benchmarks use it for all targets.
 MAX_PDU = 131_072
@@ -562,3 +568,49 @@ class MinimalSCP(PeerProcess):
             return False
         self.port = int(self._port_file.read_text())
         return True
+
+
+# ---------------------------------------------------------------------------------------------- TLS material
+
+
+def _key_and_cert(name: str, issuer: tuple[Any, Any] | None, *, ca: bool = False) -> tuple[Any, Any]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_key, issuer_name = (key, subject) if issuer is None else issuer
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write_pem(folder: Path, stem: str, key: Any, cert: Any) -> tuple[Path, Path]:
+    key_path, cert_path = folder / f"{stem}.key", folder / f"{stem}.pem"
+    encoding, no_password = serialization.Encoding.PEM, serialization.NoEncryption()
+    key_path.write_bytes(key.private_bytes(encoding, serialization.PrivateFormat.PKCS8, no_password))
+    cert_path.write_bytes(cert.public_bytes(encoding))
+    return key_path, cert_path
+
+
+def pki(folder: Path, *, server: str = "pacs", client: str = "gateway") -> dict[str, Path]:
+    """A test CA, a server certificate (localhost, 127.0.0.1) and a client certificate, as PEM files (keys
+    ``ca``, ``server_key``, ``server_cert``, ``client_key``, ``client_cert``); ``server`` and ``client`` are the
+    certificates' common names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _key_and_cert("test-ca", None, ca=True)
+    issuer = (ca_key, ca_cert.subject)
+    paths: dict[str, Path] = {}
+    _, paths["ca"] = _write_pem(folder, "ca", ca_key, ca_cert)
+    paths["server_key"], paths["server_cert"] = _write_pem(folder, "server", *_key_and_cert(server, issuer))
+    paths["client_key"], paths["client_cert"] = _write_pem(folder, "client", *_key_and_cert(client, issuer))
+    return paths

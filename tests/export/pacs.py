@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import threading
 import time
 from collections import Counter
@@ -12,10 +10,6 @@ from pathlib import Path
 from typing import Any, Self
 
 import pydicom
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydicom.uid import generate_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 from sqlalchemy import select
@@ -198,44 +192,3 @@ class StatusSCP:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _key_and_cert(name: str, issuer: tuple[Any, Any] | None, *, ca: bool = False) -> tuple[Any, Any]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_key, issuer_name = (key, subject) if issuer is None else issuer
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return key, builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write_pem(folder: Path, stem: str, key: Any, cert: Any) -> tuple[Path, Path]:
-    key_path, cert_path = folder / f"{stem}.key", folder / f"{stem}.pem"
-    encoding, no_password = serialization.Encoding.PEM, serialization.NoEncryption()
-    key_path.write_bytes(key.private_bytes(encoding, serialization.PrivateFormat.PKCS8, no_password))
-    cert_path.write_bytes(cert.public_bytes(encoding))
-    return key_path, cert_path
-
-
-def pki(folder: Path) -> dict[str, Path]:
-    """A test CA, a server certificate (localhost, 127.0.0.1) and a client certificate, as PEM files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = _key_and_cert("test-ca", None, ca=True)
-    issuer = (ca_key, ca_cert.subject)
-    paths: dict[str, Path] = {}
-    _, paths["ca"] = _write_pem(folder, "ca", ca_key, ca_cert)
-    paths["server_key"], paths["server_cert"] = _write_pem(folder, "server", *_key_and_cert("pacs", issuer))
-    paths["client_key"], paths["client_cert"] = _write_pem(folder, "client", *_key_and_cert("gateway", issuer))
-    return paths

@@ -15,7 +15,6 @@ from pacs import (
     job_of,
     make_job,
     outputs,
-    pki,
     relabel,
     sop_instance_uid,
     wait_for,
@@ -38,7 +37,7 @@ from gateway.runtime import Gateway
 from gateway.store.store import InstanceStore
 
 from conftest import make_settings
-from peers import free_port
+from peers import free_port, pki
 
 
 def to_pacs(port: int, **values: object) -> ExportSettings:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import gc
-import ipaddress
 import socket
 import ssl
 import struct
@@ -13,10 +11,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -25,6 +19,7 @@ from gateway.export.scu import Peer, echo
 from gateway.runtime import Gateway
 
 from conftest import make_settings
+from peers import pki as make_pki
 
 A_ABORT = 0x07
 
@@ -82,47 +77,9 @@ def test_garbage_pdu_type_does_not_hurt_the_server(gateway: Gateway) -> None:
     assert echo(Peer("GATEWAY", "127.0.0.1", gateway.scp.port)) == 0
 
 
-def _key_and_cert(name: str, issuer: tuple | None, *, ca: bool = False):
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_key, issuer_name = (key, subject) if issuer is None else issuer
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return key, builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(tmp: Path, stem: str, key, cert) -> tuple[Path, Path]:
-    key_path, cert_path = tmp / f"{stem}.key", tmp / f"{stem}.pem"
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:
-    ca_key, ca_cert = _key_and_cert("test-ca", None, ca=True)
-    issuer = (ca_key, ca_cert.subject)
-    paths: dict[str, Path] = {}
-    _, paths["ca"] = _write(tmp_path, "ca", ca_key, ca_cert)
-    paths["server_key"], paths["server_cert"] = _write(tmp_path, "server", *_key_and_cert("gateway", issuer))
-    paths["client_key"], paths["client_cert"] = _write(tmp_path, "client", *_key_and_cert("pacs", issuer))
-    return paths
+    return make_pki(tmp_path, server="gateway", client="pacs")
 
 
 def _tls_echo(port: int, pki: dict[str, Path], *, client_cert: bool, max_version=None) -> bool:

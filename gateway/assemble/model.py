@@ -123,3 +123,21 @@ class Volume:
     def resampled(self) -> bool:
         """Whether any QC step resampled the voxels."""
         return any(flag.resampled for flag in self.qc)
+
+
+def diffusion_groups(volume: Volume) -> dict[float, list[int]]:
+    """The indices along the 4th dimension of a diffusion volume, by b-value (s/mm2, told apart to 0.1).
+
+    A volume is a diffusion one when it is 4D and every ``dimension_4`` entry is ``("Diffusion", (b, gradient))``
+    with a numeric b; for any other volume the answer is empty. Routing counts these groups and inference makes one
+    channel of each, so both see the same b-values.
+    """
+    entries = volume.dimension_4
+    if volume.array.ndim != 4 or not entries:
+        return {}
+    groups: dict[float, list[int]] = {}
+    for index, (name, value) in enumerate(entries):
+        if name != "Diffusion" or not isinstance(value, tuple) or not isinstance(value[0], int | float):
+            return {}
+        groups.setdefault(round(float(value[0]), 1), []).append(index)
+    return groups

@@ -24,7 +24,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from gateway.assemble.model import Volume
+from gateway.assemble.model import Volume, diffusion_groups
 from gateway.errors import InferenceError
 from gateway.registry.manifest import Intensity, Manifest
 
@@ -265,11 +265,10 @@ def _diffusion_channels(volume: Volume) -> tuple[list[npt.NDArray[np.float32]], 
     """One channel per distinct b-value (ascending), each the mean over its directions."""
     if volume.array.ndim != 4 or not volume.dimension_4:
         raise InferenceError("the model needs a 4D diffusion volume; this volume is 3D")
-    groups: dict[float, list[int]] = {}
-    for index, (kind, value) in enumerate(volume.dimension_4):
-        if kind != "Diffusion":
-            raise InferenceError(f"the model needs a diffusion volume; this one varies by {kind}")
-        groups.setdefault(round(float(value[0]), 1), []).append(index)
+    groups = diffusion_groups(volume)
+    if not groups:
+        varying = ", ".join(sorted({str(kind) for kind, _ in volume.dimension_4}))
+        raise InferenceError(f"the model needs a diffusion volume; this one varies by {varying}")
     b_values = np.array(sorted(groups), dtype=np.float32)
     channels = [volume.array[groups[b]].mean(axis=0, dtype=np.float32) for b in sorted(groups)]
     listed = ", ".join(f"{b:g}" for b in b_values)

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset
 
-from gateway.assemble.model import Volume
+from gateway.assemble.model import Volume, diffusion_groups
 from gateway.registry.manifest import Manifest, Selection
 
 __all__ = [
@@ -189,16 +189,10 @@ def diffusion_b_values(volume: Volume) -> tuple[float, ...]:
     """The distinct b-values (s/mm2, ascending) of a 4D diffusion volume; empty for any other volume.
 
     A 4D volume is a diffusion one when every entry of its ``dimension_4`` is ``("Diffusion", (b, gradient))``.
-    b-values are told apart to 0.1 s/mm2, as the inference stage does when it makes one channel per b-value
-    (:mod:`gateway.infer.preprocess`), so routing counts the channels the model will get.
+    The b-values are those of :func:`gateway.assemble.model.diffusion_groups`, one input channel each at
+    inference, so routing counts the channels the model will get.
     """
-    entries = volume.dimension_4
-    if volume.array.ndim != 4 or not entries or any(name != "Diffusion" for name, _ in entries):
-        return ()
-    values = [value[0] for _, value in entries if isinstance(value, tuple) and isinstance(value[0], int | float)]
-    if len(values) != len(entries):
-        return ()
-    return tuple(sorted({round(float(v), 1) for v in values}))
+    return tuple(sorted(diffusion_groups(volume)))
 
 
 def _dimensions(volume: Volume, select: Selection, index: int) -> RuleCheck:

@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 
 from gateway.assemble.assemble import AssemblyResult, assemble_series
 from gateway.errors import GatewayError
+from gateway.jobs.record import record
 from gateway.jobs.states import JobState
 from gateway.store.index import Instance, Job, SeriesRevision
 from gateway.store.store import InstanceStore
@@ -109,17 +110,14 @@ def assemble_job(store: InstanceStore, job_id: int) -> AssemblyResult | None:
 
 
 def _finish(store: InstanceStore, job_id: int, summary: dict[str, Any], failure: str | None, seconds: float) -> None:
-    with store.write_sessions.begin() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        detail = dict(job.detail or {})
-        detail["assembly"] = summary
-        detail["timings"] = {**detail.get("timings", {}), "assemble_s": round(seconds, 3)}
-        if failure is not None:
-            detail["failure"] = {"stage": "assemble", "reason": failure}
-        job.detail = detail
-        job.state = JobState.FAILED if failure else JobState.ASSEMBLED
-        job.updated_at = time.time()
+    record(
+        store,
+        job_id,
+        timing=("assemble_s", seconds),
+        state=JobState.FAILED if failure else JobState.ASSEMBLED,
+        assembly=summary,
+        failure={"stage": "assemble", "reason": failure} if failure is not None else None,
+    )
     log.info("job %d %s in %.1f s", job_id, "failed at assembly" if failure else "assembled", seconds)
 
 

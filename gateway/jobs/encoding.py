@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 import gateway
 from gateway.config import ExportSettings
@@ -23,6 +23,7 @@ from gateway.encode import encode_result, write_objects
 from gateway.export.destinations import destinations_for
 from gateway.export.queue import enqueue
 from gateway.infer.results import ModelResult
+from gateway.jobs.record import advance, record
 from gateway.jobs.states import JobState
 from gateway.store.index import Instance, Job
 from gateway.store.store import InstanceStore
@@ -55,7 +56,7 @@ class EncodeStage:
 
     def __call__(self, job_id: int, results: Sequence[ModelResult]) -> None:
         """Run the stage for ``job_id`` (``inferred``) on the results inference gave."""
-        if not self._claim(job_id):
+        if not advance(self._store, job_id, JobState.INFERRED, JobState.ENCODING):
             return
         started = time.monotonic()
         try:
@@ -65,15 +66,6 @@ class EncodeStage:
         except Exception as exc:  # one bad job fails, never the worker
             log.exception("encoding of job %d failed", job_id)
             self._fail(job_id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
-
-    def _claim(self, job_id: int) -> bool:
-        with self._store.write_sessions.begin() as session:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.INFERRED)
-                .values(state=JobState.ENCODING, updated_at=time.time())
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def _encode(self, job_id: int, results: Sequence[ModelResult]) -> tuple[list[dict[str, Any]], list[Path]]:
         folder = self._outputs_dir / f"job-{job_id}"
@@ -123,23 +115,9 @@ class EncodeStage:
         return source or ""
 
     def _record(self, job_id: int, outputs: list[dict[str, Any]], seconds: float) -> None:
-        with self._store.write_sessions.begin() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            detail = dict(job.detail or {})
-            detail["outputs"] = outputs
-            detail["timings"] = {**detail.get("timings", {}), "encode_s": round(seconds, 3)}
-            job.detail = detail
-            job.updated_at = time.time()
+        record(self._store, job_id, timing=("encode_s", seconds), outputs=outputs)
         log.info("job %d: %d DICOM output(s) in %.1f s", job_id, len(outputs), seconds)
 
     def _fail(self, job_id: int, reason: str, seconds: float) -> None:
-        with self._store.write_sessions.begin() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            detail = dict(job.detail or {})
-            detail["failure"] = {"stage": "encode", "reason": f"encoding failed: {reason}"}
-            detail["timings"] = {**detail.get("timings", {}), "encode_s": round(seconds, 3)}
-            job.detail = detail
-            job.state = JobState.FAILED
-            job.updated_at = time.time()
+        failure = {"stage": "encode", "reason": f"encoding failed: {reason}"}
+        record(self._store, job_id, timing=("encode_s", seconds), state=JobState.FAILED, failure=failure)

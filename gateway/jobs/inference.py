@@ -15,20 +15,20 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from gateway.assemble.assemble import AssemblyResult
 from gateway.infer.outputs import write_model_outputs
 from gateway.infer.results import ModelResult
 from gateway.infer.runtime import InferenceRuntime
 from gateway.infer.series import SeriesOutcome, run_models
+from gateway.jobs.record import advance, record
 from gateway.jobs.states import JobState
 from gateway.registry.registry import Registry
 from gateway.route.route import SeriesFacts, series_facts
-from gateway.store.index import Instance, Job
+from gateway.store.index import Instance
 from gateway.store.store import InstanceStore
 
 __all__ = ["InferenceStage"]
@@ -70,7 +70,7 @@ class InferenceStage:
 
     def __call__(self, job_id: int, assembly: AssemblyResult) -> None:
         """Run the stage for ``job_id`` (already ``assembled``) on the volumes assembly built."""
-        if not self._claim(job_id):
+        if not advance(self._store, job_id, JobState.ASSEMBLED, JobState.INFERRING):
             return
         started = time.monotonic()
         outcome: SeriesOutcome | None = None
@@ -87,15 +87,6 @@ class InferenceStage:
         self._finish(job_id, outcome, files, failure, started)
         if failure is None and outcome.results and self._then is not None:
             self._then(job_id, outcome.results)
-
-    def _claim(self, job_id: int) -> bool:
-        with self._store.write_sessions.begin() as session:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.ASSEMBLED)
-                .values(state=JobState.INFERRING, updated_at=time.time())
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def _facts(self, assembly: AssemblyResult) -> SeriesFacts:
         """Header facts of the series, read from the first instance of its first volume."""
@@ -127,18 +118,15 @@ class InferenceStage:
         seconds = time.monotonic() - started
         ran = bool(outcome and outcome.results)
         state = JobState.FAILED if failure else (JobState.INFERRED if ran else JobState.SKIPPED)
-        with self._store.write_sessions.begin() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            detail: dict[str, Any] = dict(job.detail or {})
-            if outcome is not None:
-                detail["inference"] = {**outcome.summary(), "files": files}
-            detail["timings"] = {**detail.get("timings", {}), "infer_s": round(seconds, 3)}
-            if outcome is not None and not ran and not failure:
-                detail["skipped"] = "no enabled model applies to this series (see inference.routing for each reason)"
-            if failure is not None:
-                detail["failure"] = {"stage": "infer", "reason": failure}
-            job.detail = detail
-            job.state = state
-            job.updated_at = time.time()
+        skipped = outcome is not None and not ran and not failure
+        no_model = "no enabled model applies to this series (see inference.routing for each reason)"
+        record(
+            self._store,
+            job_id,
+            timing=("infer_s", seconds),
+            state=state,
+            inference={**outcome.summary(), "files": files} if outcome is not None else None,
+            skipped=no_model if skipped else None,
+            failure={"stage": "infer", "reason": failure} if failure is not None else None,
+        )
         log.info("job %d %s in %.1f s", job_id, state.value, seconds)

@@ -18,20 +18,21 @@ import uuid
 from collections import Counter
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from gateway.errors import ExportError, NotFound
 from gateway.export.outcome import Item, Kind, Outcome, RetryPolicy
 from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Job
+from gateway.store.store import StoreIndex
 
 __all__ = [
-    "ExportIndex",
+    "StoreIndex",
     "claim",
     "deliveries_of",
     "enqueue",
@@ -50,21 +51,8 @@ _HISTORY_MAX = 100  # attempts kept per delivery (the oldest are dropped after m
 _REASONS_IN_FAILURE = 5
 
 
-class ExportIndex(Protocol):
-    """What the queue needs of the store: the data folder and the index's sessions (an InstanceStore has them)."""
-
-    @property
-    def data_dir(self) -> Path: ...
-
-    @property
-    def sessions(self) -> sessionmaker[Session]: ...
-
-    @property
-    def write_sessions(self) -> sessionmaker[Session]: ...
-
-
 def enqueue(
-    store: ExportIndex, job_id: int, files: Sequence[Path], destinations: Sequence[str], *, now: float | None = None
+    store: StoreIndex, job_id: int, files: Sequence[Path], destinations: Sequence[str], *, now: float | None = None
 ) -> int:
     """Queue every file of a job for every destination, in one transaction, and move the job to ``encoded``.
 
@@ -74,7 +62,7 @@ def enqueue(
     Parameters
     ----------
     store
-        The instance store (or any :class:`ExportIndex`).
+        The instance store (or any :class:`StoreIndex`).
     job_id
         The job whose outputs these are.
     files
@@ -116,7 +104,7 @@ def enqueue(
     return added
 
 
-def _header(store: ExportIndex, path: Path) -> tuple[str, str, str, str]:
+def _header(store: StoreIndex, path: Path) -> tuple[str, str, str, str]:
     """(stored path, SOP Class UID, SOP Instance UID, transfer syntax) of an output file."""
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
@@ -167,7 +155,7 @@ def _mark_queued(job: Job, total: int, names: list[str], now: float) -> None:
 
 
 def claim(
-    store: ExportIndex, destinations: Collection[str], limit: int, *, now: float | None = None
+    store: StoreIndex, destinations: Collection[str], limit: int, *, now: float | None = None
 ) -> tuple[str, list[Item]] | None:
     """Claim up to ``limit`` due deliveries of the destination whose oldest delivery is due first.
 
@@ -193,7 +181,7 @@ def claim(
         return name, [_item(store, row) for row in rows]
 
 
-def _item(store: ExportIndex, row: Delivery) -> Item:
+def _item(store: StoreIndex, row: Delivery) -> Item:
     return Item(
         row.id,
         row.job_id,
@@ -205,7 +193,7 @@ def _item(store: ExportIndex, row: Delivery) -> Item:
 
 
 def record(
-    store: ExportIndex,
+    store: StoreIndex,
     item: Item,
     outcome: Outcome,
     policy: RetryPolicy,
@@ -258,7 +246,7 @@ def _appended(
     return [*(history or []), entry][-_HISTORY_MAX:]
 
 
-def release(store: ExportIndex, ids: Collection[int], *, at: float, now: float | None = None) -> int:
+def release(store: StoreIndex, ids: Collection[int], *, at: float, now: float | None = None) -> int:
     """Put claimed deliveries that were not attempted back to ``pending``, due at ``at``; return how many."""
     if not ids:
         return 0
@@ -272,7 +260,7 @@ def release(store: ExportIndex, ids: Collection[int], *, at: float, now: float |
         return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def resume(store: ExportIndex, configured: Collection[str], *, now: float | None = None) -> tuple[int, int]:
+def resume(store: StoreIndex, configured: Collection[str], *, now: float | None = None) -> tuple[int, int]:
     """At start: ``sending`` deliveries go back to ``pending``, those of unconfigured destinations are dead.
 
     Jobs whose deliveries all ended before a crash let their job move on (:func:`settle`). Returns (resumed,
@@ -298,7 +286,7 @@ def resume(store: ExportIndex, configured: Collection[str], *, now: float | None
     return int(resumed.rowcount), len(orphans)  # type: ignore[attr-defined]
 
 
-def settle(store: ExportIndex, job_id: int, *, now: float | None = None) -> JobState | None:
+def settle(store: StoreIndex, job_id: int, *, now: float | None = None) -> JobState | None:
     """Move an ``encoded`` job on once none of its deliveries is left to send; return its new state, if any."""
     now = time.time() if now is None else now
     with store.write_sessions.begin() as session:
@@ -349,7 +337,7 @@ def _failure_reason(session: Session, job_id: int, counts: Counter[str]) -> str:
     return f"{counts[DEAD]} of {total} deliveries dead: " + "; ".join(reasons[:_REASONS_IN_FAILURE]) + more
 
 
-def retry_job(store: ExportIndex, job_id: int, *, now: float | None = None) -> int:
+def retry_job(store: StoreIndex, job_id: int, *, now: float | None = None) -> int:
     """Put a job's dead deliveries back to ``pending`` (attempts reset, history kept) and the job to ``encoded``.
 
     Returns
@@ -383,7 +371,7 @@ def retry_job(store: ExportIndex, job_id: int, *, now: float | None = None) -> i
     return len(dead)
 
 
-def deliveries_of(store: ExportIndex, job_id: int) -> list[dict[str, Any]]:
+def deliveries_of(store: StoreIndex, job_id: int) -> list[dict[str, Any]]:
     """A job's deliveries as the API shows them: instance, destination, state, attempts and their history."""
     with store.sessions() as session:
         rows = session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)).all()

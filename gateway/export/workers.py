@@ -14,6 +14,7 @@ from gateway.export.destinations import Sender
 from gateway.export.dimse import DimseSender
 from gateway.export.outcome import Item, Kind, Outcome, RetryPolicy
 from gateway.export.stow import StowSender
+from gateway.store.store import StoreIndex
 
 __all__ = ["ExportWorkers", "make_sender"]
 
@@ -51,7 +52,7 @@ class ExportWorkers:
 
     def __init__(
         self,
-        store: queue.ExportIndex,
+        store: StoreIndex,
         settings: ExportSettings,
         *,
         senders: Mapping[str, Sender] | None = None,

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,13 +37,14 @@ from gateway.registry.dryrun import DryRunReport, dry_run
 from gateway.registry.manifest import MANIFEST_NAME, Manifest, load_manifest
 from gateway.store.files import fsync_dir
 from gateway.store.index import ModelVersion, make_engine, make_sessionmaker
+from gateway.store.store import StoreIndex
 
 __all__ = [
     "DryRun",
-    "ModelIndex",
     "RegisteredModel",
     "Registry",
     "RegistryIndex",
+    "StoreIndex",
     "parse_ref",
     "shipped_models_dir",
     "weights_sha256",
@@ -56,19 +57,6 @@ DryRun = Callable[[Manifest, Path], DryRunReport]
 
 _CHUNK = 1 << 20
 _STALE_STAGING_S = 3600.0
-
-
-class ModelIndex(Protocol):
-    """What the registry needs of the store: the data folder and the index's sessions (an InstanceStore has them)."""
-
-    @property
-    def data_dir(self) -> Path: ...
-
-    @property
-    def sessions(self) -> sessionmaker[Session]: ...
-
-    @property
-    def write_sessions(self) -> sessionmaker[Session]: ...
 
 
 class RegistryIndex:
@@ -253,7 +241,7 @@ class Registry:
     """
 
     def __init__(
-        self, store: ModelIndex, dry_run: DryRun | None = dry_run, *, max_archive_bytes: int = 1 << 30
+        self, store: StoreIndex, dry_run: DryRun | None = dry_run, *, max_archive_bytes: int = 1 << 30
     ) -> None:
         self._store = store
         self._dry_run = dry_run

@@ -11,6 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +39,23 @@ class StoreOutcome:
 
     instance: ReceivedInstance
     duplicate: bool
+
+
+class StoreIndex(Protocol):
+    """The data folder and the index's sessions: what the registry and the export queue need of a store.
+
+    An :class:`InstanceStore` has them; so does the registry's index-only view (``gateway models`` and ``gateway jobs``
+    commands open the index without touching the store's temporary folder).
+    """
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def sessions(self) -> sessionmaker[Session]: ...
+
+    @property
+    def write_sessions(self) -> sessionmaker[Session]: ...
 
 
 class InstanceStore:

@@ -15,10 +15,10 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from sqlalchemy import select
 
 from gateway.config import ExportSettings
-from gateway.export.queue import ExportIndex
 from gateway.export.workers import ExportWorkers
 from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Job, Series, SeriesRevision, Study
+from gateway.store.store import StoreIndex
 from gateway.synth.ct import write_synthetic_ct
 
 from peers import free_port
@@ -39,7 +39,7 @@ def fast_export(**values: Any) -> ExportSettings:
     return ExportSettings(**base)
 
 
-def make_job(store: ExportIndex, state: JobState = JobState.INFERRED) -> int:
+def make_job(store: StoreIndex, state: JobState = JobState.INFERRED) -> int:
     """A job row (with the study, series and revision it needs) in ``state``; its id."""
     k = next(_jobs)
     study, series, now = generate_uid(), generate_uid(), time.time()
@@ -86,14 +86,14 @@ def sop_instance_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def job_of(store: ExportIndex, job_id: int) -> Job:
+def job_of(store: StoreIndex, job_id: int) -> Job:
     with store.sessions() as session:
         job = session.get(Job, job_id)
         assert job is not None
         return job
 
 
-def drain(store: ExportIndex, settings: ExportSettings, job_id: int, timeout_s: float = 30.0) -> str:
+def drain(store: StoreIndex, settings: ExportSettings, job_id: int, timeout_s: float = 30.0) -> str:
     """Run the export workers' loop in this thread until the job leaves ``encoded``; its state."""
     workers = ExportWorkers(store, settings)
     deadline = time.monotonic() + timeout_s
@@ -107,7 +107,7 @@ def drain(store: ExportIndex, settings: ExportSettings, job_id: int, timeout_s: 
     return job_of(store, job_id).state
 
 
-def deliveries(store: ExportIndex, job_id: int | None = None) -> list[Delivery]:
+def deliveries(store: StoreIndex, job_id: int | None = None) -> list[Delivery]:
     query = select(Delivery).order_by(Delivery.id)
     if job_id is not None:
         query = query.where(Delivery.job_id == job_id)
@@ -122,7 +122,7 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str =
         time.sleep(0.02)
 
 
-def wait_for_job(store: ExportIndex, job_id: int, states: Iterable[str], timeout_s: float = 30.0) -> Job:
+def wait_for_job(store: StoreIndex, job_id: int, states: Iterable[str], timeout_s: float = 30.0) -> Job:
     wanted = set(states)
     wait_for(lambda: job_of(store, job_id).state in wanted, timeout_s, f"job {job_id} in {sorted(wanted)}")
     return job_of(store, job_id)

@@ -142,6 +142,16 @@ class ModelsSettings(_Section):
 
 _DESTINATION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
+#: The kinds of result object a destination may be sent: Segmentation, TID 1500 SR, Parametric Map, Grayscale
+#: Softcopy Presentation State (outlines), Key Object Selection (key images), burned-in Secondary Capture key images.
+OutputKind = Literal["seg", "sr", "pm", "gsps", "ko", "sc"]
+#: What a destination gets unless its ``send`` says otherwise: every kind but burned-in key images.
+DEFAULT_SEND: tuple[OutputKind, ...] = ("seg", "sr", "pm", "gsps", "ko")
+
+
+def _default_send() -> list[OutputKind]:
+    return list(DEFAULT_SEND)
+
 
 class ClientTLSSettings(_Section):
     """TLS for an outgoing connection (TLS 1.2 minimum): whom to trust, and optionally our client certificate."""
@@ -164,6 +174,7 @@ class DimseDestination(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     tls: ClientTLSSettings | None = None
+    send: list[OutputKind] = Field(default_factory=_default_send, min_length=1)  # the kinds of result it gets
 
 
 class StowDestination(_Section):
@@ -172,6 +183,7 @@ class StowDestination(_Section):
     stow_url: str = Field(pattern=r"^https?://[^\s/]+")
     token: SecretStr | None = None  # sent as "Authorization: Bearer <token>"
     tls: ClientTLSSettings | None = None
+    send: list[OutputKind] = Field(default_factory=_default_send, min_length=1)  # the kinds of result it gets
 
 
 class ExportSettings(_Section):

@@ -44,6 +44,29 @@ class SliceRef:
 
 
 @dataclass(frozen=True)
+class SourcePlane:
+    """One source image plane of a volume whose grid assembly resampled, and where it lies on that grid.
+
+    Parameters
+    ----------
+    ref
+        The source image (instance and frame).
+    slice
+        The volume slice nearest to this plane along the slice normal.
+    shift
+        The in-plane shift ``(rows, columns)`` in pixels that assembly applied to this plane (gantry tilt):
+        volume pixel ``(r, c)`` of that slice shows source pixel ``(r - shift[0], c - shift[1])``.
+    exact
+        Whether that volume slice lies in this plane (no interpolation along the normal).
+    """
+
+    ref: SliceRef
+    slice: int
+    shift: tuple[float, float] = (0.0, 0.0)
+    exact: bool = True
+
+
+@dataclass(frozen=True)
 class Plane:
     """One 2D image plane found in a series, before stacking: its geometry and where its pixels are.
 
@@ -88,7 +111,9 @@ class Volume:
     ``array`` holds modality values (after Rescale Slope/Intercept) as float32, ``[slice, row, column]``, or
     ``[n, slice, row, column]`` with ``dimension_4`` naming what varies along the first axis. ``slices`` has one
     :class:`SliceRef` per slice in array order (per slice of the first 3D volume for 4D; ``slices_4d`` has them
-    all). ``padding_mask`` marks Pixel Padding Value voxels when the source declared one.
+    all). ``padding_mask`` marks Pixel Padding Value voxels when the source declared one. ``source_planes`` lists,
+    in stack order, every source image plane of a volume that assembly resampled (gantry tilt, uneven spacing) and
+    where each lies on the volume's grid; it is empty when slice ``k`` is the source plane ``slices[k]`` itself.
     """
 
     array: npt.NDArray[np.float32]
@@ -103,6 +128,7 @@ class Volume:
     slices_4d: tuple[tuple[SliceRef, ...], ...] = ()
     padding_mask: npt.NDArray[np.bool_] | None = None
     description: dict[str, Any] = field(default_factory=dict)
+    source_planes: tuple[SourcePlane, ...] = ()
 
     def __post_init__(self) -> None:
         if self.affine.shape != (4, 4):

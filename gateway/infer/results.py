@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.assemble.model import Volume
+from gateway.infer.lesions import LesionSet
 from gateway.infer.measure import SegmentMeasurement
 from gateway.registry.manifest import Code, Manifest
 
@@ -73,7 +74,10 @@ class ModelResult:
     probabilities
         Label value -> the segment's highest voxel probability (1.0 for a model that outputs label values).
     measurements
-        Per declared segment, the measurements its manifest entry lists.
+        Per declared segment, the measurements its manifest entry lists (the whole segment, lesions or not).
+    lesions
+        Label value -> its lesions, for every segment declared ``lesions: true``
+        (:mod:`gateway.infer.lesions`).
     classifications
         The classifications whose segment reached ``min_volume_ml``.
     timings
@@ -92,6 +96,7 @@ class ModelResult:
     maps: Mapping[str, npt.NDArray[np.float32]] = field(default_factory=dict)
     probabilities: Mapping[int, float] = field(default_factory=dict)
     measurements: tuple[SegmentMeasurement, ...] = ()
+    lesions: Mapping[int, LesionSet] = field(default_factory=dict)
     classifications: tuple[Finding, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()

@@ -76,8 +76,9 @@ class Selection(_Strict):
     searched (case-insensitive) in SeriesDescription; ``slice_thickness_mm`` bounds the slice spacing the volume was
     assembled with; ``orientation`` lists the acquisition planes accepted (from the slice normal, ``oblique`` when
     it is more than 10 degrees from every axis); ``accept_resampled`` says whether a volume that assembly resampled
-    (gantry tilt, uneven spacing) may be used; ``diffusion`` asks for a 4D diffusion volume with at least
-    ``min_b_values`` distinct b-values instead of a 3D one.
+    (gantry tilt, uneven spacing) may be used; ``accept_missing_slices`` whether a volume with a gap in its
+    slices may be (its outputs then lie only on the slices that exist); ``diffusion`` asks for a 4D diffusion
+    volume with at least ``min_b_values`` distinct b-values instead of a 3D one.
     """
 
     modality: list[str] = Field(default_factory=list)
@@ -88,6 +89,7 @@ class Selection(_Strict):
     orientation: list[Plane] = Field(default_factory=list)
     min_slices: int = Field(default=1, ge=1)
     accept_resampled: bool = True
+    accept_missing_slices: bool = True
     diffusion: bool = False
     min_b_values: int = Field(default=2, ge=2)
 
@@ -204,6 +206,11 @@ class SegmentLabel(_Strict):
     ``category`` and ``type`` are the Segmented Property Category and Type codes (SNOMED CT, PS3.16 CID 7150/7151);
     ``color`` is RGB 0-255; ``measurements`` are computed on the source grid over the segment's voxels, from the
     volume's modality values (``volume`` in ml).
+
+    ``lesions: true`` makes each connected component of the segment (26-connectivity, on the source grid) a finding
+    of its own, with its volume, long and short axis on its largest slice, statistics and centre
+    (:mod:`gateway.infer.lesions`); components below ``min_volume_ml`` are left out and counted. Without it the
+    segment is one whole-organ finding.
     """
 
     value: int = Field(ge=0)
@@ -212,6 +219,8 @@ class SegmentLabel(_Strict):
     type: Code
     color: tuple[int, int, int] = (255, 0, 0)
     measurements: list[Measurement] = Field(default_factory=lambda: list[Measurement](["volume"]))
+    lesions: bool = False
+    min_volume_ml: float = Field(default=0.0, ge=0.0)
 
     @field_validator("color")
     @classmethod
@@ -219,6 +228,12 @@ class SegmentLabel(_Strict):
         if any(not 0 <= c <= 255 for c in value):
             raise ValueError("color components must be 0-255")
         return value
+
+    @model_validator(mode="after")
+    def _lesion_threshold(self) -> SegmentLabel:
+        if self.min_volume_ml and not self.lesions:
+            raise ValueError("min_volume_ml applies to lesions: set lesions: true, or leave min_volume_ml out")
+        return self
 
 
 class Segmentation(_Strict):

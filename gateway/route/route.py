@@ -6,8 +6,9 @@ check is recorded, passed or failed, so a job can answer "why did this model (no
 
 Series-level rules (``modality``, ``body_part_examined``, ``image_type``, ``series_description``) are checked on
 the header facts (:func:`series_facts`); volume-level rules (``diffusion``, ``min_slices``, ``slice_thickness_mm``,
-``orientation``, ``accept_resampled``) on each volume. ``diffusion`` and ``min_slices`` are always checked (a model
-takes a 3D volume unless it asks for diffusion); the other rules only when the manifest sets them.
+``orientation``, ``accept_resampled``, ``accept_missing_slices``) on each volume. ``diffusion`` and ``min_slices``
+are always checked (a model takes a 3D volume unless it asks for diffusion); the other rules only when the manifest
+sets them.
 """
 
 from __future__ import annotations
@@ -237,6 +238,13 @@ def _resampled(volume: Volume, index: int) -> RuleCheck:
     return RuleCheck("accept_resampled", True, "not resampled", index)
 
 
+def _gaps(volume: Volume, index: int) -> RuleCheck:
+    gaps = [flag.message for flag in volume.qc if flag.code == "missing-slices"]
+    if gaps:
+        return RuleCheck("accept_missing_slices", False, f"slices missing ({'; '.join(gaps)})", index)
+    return RuleCheck("accept_missing_slices", True, "no slice missing", index)
+
+
 def volume_checks(volume: Volume, select: Selection, index: int) -> list[RuleCheck]:
     """The checks of the volume-level rules for the volume at ``index`` of its series."""
     checks = [_dimensions(volume, select, index), _min_slices(volume, select, index)]
@@ -246,6 +254,8 @@ def volume_checks(volume: Volume, select: Selection, index: int) -> list[RuleChe
         checks.append(_orientation(volume, select.orientation, index))
     if not select.accept_resampled:
         checks.append(_resampled(volume, index))
+    if not select.accept_missing_slices:
+        checks.append(_gaps(volume, index))
     return checks
 
 

@@ -189,6 +189,14 @@ def test_resampled_volumes_refused_when_the_model_says_so() -> None:
     assert decide(CHEST_CT, [volume(qc=(gap,))], accept_resampled=False).run
 
 
+def test_volumes_with_missing_slices_refused_when_the_model_says_so() -> None:
+    gap = QCFlag("missing-slices", "about 2 slice(s) missing", resampled=False)
+    assert decide(CHEST_CT, [volume(qc=(gap,))]).run, "accepted by default"
+    decision = decide(CHEST_CT, [volume(qc=(gap,))], accept_missing_slices=False)
+    assert failed(decision) == {("accept_missing_slices", 0): "slices missing (about 2 slice(s) missing)"}
+    assert decide(CHEST_CT, [volume()], accept_missing_slices=False).run
+
+
 def test_a_4d_volume_is_not_for_a_3d_model() -> None:
     echoes = volume(dimension_4=(("EchoNumbers", 1), ("EchoNumbers", 2)))
     decision = decide(CHEST_CT, [echoes])

@@ -1,0 +1,106 @@
+"""From a volume's grid back to its source images: what an output drawn on the volume shows on each source image.
+
+Outputs that a viewer lays over the source images (SEG frames, presentation-state outlines, key images) must lie
+on images that exist. Where assembly resampled (:class:`~gateway.assemble.model.SourcePlane`), a slice of the
+volume is not a source image: a gantry-tilted slice is shifted in-plane, and a slice of a grid made uniform along
+the normal may lie between two source images. These functions take a 2D or 3D array on the volume's grid to the
+pixel grid of each source image: source pixel ``(r, c)`` of a plane shows volume pixel ``(r + shift_r, c +
+shift_c)`` of the plane's nearest slice (nearest neighbour for labels, linear for values).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.assemble.model import SliceRef, SourcePlane, Volume
+
+__all__ = ["plane_of_slice", "source_planes", "source_stack", "to_source_plane"]
+
+
+def source_planes(volume: Volume) -> tuple[SourcePlane, ...]:
+    """Every source image plane of the (first 3D) volume in stack order, with the slice it maps to."""
+    if volume.source_planes:
+        return volume.source_planes
+    return tuple(SourcePlane(ref, k) for k, ref in enumerate(volume.slices))
+
+
+def plane_of_slice(volume: Volume, index: int) -> SourcePlane:
+    """The source plane nearest to volume slice ``index`` (the plane itself when the slice is one)."""
+    planes = source_planes(volume)
+    exact = [p for p in planes if p.slice == index]
+    if exact:
+        return exact[0]
+    return min(planes, key=lambda p: (abs(p.slice - index), p.slice))
+
+
+def _shifted(image: npt.NDArray[Any], shift: tuple[float, float], linear: bool, fill: float) -> npt.NDArray[Any]:
+    """``out[r, c] = image[r + shift_r, c + shift_c]`` (``fill`` outside)."""
+    rows, columns = image.shape
+    if not linear:
+        dr, dc = round(shift[0]), round(shift[1])
+        out = np.full_like(image, fill)
+        r0, r1 = max(0, -dr), min(rows, rows - dr)
+        c0, c1 = max(0, -dc), min(columns, columns - dc)
+        if r0 < r1 and c0 < c1:
+            out[r0:r1, c0:c1] = image[r0 + dr : r1 + dr, c0 + dc : c1 + dc]
+        return out
+    r = np.arange(rows, dtype=np.float64) + shift[0]
+    c = np.arange(columns, dtype=np.float64) + shift[1]
+    values = image.astype(np.float32, copy=False)
+    along_rows = _interpolate(values, r, axis=0, fill=fill)
+    return _interpolate(along_rows, c, axis=1, fill=fill)
+
+
+def _interpolate(
+    image: npt.NDArray[np.float32], at: npt.NDArray[np.float64], axis: int, fill: float
+) -> npt.NDArray[np.float32]:
+    size = image.shape[axis]
+    low = np.floor(at).astype(np.int64)
+    weight = (at - low).astype(np.float32)
+    a = np.take(image, np.clip(low, 0, size - 1), axis=axis)
+    b = np.take(image, np.clip(low + 1, 0, size - 1), axis=axis)
+    shape = [1, 1]
+    shape[axis] = size
+    out = a * (1 - weight.reshape(shape)) + b * weight.reshape(shape)
+    outside = ((at < 0) | (at > size - 1)).reshape(shape)
+    result: npt.NDArray[np.float32] = np.where(np.broadcast_to(outside, out.shape), np.float32(fill), out)
+    return result.astype(np.float32, copy=False)
+
+
+def to_source_plane(
+    slice_image: npt.NDArray[Any], plane: SourcePlane, *, linear: bool = False, fill: float = 0
+) -> npt.NDArray[Any]:
+    """A 2D array on volume slice ``plane.slice`` as it lies on the source image ``plane``.
+
+    Parameters
+    ----------
+    slice_image
+        ``[rows, columns]`` on the volume's grid (the slice ``plane.slice``).
+    plane
+        The source plane.
+    linear
+        Interpolate linearly (values); nearest neighbour otherwise (labels, masks).
+    fill
+        The value where the source image reaches outside the volume slice.
+    """
+    if plane.shift == (0.0, 0.0):
+        return slice_image
+    return _shifted(slice_image, plane.shift, linear, fill)
+
+
+def source_stack(array: npt.NDArray[Any], volume: Volume, *, linear: bool = False, fill: float = 0) -> npt.NDArray[Any]:
+    """A 3D array on the volume's grid (``[slice, row, column]``) as one 2D array per source plane, in plane order.
+
+    Returns ``array`` itself when the volume was not resampled.
+    """
+    if not volume.source_planes:
+        return array
+    return np.stack([to_source_plane(array[p.slice], p, linear=linear, fill=fill) for p in volume.source_planes])
+
+
+def refs_of(planes: tuple[SourcePlane, ...]) -> tuple[SliceRef, ...]:
+    """The source images of ``planes``, in order."""
+    return tuple(p.ref for p in planes)

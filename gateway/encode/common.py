@@ -16,8 +16,8 @@ from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
+from gateway.encode.uids import OutputUIDs, stable_uid
 from gateway.infer.results import ModelResult
 from gateway.registry.manifest import Code
 
@@ -72,20 +72,23 @@ class Provenance:
     """Who made an object: the model (name, version, weights digest) and the gateway (version).
 
     Build it with :meth:`of`; :meth:`equipment` gives the keyword arguments every highdicom SOP class takes,
-    :meth:`stamp` sets what those arguments cannot (several SoftwareVersions values).
+    :meth:`stamp` sets what those arguments cannot (several SoftwareVersions values); :attr:`uids` names the
+    objects (:mod:`gateway.encode.uids`: the same for a re-run of the same job).
     """
 
     model_name: str
     model_version: str
     sha256: str
     gateway_version: str
+    uids: OutputUIDs
 
     @classmethod
     def of(cls, result: ModelResult, gateway_version: str) -> Provenance:
         """The provenance of ``result``'s objects."""
         if not gateway_version:
             raise ValueError("gateway_version must not be empty")
-        return cls(result.name, result.version, result.sha256, gateway_version)
+        uids = OutputUIDs(result.volume, result.name, result.version, result.sha256)
+        return cls(result.name, result.version, result.sha256, gateway_version, uids)
 
     def series_description(self, kind: str) -> str:
         """``AI <model> <version> <kind>``, cut to 64 characters (the model's name first gives way)."""
@@ -105,7 +108,7 @@ class Provenance:
     @property
     def device_uid(self) -> str:
         """A UID for this model as an observer device: the same for the same name, version and weights."""
-        return str(generate_uid(None, entropy_srcs=[MANUFACTURER, self.model_name, self.model_version, self.sha256]))
+        return stable_uid(MANUFACTURER, "device", self.model_name, self.model_version, self.sha256)
 
     def equipment(self, kind: str) -> dict[str, Any]:
         """Keyword arguments of a highdicom SOP class: equipment and series description."""

@@ -86,7 +86,7 @@ def _encode(result: ModelResult, declared: ParametricMap, plan: FramePlan, serie
                 pixel_array=values,
                 series_instance_uid=series.uid,
                 series_number=series.number,
-                sop_instance_uid=hd.UID(),
+                sop_instance_uid=series.provenance.uids.instance("PM", series.instance(declared)),
                 instance_number=series.instance(declared),
                 contains_recognizable_visual_features=_recognizable(plan),
                 real_world_value_mappings=[_mapping(declared, values)],
@@ -140,5 +140,6 @@ def encode_parametric_maps(
     if not declared:
         raise EncodeError(f"{result.ref} declares no parametric map")
     plan = plan_frames(result.volume, sources)
-    series = _Series(str(hd.UID()), series_number, Provenance.of(result, gateway_version), tuple(declared))
+    provenance = Provenance.of(result, gateway_version)
+    series = _Series(provenance.uids.series("PM"), series_number, provenance, tuple(declared))
     return [_encode(result, item, plan, series) for item in declared]

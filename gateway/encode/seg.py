@@ -106,7 +106,9 @@ def _pixels(result: ModelResult) -> npt.NDArray[Any]:
     return np.stack(masks, axis=-1).view(np.uint8)
 
 
-def _description(number: int, label: SegmentLabel, manifest: Manifest) -> hd.seg.SegmentDescription:
+def _description(
+    number: int, label: SegmentLabel, manifest: Manifest, provenance: Provenance
+) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label.name,
@@ -116,7 +118,7 @@ def _description(number: int, label: SegmentLabel, manifest: Manifest) -> hd.seg
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=manifest.name, family=AI_FAMILY, version=manifest.version
         ),
-        tracking_uid=hd.UID(),
+        tracking_uid=provenance.uids.tracking(label.value),
         tracking_id=label.name,
         display_color=hd.color.CIELabColor.from_rgb(*label.color),
     )
@@ -166,10 +168,12 @@ def encode_segmentation(
             seg = hd.seg.Segmentation(
                 pixel_array=pixels,
                 segmentation_type=kind,
-                segment_descriptions=[_description(n, label, result.manifest) for n, label in enumerate(labels, 1)],
-                series_instance_uid=hd.UID(),
+                segment_descriptions=[
+                    _description(n, label, result.manifest, provenance) for n, label in enumerate(labels, 1)
+                ],
+                series_instance_uid=provenance.uids.series("SEG"),
                 series_number=series_number,
-                sop_instance_uid=hd.UID(),
+                sop_instance_uid=provenance.uids.instance("SEG"),
                 instance_number=1,
                 transfer_syntax_uid=_TRANSFER_SYNTAX[kind],
                 content_description=f"{result.name} {result.version}"[:64],

@@ -125,10 +125,6 @@ def _reference(seg: EncodedObject, number: int, volume: Volume) -> hd.sr.Referen
     )
 
 
-def _tracking_uids(seg: Dataset) -> dict[int, str]:
-    return {int(item.SegmentNumber): str(item.TrackingUID) for item in seg.SegmentSequence if "TrackingUID" in item}
-
-
 def _group(
     result: ModelResult, seg: EncodedObject, number: int, label: SegmentLabel, tracking_uid: str
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
@@ -149,12 +145,13 @@ def _group(
     return group
 
 
-def _groups(result: ModelResult, seg: EncodedObject) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+def _groups(
+    result: ModelResult, seg: EncodedObject, provenance: Provenance
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     numbers = segment_numbers(result.manifest)
-    tracking = _tracking_uids(seg.dataset)
     assert result.manifest.outputs.segmentation is not None  # segment_numbers checked it
     return [
-        _group(result, seg, numbers[label.value], label, tracking.get(numbers[label.value]) or hd.UID())
+        _group(result, seg, numbers[label.value], label, provenance.uids.tracking(label.value))
         for label in result.manifest.outputs.segmentation.labels
     ]
 
@@ -201,14 +198,14 @@ def encode_measurement_report(
             report = hd.sr.MeasurementReport(
                 observation_context=_observer(provenance),
                 procedure_reported=procedure_code(result.volume.modality),
-                imaging_measurements=_groups(result, seg),
+                imaging_measurements=_groups(result, seg, provenance),
             )
             sr = hd.sr.Comprehensive3DSR(
                 evidence=_evidence(seg, result.volume, sources),
                 content=report,
-                series_instance_uid=hd.UID(),
+                series_instance_uid=provenance.uids.series("SR"),
                 series_number=series_number,
-                sop_instance_uid=hd.UID(),
+                sop_instance_uid=provenance.uids.instance("SR"),
                 instance_number=1,
                 is_complete=True,
                 **provenance.equipment("SR"),

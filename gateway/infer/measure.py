@@ -18,7 +18,14 @@ import numpy.typing as npt
 from gateway.assemble.model import Volume
 from gateway.registry.manifest import Measurement, SegmentLabel
 
-__all__ = ["SegmentMeasurement", "measure_mask", "measure_segments", "measurement_units", "voxel_volume_ml"]
+__all__ = [
+    "SegmentMeasurement",
+    "for_reading",
+    "measure_mask",
+    "measure_segments",
+    "measurement_units",
+    "voxel_volume_ml",
+]
 
 Mask = npt.NDArray[np.bool_]
 
@@ -50,6 +57,28 @@ class SegmentMeasurement:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"value": self.value, "name": self.name, "values": dict(self.values), "units": dict(self.units)}
+
+
+def for_reading(name: str, value: float) -> float | int:
+    """A measured value rounded as a radiologist would write it.
+
+    Volumes to 0.01 ml below 10 ml and to 0.1 ml from there; diameters (``long_axis``, ``short_axis``) to 0.1 mm;
+    statistics of modality values (``mean``, ``stddev``, ``min``, ``max``: Hounsfield units for CT) to 0.1;
+    probabilities to 0.01; voxel counts are whole numbers. Anything else keeps 4 significant digits. A value with
+    nothing after the point is an ``int``, so it is written ``12``, not ``12.0``.
+    """
+    if name == "voxels":
+        return round(value)
+    if name == "volume":
+        decimals = 2 if abs(value) < 10 else 1
+    elif name in ("long_axis", "short_axis", *_STATISTICS):
+        decimals = 1
+    elif name == "probability":
+        decimals = 2
+    else:
+        return float(f"{value:.4g}")
+    rounded = round(value, decimals)
+    return int(rounded) if rounded == int(rounded) else rounded
 
 
 def voxel_volume_ml(affine: npt.NDArray[np.float64]) -> float:

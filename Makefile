@@ -1,11 +1,11 @@
-# One command per habit: make serve, make test, make lint, make bench.
+# One command per habit: make serve, make test, make lint, make bench, make pictures.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb
+DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb chromium
 
-.PHONY: serve test lint bench venv install install-test system-deps clean
+.PHONY: serve test lint bench pictures venv install install-test system-deps clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: $(VENV)/.installed-test system-deps
 	$(PY) bench/volume.py
 	$(PY) bench/inference.py
 	$(PY) bench/e2e.py
+
+# What people see, rendered as they see it (dsr2html in Chromium, dcmp2pgm, a key image), kept for the README.
+pictures: $(VENV)/.installed-test system-deps
+	GATEWAY_PICTURES=docs/images $(PY) -m pytest -q tests/encode/test_pictures.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,7 @@ import secrets
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from gateway.config import Settings, get_settings, hash_token
 
 if TYPE_CHECKING:
-    from gateway.registry.registry import Registry
+    from gateway.registry.registry import RegisteredModel, Registry
 
 app = typer.Typer(help="DICOM AI inference gateway.", no_args_is_help=True, add_completion=False)
 synth_app = typer.Typer(help="Synthetic data for demos, tests and benchmarks.", no_args_is_help=True)
@@ -245,16 +245,36 @@ def synth_ct(
 DataDirOpt = Annotated[Path | None, typer.Option(help="Where instances, models and the index live.")]
 
 
+def _data_settings(config: Path | None, data_dir: Path | None) -> Settings:
+    return _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+
+
+def _register_shipped(registry: Registry, settings: Settings) -> list[RegisteredModel]:
+    """Register the shipped packages (disabled) when ``models.register_shipped`` says so; those registered."""
+    from gateway.registry.registry import shipped_models_dir
+
+    if not settings.models.register_shipped:
+        return []
+    return registry.register_shipped(shipped_models_dir(settings.models))
+
+
 @contextmanager
-def _registry(config: Path | None, data_dir: Path | None) -> Iterator[Registry]:
-    """The registry over the configured index; model errors become one ``error:`` line (exit 1 or 2)."""
+def _registry(config: Path | None, data_dir: Path | None, *, shipped: bool = False) -> Iterator[Registry]:
+    """The registry over the configured index; model errors become one ``error:`` line (exit 1 or 2).
+
+    With ``shipped``, the shipped packages are registered first (disabled, as ``gateway serve`` does), so that an
+    operator can list and enable them before the first start.
+    """
     from gateway.errors import ModelConflict, ModelError, NotFound
     from gateway.registry.registry import Registry, RegistryIndex
 
-    settings = _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+    settings = _data_settings(config, data_dir)
     index = RegistryIndex(settings.store)
     try:
-        yield Registry(index, max_archive_bytes=settings.models.max_upload_bytes)
+        registry = Registry(index, max_archive_bytes=settings.models.max_upload_bytes)
+        if shipped:
+            _register_shipped(registry, settings)
+        yield registry
     except (NotFound, ModelConflict) as exc:
         _fail(str(exc), 1)
     except ModelError as exc:
@@ -275,6 +295,8 @@ def models_register(
     with _registry(config, data_dir) as registry:
         model = registry.register(path)
     state = "active" if model.active else "registered (another version is active)"
+    if not model.enabled:
+        state += f", disabled (`gateway models enable {model.name}` to use it)"
     report = model.dry_run
     shapes = f"{report.get('input_shape')} -> {report.get('output_shape')}"
     dry_run = f"dry run on {report.get('device')}: {shapes} in {report.get('seconds')} s" if report else "no dry run"
@@ -283,8 +305,8 @@ def models_register(
 
 @models_app.command("list")
 def models_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """List every registered version."""
-    with _registry(config, data_dir) as registry:
+    """List every registered version (the shipped examples are registered, disabled, first)."""
+    with _registry(config, data_dir, shipped=True) as registry:
         models = registry.list()
     typer.echo(f"{'NAME':<24} {'VERSION':<12} {'ACTIVE':<7} {'ENABLED':<8} {'BACKEND':<13} SHA256")
     for m in models:
@@ -301,7 +323,7 @@ def models_show(
     """Show a version: manifest, weights digest, dry-run report (JSON)."""
     import json
 
-    with _registry(config, data_dir) as registry:
+    with _registry(config, data_dir, shipped=True) as registry:
         model = registry.get(ref)
     typer.echo(json.dumps({**model.as_dict(), "folder": str(model.folder)}, indent=2))
 
@@ -312,8 +334,8 @@ def models_enable(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Enable a model (and choose its active version)."""
-    with _registry(config, data_dir) as registry:
+    """Enable a model (and choose its active version); the shipped examples can be enabled before the first serve."""
+    with _registry(config, data_dir, shipped=True) as registry:
         model = registry.enable(ref)
     typer.echo(f"{model.ref}: enabled, active")
 
@@ -325,7 +347,7 @@ def models_disable(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Disable a model: its versions stay registered, routing no longer sees it."""
-    with _registry(config, data_dir) as registry:
+    with _registry(config, data_dir, shipped=True) as registry:
         registry.disable(name)
     typer.echo(f"{name}: disabled")
 
@@ -342,15 +364,32 @@ def models_remove(
     typer.echo(f"{model.ref}: removed")
 
 
+def _readings(values: Mapping[str, float], units: Mapping[str, str]) -> str:
+    """``volume 3.34 ml, long axis 21.3 mm, mean -12.3 [hnsf'U]``: each value rounded as a radiologist writes it."""
+    from gateway.infer.measure import for_reading
+
+    return ", ".join(
+        f"{name.replace('_', ' ')} {for_reading(name, value)} {units.get(name, '')}".rstrip()
+        for name, value in values.items()
+    )
+
+
 @app.command()
 def run(
     inputs: Annotated[list[Path], typer.Argument(help="DICOM files and folders (searched recursively).")],
     outdir: Annotated[Path, typer.Option("-o", "--outdir", help="Where results go.")],
     model: Annotated[
-        list[str] | None, typer.Option("--model", help="NAME or NAME@VERSION (repeatable); default: every enabled one.")
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="NAME or NAME@VERSION (repeatable; enabled or not); default: every enabled one, or the shipped "
+            "examples when none is.",
+        ),
     ] = None,
     write_volumes: Annotated[bool, typer.Option(help="Also write each source volume as NIfTI.")] = False,
-    dicom: Annotated[bool, typer.Option(help="Write the DICOM outputs (SEG + SR, Parametric Map) too.")] = True,
+    dicom: Annotated[
+        bool, typer.Option(help="Write the DICOM outputs too (SEG, SR, outlines, key images; Parametric Maps).")
+    ] = True,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the config's).")] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
@@ -359,18 +398,13 @@ def run(
     DICOM outputs (SEG + TID 1500 SR, Parametric Maps) the gateway would send."""
     from gateway.infer.runtime import InferenceRuntime
     from gateway.offline import run_files
-    from gateway.registry.registry import shipped_models_dir
 
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         _fail(f"no such file or folder: {', '.join(missing)}")
-    settings = _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+    settings = _data_settings(config, data_dir)
     with _registry(config, data_dir) as registry:
-        if settings.models.register_shipped:
-            registry.register_shipped(shipped_models_dir(settings.models))
-        models = [registry.get(ref) for ref in model] if model else registry.active()
-        if not models:
-            _fail("no model to run: register one with `gateway models register PATH` or name one with --model", 1)
+        models = _models_to_run(registry, model or [], _register_shipped(registry, settings))
         runtime = InferenceRuntime(device or settings.models.device, batching=settings.models.batching)
         try:
             report = run_files(inputs, outdir, models, runtime, write_volumes=write_volumes, write_dicom=dicom)
@@ -389,8 +423,11 @@ def run(
             typer.echo(f"{series.label:<32} {failure.model:<28} FAILED: {failure.reason}", err=True)
         for result in series.outcome.results:
             for m in result.measurements:
-                values = ", ".join(f"{k} {v:.4g} {m.units.get(k, '')}".rstrip() for k, v in m.values.items())
-                typer.echo(f"{'':<32} {m.name:<28} {values}")
+                typer.echo(f"{'':<32} {m.name:<28} {_readings(m.values, m.units)}")
+            for found in result.lesions.values():
+                for lesion in found.lesions:
+                    name = f"{found.name} {lesion.number}"
+                    typer.echo(f"{'':<32} {name:<28} {_readings(lesion.values, lesion.units)}")
     typer.echo(
         f"{len(report.series)} series, {report.results} model result(s) written to {outdir}, "
         f"{len(report.skipped)} non-DICOM file(s) skipped"
@@ -399,13 +436,36 @@ def run(
         raise typer.Exit(1)
 
 
+def _models_to_run(registry: Registry, refs: list[str], shipped: list[RegisteredModel]) -> list[RegisteredModel]:
+    """What ``gateway run`` runs: the models named (enabled or not), else the enabled ones, else the shipped examples
+    (said on stderr; nothing is enabled in the data folder)."""
+    if refs:
+        return [registry.get(ref) for ref in refs]
+    enabled = registry.active()
+    if enabled:
+        return enabled
+    if not shipped:
+        _fail(
+            "no model to run: enable one with `gateway models enable NAME`, register one with "
+            "`gateway models register PATH`, or name one with --model",
+            1,
+        )
+    examples = ", ".join(m.ref for m in shipped)
+    typer.echo(
+        f"no model enabled: running the shipped examples (demonstrations trained or built on phantoms): {examples}",
+        err=True,
+    )
+    return shipped
+
+
 @jobs_app.command("retry")
 def jobs_retry(
     job_id: Annotated[int, typer.Argument(metavar="ID", help="The job's id (GET /api/jobs).")],
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Send a job's dead deliveries again (attempts reset); exit 1 if there is no such job or nothing to retry."""
+    """Send a job's dead and refused deliveries again (attempts reset); exit 1 if there is no such job or nothing
+    to retry."""
     from gateway.errors import ExportError, NotFound
     from gateway.export.queue import retry_job
     from gateway.registry.registry import RegistryIndex

@@ -132,7 +132,7 @@ class JobsSettings(_Section):
 class ModelsSettings(_Section):
     """The model registry: packages shipped with the gateway, where models run, upload limits."""
 
-    register_shipped: bool = True  # register the packages in shipped_dir (default: the repository's models/)
+    register_shipped: bool = True  # register the packages in shipped_dir, disabled (default: the repository's models/)
     shipped_dir: Path | None = None
     device: str = "auto"  # auto (first CUDA device, else CPU), cpu, cuda or cuda:N
     batching: bool = True  # forward passes of up to batch_size inputs, across jobs; off: one at a time

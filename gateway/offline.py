@@ -140,9 +140,15 @@ def _sources(paths: Sequence[Path]) -> dict[str, Dataset]:
 
 
 def _write_dicom(result: ModelResult, sources: Mapping[str, Dataset], folder: Path, index: int) -> list[Path]:
-    """The result as DICOM (a SEG and its TID 1500 SR, or Parametric Maps), as ``gateway serve`` sends them."""
+    """The result as DICOM, as ``gateway serve`` sends them: a SEG, its TID 1500 SR, the outlines (GSPS), key
+    objects (KO) and burned-in key images (SC, which only the destinations that ask for them get); or Parametric
+    Maps."""
     objects = encode_result(
-        result, sources, series_number=SERIES_NUMBER_BASE + 10 * index, gateway_version=gateway.__version__
+        result,
+        sources,
+        series_number=SERIES_NUMBER_BASE + 10 * index,
+        gateway_version=gateway.__version__,
+        key_images=True,
     )
     return write_objects(objects, folder)
 

@@ -6,6 +6,7 @@ Created by the FastAPI lifespan (``gateway serve``) or directly by tests; import
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import pydicom.config
 
@@ -17,7 +18,7 @@ from gateway.ingest.dimse import StorageSCP
 from gateway.jobs.assembly import AssemblyWorkers
 from gateway.jobs.encoding import EncodeStage
 from gateway.jobs.inference import InferenceStage
-from gateway.registry.registry import Registry, shipped_models_dir
+from gateway.registry.registry import RegisteredModel, Registry, shipped_models_dir
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,23 @@ def quiet_pydicom() -> int:
     previous = pydicom.config.settings.reading_validation_mode
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     return previous
+
+
+def _log_shipped(shipped: Sequence[RegisteredModel]) -> None:
+    """Say which shipped (demonstration) models are registered but disabled, and which an operator enabled."""
+    disabled = sorted({m.name for m in shipped if not m.enabled})
+    enabled = sorted({m.name for m in shipped if m.enabled})
+    if disabled:
+        log.info(
+            "shipped demonstration models registered but disabled: %s; enable one with `gateway models enable NAME`",
+            ", ".join(disabled),
+        )
+    if enabled:
+        log.warning(
+            "shipped demonstration models enabled: %s; they were trained or built on phantoms, not validated on "
+            "patient images (`gateway models disable NAME` turns one off)",
+            ", ".join(enabled),
+        )
 
 
 class Gateway:
@@ -64,9 +82,9 @@ class Gateway:
         self._pydicom_mode: int | None = None
 
     def start(self) -> None:
-        """Start the completion monitor, then the DICOM listener."""
+        """Register the shipped models (disabled), start the completion monitor, the workers, the DICOM listener."""
         if self.settings.models.register_shipped:  # each broken package is logged and skipped
-            self.registry.register_shipped(shipped_models_dir(self.settings.models))
+            _log_shipped(self.registry.register_shipped(shipped_models_dir(self.settings.models)))
         self._pydicom_mode = quiet_pydicom()
         self.monitor.start()
         self.assembly.start()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests talk to (DCMTK, dicom3tools, Orthanc + DICOMweb) when any is missing.
+# Install the Debian packages the tests talk to (DCMTK, dicom3tools, Orthanc + DICOMweb, Chromium) when any is missing.
 # Orthanc is installed but not left running as a service: tests start their own on loopback ports.
 set -euo pipefail
 missing=()

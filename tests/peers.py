@@ -614,3 +614,46 @@ def pki(folder: Path, *, server: str = "pacs", client: str = "gateway") -> dict[
     paths["server_key"], paths["server_cert"] = _write_pem(folder, "server", *_key_and_cert(server, issuer))
     paths["client_key"], paths["client_cert"] = _write_pem(folder, "client", *_key_and_cert(client, issuer))
     return paths
+
+
+# -- what a person sees: pages in headless Chromium ------------------------------------------------------------
+
+#: Debian's Chromium, driven by Playwright (Playwright's own browser download is not used).
+CHROMIUM = "/usr/bin/chromium"
+_CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium_or_skip() -> str:
+    """The Chromium binary; skips when it or Playwright is missing (``make test`` installs both)."""
+    import importlib.util
+
+    import pytest
+
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("chromium not installed (make test installs it)")
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("playwright not installed (make test installs it)")
+    return CHROMIUM
+
+
+def screenshot(page_file: Path, png: Path, *, width: int = 1000) -> str:
+    """Open a local HTML file in headless Chromium, save a full-page screenshot; return the page's visible text."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_or_skip(), args=_CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 800})
+            page.goto(page_file.resolve().as_uri())
+            page.screenshot(path=str(png), full_page=True)
+            return str(page.inner_text("body"))
+        finally:
+            browser.close()

@@ -1,6 +1,6 @@
 """The JSON API over studies and jobs: ``GET /api/studies``, ``GET /api/jobs``, ``GET /api/jobs/{id}`` (with its
-export deliveries) and ``POST /api/jobs/{id}/retry`` (``write`` scope: dead deliveries back to the queue; 409 when
-the job has none)."""
+export deliveries) and ``POST /api/jobs/{id}/retry`` (``write`` scope: dead and refused deliveries back to the
+queue; 409 when the job has none)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def get_job(job_id: int, store: InstanceStore = Depends(get_store)) -> dict[str,
 
 @router.post("/jobs/{job_id}/retry", dependencies=[Depends(require_scope("write"))], response_model=None)
 def retry_export(job_id: int, store: InstanceStore = Depends(get_store)) -> dict[str, Any] | JSONResponse:
-    """Requeue a job's dead deliveries (attempts reset) and put the job back to ``encoded``."""
+    """Requeue a job's dead and refused deliveries (attempts reset) and put the job back to ``encoded``."""
     try:
         requeued = retry_job(store, job_id)
     except ExportError as exc:

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.assemble.geometry import StackGeometry, resample_stack, stack_geometry
-from gateway.assemble.model import Plane, SliceRef, Volume
+from gateway.assemble.model import Plane, SliceRef, SourcePlane, Volume
 from gateway.assemble.planes import SeriesHeader
 from gateway.assemble.sources import SourceFile, modality_frames, read_source
 from gateway.assemble.stacks import Stack, split_stacks
@@ -82,6 +82,17 @@ def _refs(planes: Sequence[Plane], geometry: StackGeometry) -> tuple[SliceRef, .
     return tuple(planes[k].ref for k in nearest)
 
 
+def _source_planes(planes: Sequence[Plane], geometry: StackGeometry) -> tuple[SourcePlane, ...]:
+    """Every source plane of a resampled stack, in stack order, with its nearest output slice and in-plane shift."""
+    if geometry.planes is None:
+        return ()
+    shifts = np.zeros((len(planes), 2)) if geometry.shifts is None else geometry.shifts
+    return tuple(
+        SourcePlane(plane.ref, k, (float(shift[0]), float(shift[1])), exact)
+        for plane, (k, exact), shift in zip(planes, geometry.planes, shifts, strict=True)
+    )
+
+
 def _description(stack: Stack, geometry: StackGeometry) -> dict[str, object]:
     description: dict[str, object] = {"source_slices": [p.ref.sop_instance_uid for p in stack.planes]}
     if geometry.sources is not None:
@@ -110,7 +121,8 @@ def assemble_stack(stack: Stack, header: SeriesHeader, sources: dict[Path, Sourc
     Returns
     -------
     Volume
-        float32 modality values, the affine of the (possibly resampled) grid, one SliceRef per slice.
+        float32 modality values, the affine of the (possibly resampled) grid, one SliceRef per slice and, when
+        resampled, one SourcePlane per source plane (of the first 3D volume of a 4D stack).
 
     Raises
     ------
@@ -139,6 +151,7 @@ def assemble_stack(stack: Stack, header: SeriesHeader, sources: dict[Path, Sourc
         slices_4d=refs if is_4d else (),
         padding_mask=_padding(masks, resampled),
         description=_description(stack, geometry),
+        source_planes=_source_planes(stack.planes, geometry),
     )
 
 

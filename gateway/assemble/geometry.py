@@ -7,13 +7,15 @@ thickness of the excited slab and not the distance between slices. Checks, each 
 - ``missing-slices``: a step along the normal well above the median step (kept as is, not resampled, so the
   affine holds before the gap only; the flag says where);
 - ``uneven-spacing``: steps that differ by more than 1 % of the median: resampled, linearly along the normal,
-  onto a uniform grid from the first to the last slice;
+  onto a uniform grid from the first to the last slice (a gap, if any, then gets interpolated slices too);
 - ``gantry-tilt``: slice origins that drift in-plane along a line (a CT gantry tilt, PS3.3 C.8.2.1 Gantry/Detector
   Tilt): each slice is shifted in-plane by its drift, linearly interpolated, so the grid becomes orthogonal, which
   is what dcm2niix writes as its ``_Tilt_1`` image;
 - ``single-slice``: one slice; the third axis is SliceThickness, or 1 mm.
 
-Positions that are not on a line, or repeated, raise :class:`~gateway.errors.AssemblyError`.
+Positions that are not on a line, or repeated, raise :class:`~gateway.errors.AssemblyError`. Whenever it resamples,
+the geometry also says where each source slice lies on the new grid (:attr:`StackGeometry.planes`), so that
+outputs drawn on the grid can be put back on the source images (:mod:`gateway.assemble.source_grid`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ _UNEVEN_RELATIVE: Final = 0.01
 _MIN_STEP_MM: Final = 1e-3
 _TILT_TOLERANCE_MM: Final = 0.01
 _LINE_TOLERANCE_MM: Final = 0.05
+_PLANE_TOLERANCE_MM: Final = 0.01
 
 Float64Array = npt.NDArray[np.float64]
 Float32Array = npt.NDArray[np.float32]
@@ -56,12 +59,17 @@ class StackGeometry:
         ``None`` when the output slices are the source slices.
     shifts
         In-plane shift ``(rows, columns)`` in pixels to apply to each source slice (gantry tilt), or ``None``.
+    planes
+        For each source slice: the output slice nearest to it along the normal, and whether that output slice lies
+        in the source slice's plane (within 0.01 mm, or because the grid was not resampled along the normal);
+        ``None`` when nothing is resampled (output slice ``k`` is source slice ``k``).
     """
 
     affine: Float64Array
     qc: tuple[QCFlag, ...] = ()
     sources: tuple[tuple[int, int, float], ...] | None = None
     shifts: Float64Array | None = None
+    planes: tuple[tuple[int, bool], ...] | None = None
 
     @property
     def nearest(self) -> tuple[int, ...] | None:
@@ -141,6 +149,28 @@ def _uniform_sources(distances: Float64Array, median: float) -> tuple[tuple[tupl
     return tuple(sources), step
 
 
+def _plane_slices(distances: Float64Array, step: float, count: int) -> tuple[tuple[int, bool], ...]:
+    """For each source slice, the nearest of ``count`` output slices ``step`` apart from the first, and whether it
+    lies in the source slice's plane."""
+    index = (distances - distances[0]) / step
+    nearest = np.clip(np.rint(index), 0, count - 1)
+    exact = np.abs(index - nearest) * step <= _PLANE_TOLERANCE_MM
+    return tuple((int(k), bool(e)) for k, e in zip(nearest, exact, strict=True))
+
+
+def _planes(
+    distances: Float64Array,
+    step: float,
+    sources: tuple[tuple[int, int, float], ...] | None,
+    shifts: Float64Array | None,
+) -> tuple[tuple[int, bool], ...] | None:
+    if sources is not None:
+        return _plane_slices(distances, step, len(sources))
+    if shifts is not None:  # shifted in-plane only: output slice k is source slice k
+        return tuple((k, True) for k in range(len(distances)))
+    return None
+
+
 def _pixel_shifts(drift: Float64Array, orientation: Sequence[float], pixel_spacing: Sequence[float]) -> Float64Array:
     iop = np.asarray(orientation, dtype=np.float64)
     rows = drift @ iop[3:] / pixel_spacing[0]
@@ -211,7 +241,8 @@ def stack_geometry(
     shifts = None if drift is None else _pixel_shifts(drift, orientation, pixel_spacing)
     if drift is not None:
         flags.append(_tilt_flag(drift, distances))
-    return StackGeometry(affine, tuple(flags), sources, shifts)
+    planes = _planes(distances, median, sources, shifts)
+    return StackGeometry(affine, tuple(flags), sources, shifts, planes)
 
 
 def _shift_axis(image: Float32Array, shift: float, axis: int, fill: float) -> Float32Array:

@@ -5,11 +5,14 @@ on images that exist. Where assembly resampled (:class:`~gateway.assemble.model.
 volume is not a source image: a gantry-tilted slice is shifted in-plane, and a slice of a grid made uniform along
 the normal may lie between two source images. These functions take a 2D or 3D array on the volume's grid to the
 pixel grid of each source image: source pixel ``(r, c)`` of a plane shows volume pixel ``(r + shift_r, c +
-shift_c)`` of the plane's nearest slice (nearest neighbour for labels, linear for values).
+shift_c)`` of the plane's nearest slice (nearest neighbour for labels, linear for values), the inverse of the shift
+:func:`~gateway.assemble.geometry.resample_stack` applied (``volume[i] = source[i - shift]``). Along the normal a
+plane takes its nearest slice as it is (``SourcePlane.exact`` says whether that slice lies in the plane).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +20,7 @@ import numpy.typing as npt
 
 from gateway.assemble.model import SliceRef, SourcePlane, Volume
 
-__all__ = ["plane_of_slice", "source_planes", "source_stack", "to_source_plane"]
+__all__ = ["on_planes", "plane_of_slice", "source_planes", "source_stack", "to_source_plane"]
 
 
 def source_planes(volume: Volume) -> tuple[SourcePlane, ...]:
@@ -37,8 +40,8 @@ def plane_of_slice(volume: Volume, index: int) -> SourcePlane:
 
 
 def _shifted(image: npt.NDArray[Any], shift: tuple[float, float], linear: bool, fill: float) -> npt.NDArray[Any]:
-    """``out[r, c] = image[r + shift_r, c + shift_c]`` (``fill`` outside)."""
-    rows, columns = image.shape
+    """``out[r, c] = image[r + shift_r, c + shift_c]`` (``fill`` outside), over any trailing axes."""
+    rows, columns = image.shape[:2]
     if not linear:
         dr, dc = round(shift[0]), round(shift[1])
         out = np.full_like(image, fill)
@@ -62,7 +65,7 @@ def _interpolate(
     weight = (at - low).astype(np.float32)
     a = np.take(image, np.clip(low, 0, size - 1), axis=axis)
     b = np.take(image, np.clip(low + 1, 0, size - 1), axis=axis)
-    shape = [1, 1]
+    shape = [1] * image.ndim
     shape[axis] = size
     out = a * (1 - weight.reshape(shape)) + b * weight.reshape(shape)
     outside = ((at < 0) | (at > size - 1)).reshape(shape)
@@ -78,7 +81,8 @@ def to_source_plane(
     Parameters
     ----------
     slice_image
-        ``[rows, columns]`` on the volume's grid (the slice ``plane.slice``).
+        ``[rows, columns]`` on the volume's grid (the slice ``plane.slice``), or ``[rows, columns, ...]`` (each
+        trailing index, e.g. a channel, is moved alike).
     plane
         The source plane.
     linear
@@ -91,14 +95,40 @@ def to_source_plane(
     return _shifted(slice_image, plane.shift, linear, fill)
 
 
+def on_planes(
+    array: npt.NDArray[Any], planes: Sequence[SourcePlane], *, linear: bool = False, fill: float = 0
+) -> npt.NDArray[Any]:
+    """A 3D array on a volume's grid (``[slice, row, column, ...]``) as one 2D array per plane of ``planes``.
+
+    Parameters
+    ----------
+    array
+        ``[slice, row, column]`` (or with trailing axes, e.g. channels) on the volume's grid.
+    planes
+        Source planes of that volume, in the order wanted.
+    linear
+        Interpolate linearly in-plane (values); nearest neighbour otherwise (labels, masks).
+    fill
+        The value where a source image reaches outside the volume.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[len(planes), rows, columns, ...]``, ``array``'s dtype (float32 when ``linear``).
+    """
+    if not planes:
+        raise ValueError("planes is empty")
+    return np.stack([to_source_plane(array[p.slice], p, linear=linear, fill=fill) for p in planes])
+
+
 def source_stack(array: npt.NDArray[Any], volume: Volume, *, linear: bool = False, fill: float = 0) -> npt.NDArray[Any]:
     """A 3D array on the volume's grid (``[slice, row, column]``) as one 2D array per source plane, in plane order.
 
-    Returns ``array`` itself when the volume was not resampled.
+    Returns ``array`` itself when the volume was not resampled (slice ``k`` is then source plane ``k``).
     """
     if not volume.source_planes:
         return array
-    return np.stack([to_source_plane(array[p.slice], p, linear=linear, fill=fill) for p in volume.source_planes])
+    return on_planes(array, volume.source_planes, linear=linear, fill=fill)
 
 
 def refs_of(planes: tuple[SourcePlane, ...]) -> tuple[SliceRef, ...]:

@@ -21,7 +21,15 @@ from gateway.encode.uids import OutputUIDs, stable_uid
 from gateway.infer.results import ModelResult
 from gateway.registry.manifest import Code
 
-__all__ = ["MANUFACTURER", "EncodedObject", "Provenance", "coded", "copying_source_names", "ucum"]
+__all__ = [
+    "MANUFACTURER",
+    "EncodedObject",
+    "Provenance",
+    "coded",
+    "copying_source_names",
+    "series_laterality",
+    "ucum",
+]
 
 MANUFACTURER = "DICOM AI Gateway"
 
@@ -31,6 +39,7 @@ _UCUM_MEANINGS = {
     "ml": "milliliter",
     "[hnsf'U]": "Hounsfield unit",
     "1": "no units",
+    "%": "percent",
     "mm": "millimeter",
     "mm2/s": "square millimeter per second",
     "um2/s": "square micrometer per second",
@@ -145,3 +154,10 @@ def copying_source_names() -> Iterator[None]:
             "ignore", message=".*unlikely to represent the intended person name", category=UserWarning
         )
         yield
+
+
+def series_laterality(source: Dataset) -> str:
+    """General Series Laterality (Type 2C) of an object derived from ``source``: the source's, or empty
+    ("unknown": the model does not say whether the part is paired)."""
+    value = source.get("Laterality")
+    return str(value) if value else ""

@@ -1,23 +1,41 @@
-"""A model result to the DICOM objects that carry it, and those objects to Part 10 files."""
+"""A model result to the DICOM objects that carry it, and those objects to Part 10 files.
+
+A segmentation becomes a SEG (:mod:`gateway.encode.seg`), a TID 1500 report of its findings
+(:mod:`gateway.encode.sr`), and for the viewers that show neither, the findings' outlines as a presentation state
+(:mod:`gateway.encode.gsps`), their key images as a key object selection (:mod:`gateway.encode.ko`) and, on
+request, burned-in key images (:mod:`gateway.encode.keyimages`); parametric maps become Parametric Maps
+(:mod:`gateway.encode.pmap`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from gateway.encode.common import EncodedObject
+from gateway.encode.common import EncodedObject, Provenance
+from gateway.encode.findings import shown_findings
+from gateway.encode.gsps import encode_presentation_state
+from gateway.encode.keyimages import encode_key_images
+from gateway.encode.ko import encode_key_objects
 from gateway.encode.pmap import encode_parametric_maps
 from gateway.encode.seg import encode_segmentation
 from gateway.encode.sr import encode_measurement_report
 from gateway.infer.results import ModelResult
 from gateway.store.files import fsync_dir
 
-__all__ = ["encode_result", "object_filename", "write_objects"]
+__all__ = ["SERIES_OFFSETS", "encode_result", "object_filename", "write_objects"]
+
+log = logging.getLogger(__name__)
+
+#: SeriesNumber of each kind of a segmentation's objects, after the SEG's.
+SERIES_OFFSETS = {"SEG": 0, "SR": 1, "GSPS": 2, "KO": 3, "SC": 4}
 
 
 def encode_result(
@@ -27,8 +45,10 @@ def encode_result(
     series_number: int,
     gateway_version: str,
     labelmap: bool = False,
+    key_images: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> list[EncodedObject]:
-    """Encode one model result: a SEG and its TID 1500 SR, or the parametric maps.
+    """Encode one model result: a SEG, its TID 1500 SR, the outlines and key images; or the parametric maps.
 
     Parameters
     ----------
@@ -37,32 +57,104 @@ def encode_result(
     sources
         SOP Instance UID -> dataset as read from disk, for every instance ``result.volume.slices`` names.
     series_number
-        SeriesNumber of the SEG (the SR gets ``series_number + 1``) or of the parametric maps.
+        SeriesNumber of the SEG; the SR, presentation state, key object selection and key images take the next
+        four (:data:`SERIES_OFFSETS`); or of the parametric maps.
     gateway_version
         The gateway's version, written in SoftwareVersions.
     labelmap
         Write a LABELMAP SEG (Label Map Segmentation Storage, DICOM 2024b) for a label map of several segments
         instead of BINARY; off by default, as older receivers do not accept it (see :mod:`gateway.encode.seg`).
+    key_images
+        Also write burned-in Secondary Capture key images (only some destinations want them).
+    timings
+        When given, the seconds each kind took are added to it under ``seg_s``, ``sr_s``, ``gsps_s``, ``ko_s``,
+        ``sc_s`` or ``pm_s`` (summed over calls).
 
     Returns
     -------
     list of EncodedObject
-        ``[SEG, SR]`` for a segmentation, one ``PM`` per declared map otherwise; every call starts new series.
+        For a segmentation ``[SEG, SR]``, then, when there is a finding to show (and the series is not a mosaic),
+        a ``GSPS`` and a ``KO``, then with ``key_images`` one ``SC`` per finding; one ``PM`` per declared map
+        otherwise. The UIDs are those of :mod:`gateway.encode.uids` (the same for a re-run of the same job).
 
     Raises
     ------
     EncodeError
         If the result cannot be encoded (the reason says why).
     """
+    clock = _Clock(timings if timings is not None else {})
     if result.manifest.outputs.segmentation is None:
-        return encode_parametric_maps(result, sources, series_number=series_number, gateway_version=gateway_version)
-    seg = encode_segmentation(
-        result, sources, series_number=series_number, gateway_version=gateway_version, labelmap=labelmap
-    )
-    sr = encode_measurement_report(
-        result, seg, sources, series_number=series_number + 1, gateway_version=gateway_version
-    )
-    return [seg, sr]
+        with clock("pm_s"):
+            return encode_parametric_maps(result, sources, series_number=series_number, gateway_version=gateway_version)
+    with clock("seg_s"):
+        seg = encode_segmentation(
+            result, sources, series_number=series_number, gateway_version=gateway_version, labelmap=labelmap
+        )
+    with clock("sr_s"):
+        sr = encode_measurement_report(
+            result, seg, sources, series_number=series_number + SERIES_OFFSETS["SR"], gateway_version=gateway_version
+        )
+    return [seg, sr, *_views(result, sources, sr, series_number, gateway_version, key_images, clock)]
+
+
+class _Clock:
+    """Adds the seconds a block took to ``timings[key]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
+
+
+def _views(
+    result: ModelResult,
+    sources: Mapping[str, Dataset],
+    sr: EncodedObject,
+    series_number: int,
+    gateway_version: str,
+    key_images: bool,
+    clock: _Clock,
+) -> list[EncodedObject]:
+    """The presentation state, key object selection and (optionally) key images of a segmentation's findings."""
+    volume = result.volume
+    if any(ref.tile is not None for ref in volume.slices):
+        log.info(
+            "%s: no outlines or key images for a mosaic series (its tiles are not images of their own)", result.ref
+        )
+        return []
+    provenance = Provenance.of(result, gateway_version)
+    window = result.manifest.outputs.display_window
+    with clock("gsps_s"):
+        findings = shown_findings(result, provenance.uids)
+        gsps = encode_presentation_state(
+            volume, sources, findings, provenance, series_number=series_number + SERIES_OFFSETS["GSPS"], window=window
+        )
+    if gsps is None:
+        return []
+    with clock("ko_s"):
+        ko = encode_key_objects(
+            volume, sources, findings, sr, gsps, provenance, series_number=series_number + SERIES_OFFSETS["KO"]
+        )
+    views = [gsps, *([ko] if ko is not None else [])]
+    if key_images:
+        with clock("sc_s"):
+            views.extend(
+                encode_key_images(
+                    volume,
+                    sources,
+                    findings,
+                    provenance,
+                    series_number=series_number + SERIES_OFFSETS["SC"],
+                    declared=window,
+                )
+            )
+    return views
 
 
 def object_filename(item: EncodedObject) -> str:

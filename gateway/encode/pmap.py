@@ -4,9 +4,11 @@ Each map's Real World Value Mapping (PS3.3 C.7.6.16.2.11) is the identity (slope
 value range, with the manifest's quantity (Quantity Definition) and UCUM unit, and its LUT Label the map's name.
 A recommended window spans the 1st to 99th percentile of the non-zero values. General Series Laterality is the
 sources' or, when they have none, empty (Type 2C; highdicom leaves it out, which dciodvfy reports as an error
-since no Image or Frame Laterality stands in for it). Frames lie as
-:mod:`gateway.encode.frames` describes (a mosaic's tiles get their positions from the volume's affine). The
-objects start a new series in the sources' study.
+since no Image or Frame Laterality stands in for it). Frames lie on the source images as
+:mod:`gateway.encode.frames` describes (a mosaic's tiles get their positions from the volume's affine; after
+gantry-tilt or uneven-spacing resampling there is one frame per source image, the map moved back onto its pixel
+grid by linear interpolation in-plane, 0 where the image reaches outside the volume). The objects start a new
+series in the sources' study.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from gateway.encode.common import EncodedObject, Provenance, coded, copying_source_names
+from gateway.encode.common import EncodedObject, Provenance, coded, copying_source_names, series_laterality
 from gateway.encode.frames import FramePlan, plan_frames
 from gateway.errors import EncodeError
 from gateway.infer.results import ModelResult
@@ -79,7 +81,7 @@ def _recognizable(plan: FramePlan) -> bool:
 
 
 def _encode(result: ModelResult, declared: ParametricMap, plan: FramePlan, series: _Series) -> EncodedObject:
-    values = _values(result, declared)
+    values = np.ascontiguousarray(plan.frames(_values(result, declared), linear=True), dtype=np.float32)
     try:
         with copying_source_names():
             pm = hd.pm.ParametricMap(
@@ -99,14 +101,8 @@ def _encode(result: ModelResult, declared: ParametricMap, plan: FramePlan, serie
     except (ValueError, TypeError) as exc:
         raise EncodeError(f"{result.ref}: highdicom cannot build the map {declared.name!r}: {exc}") from exc
     series.provenance.stamp(pm)
-    pm.Laterality = _laterality(plan)
+    pm.Laterality = series_laterality(plan.source_images[0])
     return EncodedObject.of("PM", pm)
-
-
-def _laterality(plan: FramePlan) -> str | None:
-    """The sources' Laterality, or empty ("unknown": the model does not say whether the part is paired)."""
-    value = plan.source_images[0].get("Laterality")
-    return str(value) if value else None
 
 
 def _content_label(name: str) -> str:

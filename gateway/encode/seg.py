@@ -23,8 +23,9 @@ Which Segmentation Type:
 
 Each segment carries its SNOMED category and type, its recommended display colour (CIELab from the manifest's
 RGB), algorithm identification (the model's name and version, family DCM 123110 "Artificial Intelligence",
-CID 7162) and a tracking UID that the measurement report repeats. Frames cite their source images as
-:mod:`gateway.encode.frames` describes; the Frame of Reference is the sources'.
+CID 7162) and a tracking UID that the measurement report repeats. Frames lie on the source images and cite them
+as :mod:`gateway.encode.frames` describes (after gantry-tilt or uneven-spacing resampling, one frame per source
+image, the masks moved back onto its pixel grid by nearest neighbour); the Frame of Reference is the sources'.
 """
 
 from __future__ import annotations
@@ -161,12 +162,13 @@ def encode_segmentation(
     kind = segmentation_type(result, labelmap)
     pixels = _pixels(result)
     _check_shape(result, pixels)
+    plan = plan_frames(result.volume, sources)
     labels = _declared(result.manifest).labels
     provenance = Provenance.of(result, gateway_version)
     try:
         with copying_source_names():
             seg = hd.seg.Segmentation(
-                pixel_array=pixels,
+                pixel_array=plan.frames(pixels),
                 segmentation_type=kind,
                 segment_descriptions=[
                     _description(n, label, result.manifest, provenance) for n, label in enumerate(labels, 1)
@@ -179,7 +181,7 @@ def encode_segmentation(
                 content_description=f"{result.name} {result.version}"[:64],
                 content_label="SEGMENTATION",
                 omit_empty_frames=True,
-                **plan_frames(result.volume, sources).arguments(),
+                **plan.arguments(),
                 **provenance.equipment("SEG"),
             )
     except (ValueError, TypeError) as exc:

@@ -1,4 +1,9 @@
-"""Export destinations: which ones a series' results go to, and the sender that talks to each.
+"""Export destinations: which ones a series' results go to, which kinds of result each takes, and the sender
+that talks to each.
+
+Each destination takes the kinds of result its ``send`` setting lists (:data:`gateway.config.OutputKind`); an
+output file's kind comes from its SOP Class UID (:func:`output_kind`), and a file of no known kind goes to every
+destination.
 
 A sender takes a batch of claimed deliveries for one destination and reports an :class:`Outcome` for each item
 it attempted, as soon as that item's answer is in (so that a success is committed before the next item is
@@ -12,13 +17,50 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from gateway.config import ClientTLSSettings, ExportSettings
+from pydicom.uid import (
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameSingleBitSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+
+from gateway.config import ClientTLSSettings, ExportSettings, OutputKind
 from gateway.export.outcome import Item, Outcome
 
 #: The callback a sender reports each attempted item's outcome to.
 Report = Callable[[Item, Outcome], None]
 
 _DIMSE_SOURCE = "dimse:"
+
+#: Label Map Segmentation Storage (PS3.4 B.5, added in 2024); pydicom 3.0 has no constant for it yet.
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+#: The kind of result of each SOP class the gateway writes, or a destination may refuse (PS3.4 B.5).
+_KINDS: dict[str, OutputKind] = {
+    SegmentationStorage: "seg",
+    LABEL_MAP_SEGMENTATION_STORAGE: "seg",
+    Comprehensive3DSRStorage: "sr",
+    ComprehensiveSRStorage: "sr",
+    EnhancedSRStorage: "sr",
+    BasicTextSRStorage: "sr",
+    KeyObjectSelectionDocumentStorage: "ko",
+    ParametricMapStorage: "pm",
+    GrayscaleSoftcopyPresentationStateStorage: "gsps",
+    SecondaryCaptureImageStorage: "sc",
+    MultiFrameSingleBitSecondaryCaptureImageStorage: "sc",
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage: "sc",
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "sc",
+    MultiFrameTrueColorSecondaryCaptureImageStorage: "sc",
+}
 
 
 class Sender(Protocol):
@@ -31,8 +73,18 @@ class Sender(Protocol):
         """Release connections held between batches."""
 
 
-def destinations_for(settings: ExportSettings, source: str) -> list[str]:
-    """The destinations of the results of a series received from ``source``, in order, each once.
+def output_kind(sop_class_uid: str) -> OutputKind | None:
+    """The kind of result an output file of SOP class ``sop_class_uid`` is, or ``None`` for any other class.
+
+    Segmentation and Label Map Segmentation are ``seg``; Comprehensive 3D, Comprehensive, Enhanced and Basic Text
+    SR are ``sr``; Key Object Selection Document is ``ko``; Parametric Map is ``pm``; Grayscale Softcopy
+    Presentation State is ``gsps``; Secondary Capture and the four multi-frame Secondary Capture classes are ``sc``.
+    """
+    return _KINDS.get(sop_class_uid.strip("\0 "))
+
+
+def destinations_for(settings: ExportSettings, source: str) -> dict[str, frozenset[OutputKind]]:
+    """Where the results of a series received from ``source`` go, in order, each once, with the kinds each takes.
 
     Parameters
     ----------
@@ -41,6 +93,12 @@ def destinations_for(settings: ExportSettings, source: str) -> list[str]:
     source
         :attr:`gateway.store.index.Instance.source` of the series: ``dimse:<calling AE title>`` (its results
         also go to ``return_to_sender[<calling AE title>]`` when configured) or ``stow`` (only the defaults).
+
+    Returns
+    -------
+    dict[str, frozenset[OutputKind]]
+        Destination name -> the kinds it takes, in the order the results go out (what
+        :func:`gateway.export.queue.enqueue` takes).
     """
     names: list[str] = []
     if source.startswith(_DIMSE_SOURCE):
@@ -48,7 +106,7 @@ def destinations_for(settings: ExportSettings, source: str) -> list[str]:
         if back is not None:
             names.append(back)
     names.extend(settings.default)
-    return list(dict.fromkeys(names))
+    return {name: frozenset(settings.destinations[name].send) for name in dict.fromkeys(names)}
 
 
 def client_ssl_context(tls: ClientTLSSettings) -> ssl.SSLContext:

@@ -2,8 +2,11 @@
 
 The association proposes exactly the presentation contexts the batch needs, one per (SOP class, transfer
 syntax) of its files, so each file goes in its own transfer syntax (never transcoded). A file whose context the
-destination rejects is dead (the reason names the SOP class, the transfer syntax and the rejection); a refused
-or failed association, an abort or a timeout is a network fault and is retried.
+destination rejects because it does not support the SOP class (result 0x03, abstract syntax not supported; also
+when it rejects every context of the association) or that answers C-STORE status 0x0122 is ``refused``: the
+others go on. Any other rejection of its context (transfer syntax not supported, user or provider rejection) is
+dead; each reason names the SOP class, the transfer syntax and the rejection. A rejected or failed association,
+an abort or a timeout is a network fault and is retried.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pynetdicom import _config
 
 from gateway.config import DimseDestination
 from gateway.export.destinations import Report, client_ssl_context
-from gateway.export.outcome import Item, Kind, Outcome, dimse_outcome
+from gateway.export.outcome import Item, Kind, Outcome, dimse_outcome, sop_class_text
 from gateway.export.scu import ClosingAE, close_socket, finish_association
 
 __all__ = ["DimseSender"]
@@ -27,9 +30,10 @@ _MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per asso
 _CONTEXT_RESULTS = {  # PS3.8 9.3.3.2: why an acceptor rejected a presentation context
     0x01: "rejected by the destination (user rejection)",
     0x02: "rejected by the destination (no reason given)",
-    0x03: "SOP class not supported by the destination",
-    0x04: "transfer syntax not supported by the destination",
+    0x03: "rejected: SOP class not supported by the destination",
+    0x04: "rejected: transfer syntax not supported by the destination",
 }
+_ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03  # the one result that says the destination does not take the SOP class
 _NO_RESPONSE = "no response (association aborted or timed out)"
 
 Context = tuple[str, str]  # (SOP Class UID, Transfer Syntax UID)
@@ -81,7 +85,7 @@ class DimseSender:
                 report(item, _refusal(assoc, item))
             return
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-        rejected = {(str(cx.abstract_syntax), _rejected_syntax(cx)): cx.result for cx in assoc.rejected_contexts}
+        rejected = _rejected(assoc)
         broken = False
         try:
             for item in items:
@@ -117,16 +121,24 @@ def _by_contexts(items: Sequence[Item]) -> Iterator[list[Item]]:
         yield batch
 
 
-def _rejected_syntax(cx: Any) -> str:
-    """The transfer syntax a rejected context proposed (we propose exactly one per context)."""
-    return str(cx.transfer_syntax[0]) if cx.transfer_syntax else ""
+def _rejected(assoc: Any) -> dict[Context, int | None]:
+    """The result of each rejected context, keyed by what we proposed (we propose one transfer syntax a context).
+
+    The context is found by its ID: the transfer syntax an acceptor puts in the answer to a rejected context is
+    not significant (PS3.8 9.3.3.2; DCMTK answers implicit VR little endian whatever was proposed).
+    """
+    proposed = {
+        cx.context_id: (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in assoc.requestor.requested_contexts
+        if cx.transfer_syntax
+    }
+    return {proposed.get(cx.context_id, (str(cx.abstract_syntax), "")): cx.result for cx in assoc.rejected_contexts}
 
 
 def _refusal(assoc: Any, item: Item) -> Outcome:
-    """Why no association was established: every context rejected (dead), else a network fault (retried)."""
+    """Why no association was established: every context rejected (as each says), else a network fault (retried)."""
     if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
-        rejected = {(str(cx.abstract_syntax), _rejected_syntax(cx)): cx.result for cx in assoc.rejected_contexts}
-        return _context_refused(item, rejected)
+        return _context_refused(item, _rejected(assoc))
     if assoc.is_rejected:
         rsp = getattr(assoc.acceptor, "primitive", None)
         detail = (
@@ -137,11 +149,14 @@ def _refusal(assoc: Any, item: Item) -> Outcome:
 
 
 def _context_refused(item: Item, rejected: dict[Context, int | None]) -> Outcome:
-    why = _CONTEXT_RESULTS.get(rejected.get(_context(item)) or 0x02, _CONTEXT_RESULTS[0x02])
-    return Outcome(
-        Kind.DEAD,
-        f"presentation context for SOP class {item.sop_class_uid} in transfer syntax {item.transfer_syntax_uid} {why}",
+    """A rejected presentation context: ``refused`` for an unsupported SOP class, else dead."""
+    result = rejected.get(_context(item)) or 0x02
+    why = _CONTEXT_RESULTS.get(result, _CONTEXT_RESULTS[0x02])
+    text = (
+        f"presentation context for SOP class {sop_class_text(item.sop_class_uid)} "
+        f"in transfer syntax {item.transfer_syntax_uid} {why}"
     )
+    return Outcome(Kind.REFUSED if result == _ABSTRACT_SYNTAX_NOT_SUPPORTED else Kind.DEAD, text)
 
 
 def _store(assoc: Any, item: Item) -> Outcome:
@@ -154,4 +169,4 @@ def _store(assoc: Any, item: Item) -> Outcome:
         return Outcome(Kind.DEAD, f"the output file cannot be sent: {type(exc).__name__}: {exc}")
     if "Status" not in status:
         return Outcome(Kind.RETRY, _NO_RESPONSE)
-    return dimse_outcome(int(status.Status), str(status.get("ErrorComment", "")))
+    return dimse_outcome(int(status.Status), str(status.get("ErrorComment", "")), sop_class_uid=item.sop_class_uid)

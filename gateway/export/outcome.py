@@ -1,8 +1,9 @@
 """What one delivery attempt came to, how a DIMSE status is read, and the retry policy (exponential backoff).
 
 A status either delivers the instance (success, or a warning that is recorded), asks for a later attempt (the
-destination is short of resources, or unreachable), or dead-letters it (the destination will never take it as it
-is: retrying would only repeat the refusal).
+destination is short of resources, or unreachable), records that the destination does not take objects of that
+SOP class at all (refused: its configuration says so, not a fault of the result), or dead-letters it (the
+destination will never take it as it is: retrying would only repeat the refusal).
 """
 
 from __future__ import annotations
@@ -11,20 +12,31 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from pydicom import config
+from pydicom.uid import UID
+
 from gateway.config import ExportSettings
 
 #: General warning statuses of PS3.7 Annex C that a C-STORE may also answer (the instance is stored).
 _GENERAL_WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 #: "Resource limitation" (PS3.7 C.5.15): transient, like the C-STORE "Refused: Out of Resources" (0xA7xx).
 _RESOURCE_LIMITATION = 0x0213
+#: "Refused: SOP Class not supported" (PS3.7 C.5.x, PS3.4 B.2.3); also a STOW-RS FailureReason (PS3.18 10.5.3).
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 class Kind(StrEnum):
-    """The kinds of outcome; ``delivered`` and ``warning`` both mean the destination holds the instance."""
+    """The kinds of outcome; ``delivered`` and ``warning`` both mean the destination holds the instance.
+
+    ``refused`` means the destination does not take objects of the instance's SOP class (a presentation context
+    rejected with "abstract syntax not supported", C-STORE status or STOW-RS FailureReason 0x0122): final, like
+    ``dead``, but the destination's choice rather than a failure of the export.
+    """
 
     DELIVERED = "delivered"
     WARNING = "warning"
     RETRY = "retry"
+    REFUSED = "refused"
     DEAD = "dead"
 
 
@@ -54,12 +66,25 @@ class Outcome:
         return self.kind in (Kind.DELIVERED, Kind.WARNING)
 
 
-def dimse_outcome(status: int, comment: str = "") -> Outcome:
-    """Read a C-STORE response status (PS3.4 B.2.3, PS3.7 Annex C).
+def sop_class_text(uid: str) -> str:
+    """A SOP Class UID for people: followed by its name where pydicom knows it (a malformed UID is left as is)."""
+    name = UID(uid, validation_mode=config.IGNORE).name
+    return uid if name == uid else f"{uid} ({name})"
+
+
+def class_refused(sop_class_uid: str, text: str, status: int | None = None) -> Outcome:
+    """A ``refused`` outcome: its reason names the SOP class the destination does not take, then ``text``."""
+    named = f" {sop_class_text(sop_class_uid)}" if sop_class_uid else ""
+    return Outcome(Kind.REFUSED, f"SOP class{named} not supported, {text}", status)
+
+
+def dimse_outcome(status: int, comment: str = "", *, sop_class_uid: str = "") -> Outcome:
+    """Read a C-STORE response status (PS3.4 B.2.3, PS3.7 Annex C) to an instance of ``sop_class_uid``.
 
     ``0x0000`` delivers; ``0xB0xx`` and the general warnings deliver with a warning; ``0xA7xx`` (out of
-    resources) and ``0x0213`` (resource limitation) retry; anything else (``0xA9xx`` data set does not match the
-    SOP class, ``0xCxxx`` cannot understand, ``0x0122`` SOP class not supported, ...) is dead.
+    resources) and ``0x0213`` (resource limitation) retry; ``0x0122`` (SOP class not supported) is refused;
+    anything else (``0xA9xx`` data set does not match the SOP class, ``0xCxxx`` cannot understand, ``0x0124``
+    not authorized, ...) is dead.
     """
     text = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
     if status == 0x0000:
@@ -68,7 +93,9 @@ def dimse_outcome(status: int, comment: str = "") -> Outcome:
         return Outcome(Kind.WARNING, f"warning {text}", status)
     if status & 0xFF00 == 0xA700 or status == _RESOURCE_LIMITATION:
         return Outcome(Kind.RETRY, f"out of resources, {text}", status)
-    return Outcome(Kind.DEAD, f"refused, {text}", status)
+    if status == SOP_CLASS_NOT_SUPPORTED:
+        return class_refused(sop_class_uid, text, status)
+    return Outcome(Kind.DEAD, f"rejected, {text}", status)
 
 
 @dataclass(frozen=True)

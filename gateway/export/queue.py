@@ -1,13 +1,22 @@
-"""The durable export queue: one ``deliveries`` row per (output file, destination), driven to delivered or dead.
+"""The durable export queue: one ``deliveries`` row per (output file, destination), driven to a final state.
+
+Each destination gets only the kinds of result it takes (its ``send`` setting: :func:`enqueue` queues a file for
+a destination only when the file's kind, read from its SOP class, is one of them; a file of no known kind goes
+everywhere); the kinds left out are listed in the job's ``detail.export.not_sent``.
 
 A delivery is ``pending`` until a worker claims it (``sending``, under a claim token, by a conditional update),
 then each attempt's outcome is committed as soon as it is known: ``delivered``; ``pending`` again with a later
-``next_attempt_at`` (exponential backoff); or ``dead`` with the reason. A gateway that stops or crashes leaves
-``sending`` rows behind; the next start puts them back to ``pending`` (an instance whose success was committed is
-never sent again; one whose answer was lost in the crash may be, under the same SOP Instance UID).
+``next_attempt_at`` (exponential backoff); ``refused`` with the reason, when the destination does not take
+objects of that SOP class (it rejected the presentation context as an unsupported abstract syntax, or answered
+0x0122); or ``dead`` with the reason. ``delivered``, ``refused`` and ``dead`` are final. A gateway that stops or
+crashes leaves ``sending`` rows behind; the next start puts them back to ``pending`` (an instance whose success
+was committed is never sent again; one whose answer was lost in the crash may be, under the same SOP Instance
+UID).
 
-When every delivery of a job is delivered the job is ``exported``; when none is left to send and some are dead,
-it is ``failed`` with ``{"stage": "export", "reason": ...}``. :func:`retry_job` requeues the dead ones.
+When every delivery of a job is delivered or refused the job is ``exported`` (``detail.export`` counts the refused
+ones and lists their reasons); when none is left to send and some are dead, it is ``failed`` with ``{"stage":
+"export", "reason": ...}``. :func:`retry_job` requeues the dead and the refused ones (the destination may have
+been reconfigured since).
 """
 
 from __future__ import annotations
@@ -16,16 +25,18 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, get_args
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from gateway.config import OutputKind
 from gateway.errors import ExportError, NotFound
+from gateway.export.destinations import output_kind
 from gateway.export.outcome import Item, Kind, Outcome, RetryPolicy
 from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Job
@@ -45,19 +56,39 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PENDING, SENDING, DELIVERED, DEAD = "pending", "sending", "delivered", "dead"
+PENDING, SENDING, DELIVERED, REFUSED, DEAD = "pending", "sending", "delivered", "refused", "dead"
 NO_DESTINATION = "no destination configured"
+NO_KIND_TAKEN = "no output is of a kind its destinations take (see not_sent)"
 _HISTORY_MAX = 100  # attempts kept per delivery (the oldest are dropped after many manual retries)
-_REASONS_IN_FAILURE = 5
+_REASONS_LISTED = 5  # distinct reasons quoted in a job's failure or refused_reasons
+_KINDS: tuple[str, ...] = get_args(OutputKind)
+
+#: Destination name -> the kinds of result it takes; ``None``: every file, whatever its kind.
+_Plan = dict[str, frozenset[str] | None]
+
+
+class _Header(NamedTuple):
+    path: str  # relative to the data folder when inside it
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
 
 
 def enqueue(
-    store: StoreIndex, job_id: int, files: Sequence[Path], destinations: Sequence[str], *, now: float | None = None
+    store: StoreIndex,
+    job_id: int,
+    files: Sequence[Path],
+    destinations: Mapping[str, Collection[str]] | Sequence[str],
+    *,
+    now: float | None = None,
 ) -> int:
-    """Queue every file of a job for every destination, in one transaction, and move the job to ``encoded``.
+    """Queue each file of a job for each destination that takes its kind (one transaction); the job is ``encoded``.
 
-    With no destination (or no file) there is nothing to send: the job goes straight to ``exported``, its detail
-    saying why. Calling it again for the same job adds only the (file, destination) pairs not queued yet.
+    A file's kind comes from its SOP class (:func:`gateway.export.destinations.output_kind`); a file of no known
+    kind goes to every destination. The kinds a destination is not sent are listed in the job's
+    ``detail.export.not_sent`` (``{"pacs": ["sc"]}``). With nothing to send (no destination, no file, or no file
+    of a kind any destination takes) the job goes straight to ``exported``, its detail saying why. Calling it
+    again for the same job adds only the (file, destination) pairs not queued yet.
 
     Parameters
     ----------
@@ -68,7 +99,8 @@ def enqueue(
     files
         The output files, already written durably (DICOM Part 10).
     destinations
-        Destination names (:func:`gateway.export.destinations.destinations_for`).
+        Destination name -> the kinds of result it takes (:data:`gateway.config.OutputKind` values), as
+        :func:`gateway.export.destinations.destinations_for` gives them; or just names, each taking every file.
     now
         The time recorded (seconds since the epoch); the wall clock when omitted.
 
@@ -79,33 +111,75 @@ def enqueue(
 
     Raises
     ------
+    ValueError
+        If ``destinations`` names a kind that is not an :data:`~gateway.config.OutputKind`.
     gateway.errors.NotFound
         If there is no job ``job_id``.
     gateway.errors.ExportError
         If a file is not a readable DICOM file with SOP Class and SOP Instance UIDs (nothing is queued).
     """
     now = time.time() if now is None else now
+    plan = _plan(destinations)
     headers = [_header(store, Path(f)) for f in files]
-    names = list(dict.fromkeys(destinations))
+    pairs, not_sent = _routed(headers, plan)
     with store.write_sessions.begin() as session:
         job = _job(session, job_id)
         rows = session.execute(select(Delivery.sop_instance_uid, Delivery.destination).where(Delivery.job_id == job_id))
         queued = {(uid, name) for uid, name in rows}
         added = 0
-        for relpath, sop_class, sop_instance, syntax in headers:
-            for name in names:
-                if (sop_instance, name) in queued:
-                    continue
-                queued.add((sop_instance, name))
-                session.add(_new_delivery(job_id, relpath, sop_class, sop_instance, syntax, name, now))
-                added += 1
-        _mark_queued(job, len(queued), names, now)
-    log.info("job %d: %d deliveries queued for %d destination(s)", job_id, added, len(names))
+        for header, name in pairs:
+            if (header.sop_instance_uid, name) in queued:
+                continue
+            queued.add((header.sop_instance_uid, name))
+            session.add(_new_delivery(job_id, header, name, now))
+            added += 1
+        _mark_queued(job, len(queued), list(plan), _why_nothing(plan, headers), not_sent, now)
+    log.info("job %d: %d deliveries queued for %d destination(s)", job_id, added, len(plan))
+    if not_sent:
+        log.info("job %d: kinds not sent, by destination (their send setting): %s", job_id, not_sent)
     return added
 
 
-def _header(store: StoreIndex, path: Path) -> tuple[str, str, str, str]:
-    """(stored path, SOP Class UID, SOP Instance UID, transfer syntax) of an output file."""
+def _plan(destinations: Mapping[str, Collection[str]] | Sequence[str]) -> _Plan:
+    """Destination name -> the kinds it takes (``None``: everything), checked against the known kinds."""
+    if not isinstance(destinations, Mapping):
+        return dict.fromkeys(destinations)
+    plan: _Plan = {}
+    for name, kinds in destinations.items():
+        unknown = sorted(set(kinds).difference(_KINDS))
+        if unknown:
+            raise ValueError(f"destinations[{name!r}] names unknown kind(s) {unknown}; known: {list(_KINDS)}")
+        plan[name] = frozenset(kinds)
+    return plan
+
+
+def _routed(headers: Iterable[_Header], plan: _Plan) -> tuple[list[tuple[_Header, str]], dict[str, list[str]]]:
+    """The (file, destination) pairs to queue, and for each destination the kinds of file it does not take."""
+    pairs: list[tuple[_Header, str]] = []
+    skipped: dict[str, set[str]] = {}
+    for header in headers:
+        kind = output_kind(header.sop_class_uid)
+        for name, kinds in plan.items():
+            if kinds is None or kind is None or kind in kinds:
+                pairs.append((header, name))
+            else:
+                skipped.setdefault(name, set()).add(kind)
+    return pairs, {name: _in_order(kinds) for name, kinds in skipped.items()}
+
+
+def _in_order(kinds: Iterable[str]) -> list[str]:
+    return sorted(set(kinds), key=_KINDS.index)
+
+
+def _why_nothing(plan: _Plan, headers: Sequence[_Header]) -> str:
+    """What the job's detail says when no delivery is queued."""
+    if not plan:
+        return NO_DESTINATION
+    return NO_KIND_TAKEN if headers else "no output file to send"
+
+
+def _header(store: StoreIndex, path: Path) -> _Header:
+    """Stored path, SOP Class UID, SOP Instance UID and transfer syntax of an output file."""
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
         values = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
@@ -113,18 +187,16 @@ def _header(store: StoreIndex, path: Path) -> tuple[str, str, str, str]:
         raise ExportError(f"output file {path.name} cannot be queued: {type(exc).__name__}") from None
     absolute = path.resolve()
     stored = absolute.relative_to(store.data_dir) if absolute.is_relative_to(store.data_dir) else absolute
-    return (str(stored), *values)
+    return _Header(str(stored), *values)
 
 
-def _new_delivery(
-    job_id: int, path: str, sop_class: str, sop_instance: str, syntax: str, destination: str, now: float
-) -> Delivery:
+def _new_delivery(job_id: int, header: _Header, destination: str, now: float) -> Delivery:
     return Delivery(
         job_id=job_id,
-        path=path,
-        sop_class_uid=sop_class,
-        sop_instance_uid=sop_instance,
-        transfer_syntax_uid=syntax,
+        path=header.path,
+        sop_class_uid=header.sop_class_uid,
+        sop_instance_uid=header.sop_instance_uid,
+        transfer_syntax_uid=header.transfer_syntax_uid,
         destination=destination,
         state=PENDING,
         attempts=0,
@@ -142,16 +214,27 @@ def _job(session: Session, job_id: int) -> Job:
     return job
 
 
-def _mark_queued(job: Job, total: int, names: list[str], now: float) -> None:
+def _mark_queued(
+    job: Job, total: int, names: list[str], nothing: str, not_sent: dict[str, list[str]], now: float
+) -> None:
     detail = dict(job.detail or {})
-    detail["export"] = {"deliveries": total, "destinations": names}
+    export: dict[str, Any] = {"deliveries": total, "destinations": names}
+    merged = _merged(detail.get("export", {}).get("not_sent", {}), not_sent)
+    if merged:
+        export["not_sent"] = merged
     if total:
         job.state = JobState.ENCODED
     else:
-        detail["export"]["reason"] = NO_DESTINATION if not names else "no output file to send"
+        export["reason"] = nothing
         job.state = JobState.EXPORTED
+    detail["export"] = export
     job.detail = detail
     job.updated_at = now
+
+
+def _merged(before: dict[str, list[str]], now: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The kinds not sent to each destination, over every :func:`enqueue` of the job."""
+    return {name: _in_order([*before.get(name, []), *now.get(name, [])]) for name in {**before, **now}}
 
 
 def claim(
@@ -232,6 +315,8 @@ def record(
 def _next_state(attempts: int, outcome: Outcome, policy: RetryPolicy) -> tuple[str, str]:
     if outcome.delivered:
         return DELIVERED, outcome.reason
+    if outcome.kind is Kind.REFUSED:
+        return REFUSED, outcome.reason
     if outcome.kind is Kind.DEAD:
         return DEAD, outcome.reason
     if attempts >= policy.max_attempts:
@@ -287,7 +372,11 @@ def resume(store: StoreIndex, configured: Collection[str], *, now: float | None 
 
 
 def settle(store: StoreIndex, job_id: int, *, now: float | None = None) -> JobState | None:
-    """Move an ``encoded`` job on once none of its deliveries is left to send; return its new state, if any."""
+    """Move an ``encoded`` job on once none of its deliveries is left to send; return its new state, if any.
+
+    ``exported`` when every delivery was delivered or refused (``detail.export.refused_reasons`` says why for
+    the refused ones), ``failed`` when any is dead.
+    """
     now = time.time() if now is None else now
     with store.write_sessions.begin() as session:
         job = session.get(Job, job_id)
@@ -300,7 +389,7 @@ def settle(store: StoreIndex, job_id: int, *, now: float | None = None) -> JobSt
         if not counts or counts[PENDING] or counts[SENDING]:
             return None
         detail = dict(job.detail or {})
-        detail["export"] = {**detail.get("export", {}), **_summary(session, job_id, counts)}
+        detail["export"] = _summary(session, job_id, counts, detail.get("export", {}))
         if counts[DEAD]:
             detail["failure"] = {"stage": "export", "reason": _failure_reason(session, job_id, counts)}
         job.state = JobState.FAILED if counts[DEAD] else JobState.EXPORTED
@@ -311,34 +400,52 @@ def settle(store: StoreIndex, job_id: int, *, now: float | None = None) -> JobSt
     return state
 
 
-def _summary(session: Session, job_id: int, counts: Counter[str]) -> dict[str, int]:
+def _summary(session: Session, job_id: int, counts: Counter[str], before: dict[str, Any]) -> dict[str, Any]:
     warnings = session.scalar(
         select(func.count()).where(
             Delivery.job_id == job_id, Delivery.state == DELIVERED, Delivery.last_error.is_not(None)
         )
     )
-    return {
-        "deliveries": sum(counts.values()),
-        "delivered": counts[DELIVERED],
-        "warnings": int(warnings or 0),
-        "dead": counts[DEAD],
-    }
+    summary = {key: value for key, value in before.items() if key != "refused_reasons"}
+    summary.update(
+        deliveries=sum(counts.values()),
+        delivered=counts[DELIVERED],
+        warnings=int(warnings or 0),
+        refused=counts[REFUSED],
+        dead=counts[DEAD],
+    )
+    if counts[REFUSED]:
+        summary["refused_reasons"] = _listed(_reasons(session, job_id, REFUSED))
+    return summary
+
+
+def _reasons(session: Session, job_id: int, state: str) -> list[str]:
+    """``destination: reason`` of the job's deliveries in ``state``, each once, in queue order."""
+    pairs = session.execute(
+        select(Delivery.destination, Delivery.last_error)
+        .where(Delivery.job_id == job_id, Delivery.state == state)
+        .order_by(Delivery.id)
+    )
+    return list(dict.fromkeys(f"{name}: {error}" for name, error in pairs))
+
+
+def _listed(reasons: list[str]) -> list[str]:
+    more = len(reasons) - _REASONS_LISTED
+    return reasons[:_REASONS_LISTED] + ([f"(and {more} more)"] if more > 0 else [])
 
 
 def _failure_reason(session: Session, job_id: int, counts: Counter[str]) -> str:
-    pairs = session.execute(
-        select(Delivery.destination, Delivery.last_error)
-        .where(Delivery.job_id == job_id, Delivery.state == DEAD)
-        .order_by(Delivery.id)
-    )
-    reasons = list(dict.fromkeys(f"{name}: {error}" for name, error in pairs))
-    more = f" (and {len(reasons) - _REASONS_IN_FAILURE} more)" if len(reasons) > _REASONS_IN_FAILURE else ""
+    reasons = _reasons(session, job_id, DEAD)
+    more = f" (and {len(reasons) - _REASONS_LISTED} more)" if len(reasons) > _REASONS_LISTED else ""
     total = sum(counts.values())
-    return f"{counts[DEAD]} of {total} deliveries dead: " + "; ".join(reasons[:_REASONS_IN_FAILURE]) + more
+    return f"{counts[DEAD]} of {total} deliveries dead: " + "; ".join(reasons[:_REASONS_LISTED]) + more
 
 
 def retry_job(store: StoreIndex, job_id: int, *, now: float | None = None) -> int:
-    """Put a job's dead deliveries back to ``pending`` (attempts reset, history kept) and the job to ``encoded``.
+    """Requeue a job's dead and refused deliveries (attempts reset, history kept); the job goes to ``encoded``.
+
+    Refused ones are sent again too: the destination may have been configured since to take their SOP class
+    (if not, they end refused again, and the job ``exported``).
 
     Returns
     -------
@@ -350,15 +457,17 @@ def retry_job(store: StoreIndex, job_id: int, *, now: float | None = None) -> in
     gateway.errors.NotFound
         If there is no job ``job_id``.
     gateway.errors.ExportError
-        If the job has no dead delivery (nothing to retry).
+        If the job has no dead or refused delivery (nothing to retry); nothing changes.
     """
     now = time.time() if now is None else now
     with store.write_sessions.begin() as session:
         job = _job(session, job_id)
-        dead = session.scalars(select(Delivery).where(Delivery.job_id == job_id, Delivery.state == DEAD)).all()
-        if not dead:
-            raise ExportError(f"job {job_id} has no dead delivery to retry (state {job.state})")
-        for row in dead:
+        ended = session.scalars(
+            select(Delivery).where(Delivery.job_id == job_id, Delivery.state.in_((DEAD, REFUSED)))
+        ).all()
+        if not ended:
+            raise ExportError(f"job {job_id} has no dead or refused delivery to retry (state {job.state})")
+        for row in ended:
             row.state, row.attempts, row.next_attempt_at, row.updated_at = PENDING, 0, now, now
             row.history = _appended(row.history, now, "requeued", None, "retry requested")
         detail = dict(job.detail or {})
@@ -367,18 +476,23 @@ def retry_job(store: StoreIndex, job_id: int, *, now: float | None = None) -> in
         job.detail = detail
         job.state = JobState.ENCODED
         job.updated_at = now
-    log.info("job %d: %d dead deliveries requeued", job_id, len(dead))
-    return len(dead)
+    log.info("job %d: %d dead or refused deliveries requeued", job_id, len(ended))
+    return len(ended)
 
 
 def deliveries_of(store: StoreIndex, job_id: int) -> list[dict[str, Any]]:
-    """A job's deliveries as the API shows them: instance, destination, state, attempts and their history."""
+    """A job's deliveries as the API shows them: instance, kind, destination, state, attempts and their history.
+
+    ``state`` is ``pending``, ``sending``, ``delivered``, ``refused`` or ``dead``; ``kind`` is the output's
+    :data:`~gateway.config.OutputKind` (``None`` for a SOP class of no known kind).
+    """
     with store.sessions() as session:
         rows = session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)).all()
         return [
             {
                 "sop_instance_uid": row.sop_instance_uid,
                 "sop_class_uid": row.sop_class_uid,
+                "kind": output_kind(row.sop_class_uid),
                 "destination": row.destination,
                 "state": row.state,
                 "attempts": row.attempts,

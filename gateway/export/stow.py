@@ -3,8 +3,13 @@
 Each file goes as stored, one ``application/dicom`` part each, streamed from disk (the request carries its
 ``Content-Length``; nothing is held whole in memory). The answer is read per instance: 200 delivers all; 202
 delivers those in the ReferencedSOPSequence (a WarningReason is recorded) and fails those in the
-FailedSOPSequence with their FailureReason (0xA7xx retries, others are dead); 408, 429 and 5xx and network errors
-retry; 400, 409, 415 and other client errors are dead (an instance-level 0xA7xx FailureReason still retries).
+FailedSOPSequence with their FailureReason (0xA7xx retries, 0x0122 "SOP class not supported" is refused, others
+are dead); 408, 429 and 5xx and network errors retry; 400, 409, 415 and other client errors are dead (an
+instance-level 0xA7xx FailureReason still retries, 0x0122 is still refused).
+
+FailureReason 0x0124 ("not authorized") is dead, not refused: it says the origin lacks a permission (a token, an
+AE title, a study it may not write to), which is a fault to repair, and it may well apply to every instance sent;
+counting it as the destination's choice would let a job whose results reached nobody end ``exported``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import httpx
 
 from gateway.config import StowDestination
 from gateway.export.destinations import Report, client_ssl_context
-from gateway.export.outcome import Item, Kind, Outcome
+from gateway.export.outcome import SOP_CLASS_NOT_SUPPORTED, Item, Kind, Outcome, class_refused
 
 __all__ = ["StowSender", "stow_outcomes"]
 
@@ -139,12 +144,13 @@ def stow_outcomes(status: int, answer: dict[str, Any], items: Sequence[Item]) ->
     """The outcome of each of ``items`` from a STOW-RS response's HTTP ``status`` and DICOM JSON ``answer``."""
     failed = _by_uid(answer, _FAILED_SOP_SEQUENCE, _FAILURE_REASON)
     stored = _by_uid(answer, _REFERENCED_SOP_SEQUENCE, _WARNING_REASON)
-    return [_instance_outcome(status, item.sop_instance_uid, failed, stored) for item in items]
+    return [_instance_outcome(status, item, failed, stored) for item in items]
 
 
-def _instance_outcome(status: int, uid: str, failed: dict[str, int | None], stored: dict[str, int | None]) -> Outcome:
+def _instance_outcome(status: int, item: Item, failed: dict[str, int | None], stored: dict[str, int | None]) -> Outcome:
+    uid = item.sop_instance_uid
     if uid in failed:
-        return _failure(status, failed[uid])
+        return _failure(status, failed[uid], item.sop_class_uid)
     if status == 200 or (status == 202 and uid in stored):
         warning = stored.get(uid)
         if warning:
@@ -154,14 +160,16 @@ def _instance_outcome(status: int, uid: str, failed: dict[str, int | None], stor
         return Outcome(Kind.RETRY, "HTTP 202 without this instance in the answer", status)
     if status in _RETRY_HTTP or status >= 500:
         return Outcome(Kind.RETRY, f"HTTP {status}", status)
-    return Outcome(Kind.DEAD, f"refused, HTTP {status}", status)
+    return Outcome(Kind.DEAD, f"rejected, HTTP {status}", status)
 
 
-def _failure(status: int, reason: int | None) -> Outcome:
+def _failure(status: int, reason: int | None, sop_class_uid: str) -> Outcome:
     text = f"HTTP {status}, FailureReason " + (f"0x{reason:04X}" if reason is not None else "not given")
     if reason is not None and reason & 0xFF00 == 0xA700:
         return Outcome(Kind.RETRY, f"out of resources, {text}", status)
-    return Outcome(Kind.DEAD, f"refused, {text}", status)
+    if reason == SOP_CLASS_NOT_SUPPORTED:
+        return class_refused(sop_class_uid, text, status)
+    return Outcome(Kind.DEAD, f"rejected, {text}", status)
 
 
 def _by_uid(answer: dict[str, Any], sequence: str, reason_tag: str) -> dict[str, int | None]:

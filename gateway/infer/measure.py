@@ -64,10 +64,10 @@ def for_reading(name: str, value: float) -> float | int:
 
     Volumes to 0.01 ml below 10 ml and to 0.1 ml from there; diameters (``long_axis``, ``short_axis``) to 0.1 mm;
     statistics of modality values (``mean``, ``stddev``, ``min``, ``max``: Hounsfield units for CT) to 0.1;
-    probabilities to 0.01; voxel counts are whole numbers. Anything else keeps 4 significant digits. A value with
-    nothing after the point is an ``int``, so it is written ``12``, not ``12.0``.
+    probabilities to 0.01 (as a ``percent``, to 1 %); voxel counts are whole numbers. Anything else keeps 4
+    significant digits. A value with nothing after the point is an ``int``, so it is written ``12``, not ``12.0``.
     """
-    if name == "voxels":
+    if name in ("voxels", "percent"):
         return round(value)
     if name == "volume":
         decimals = 2 if abs(value) < 10 else 1

@@ -7,7 +7,7 @@ share forward passes. :meth:`InferenceRuntime.run` takes a volume through the wh
     prepare (channels, orientation, spacing, intensity, crop/pad)
       -> forward: the whole input as one item, or sliding-window patches (MONAI) submitted to the batcher
       -> check (shape, channels, NaN) -> activation -> restore to the source grid, channel by channel
-      -> label map / masks / parametric maps -> measurements -> classifications
+      -> label map / masks / parametric maps -> measurements, lesions -> classifications
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from gateway.errors import InferenceError
 from gateway.infer.backend import Backend
 from gateway.infer.backends import load_backend, resolve_device
 from gateway.infer.batcher import Batcher, BatcherStats
+from gateway.infer.lesions import LesionSet, find_lesions
 from gateway.infer.measure import SegmentMeasurement, measure_segments, voxel_volume_ml
 from gateway.infer.postprocess import Decoded, check_output, decode
 from gateway.infer.preprocess import Prepared, model_pad_value, prepare
@@ -156,7 +157,7 @@ class InferenceRuntime:
         Returns
         -------
         ModelResult
-            Label map or masks, parametric maps, measurements, classifications, timings and notes.
+            Label map or masks, parametric maps, measurements, lesions, classifications, timings and notes.
 
         Raises
         ------
@@ -178,6 +179,8 @@ class InferenceRuntime:
         del output
         with clock.stage("measure_s"):
             measurements = _measurements(decoded, volume, manifest)
+            lesions = _lesions(decoded, volume, manifest)
+            decoded.lesion_probabilities.clear()  # full-size arrays: not kept past measuring
             findings = _findings(decoded, volume, manifest)
         return ModelResult(
             name=manifest.name,
@@ -190,6 +193,7 @@ class InferenceRuntime:
             maps=decoded.maps,
             probabilities=decoded.probabilities,
             measurements=measurements,
+            lesions=lesions,
             classifications=findings,
             timings=clock.timings,
             notes=prepared.notes,
@@ -256,6 +260,20 @@ def _measurements(decoded: Decoded, volume: Volume, manifest: Manifest) -> tuple
     if segmentation is None:
         return ()
     return measure_segments(decoded.masks, volume, segmentation.labels)
+
+
+def _lesions(decoded: Decoded, volume: Volume, manifest: Manifest) -> dict[int, LesionSet]:
+    """The lesions of every segment declared ``lesions: true``."""
+    segmentation = manifest.outputs.segmentation
+    if segmentation is None:
+        return {}
+    return {
+        label.value: find_lesions(
+            decoded.masks[label.value], volume, label, decoded.lesion_probabilities.get(label.value)
+        )
+        for label in segmentation.labels
+        if label.lesions and label.value in decoded.masks
+    }
 
 
 def _findings(decoded: Decoded, volume: Volume, manifest: Manifest) -> tuple[Finding, ...]:

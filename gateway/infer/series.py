@@ -52,11 +52,12 @@ class SeriesOutcome:
 
 
 def result_summary(result: ModelResult) -> dict[str, Any]:
-    """A model result as JSON-ready data (measurements, classifications, notes, timings; no voxels)."""
+    """A model result as JSON-ready data (measurements, lesions, classifications, notes, timings; no voxels)."""
     return {
         "model": f"{result.name}@{result.version}",
         "sha256": result.sha256,
         "measurements": [m.as_dict() for m in result.measurements],
+        "lesions": [lesions.as_dict() for lesions in result.lesions.values()],
         "classifications": [c.as_dict() for c in result.classifications],
         "maps": sorted(result.maps),
         "notes": list(result.notes),

@@ -1,9 +1,12 @@
 """The encode stage of a job: ``inferred -> encoding -> encoded`` (then export), or ``failed`` with the reason.
 
-Each model result becomes DICOM objects in the source study (a SEG and its TID 1500 SR, or Parametric Maps),
-written durably under ``<data_dir>/outputs/job-<id>/``; then, in one transaction, a delivery per file and destination
-is queued and the job moves to ``encoded`` (:func:`gateway.export.queue.enqueue`). From there the export workers
-own it: a restart resumes the queue and sends each file once.
+Each model result becomes DICOM objects in the source study (a SEG, its TID 1500 SR, the outlines as a presentation
+state and the key images as a key object selection, burned-in key images when a destination of the job asks for
+them; or Parametric Maps), written durably under ``<data_dir>/outputs/job-<id>/``; then, in one transaction, a
+delivery per file and destination (for the kinds that destination takes) is queued and the job moves to
+``encoded`` (:func:`gateway.export.queue.enqueue`). From there the export workers own it: a restart resumes the
+queue and sends each file once. Outputs keep their UIDs when a job is run again (:mod:`gateway.encode.uids`), so
+a re-run replaces what a PACS holds instead of doubling it.
 """
 
 from __future__ import annotations
@@ -60,14 +63,19 @@ class EncodeStage:
             return
         started = time.monotonic()
         try:
-            outputs, paths = self._encode(job_id, results)
-            self._record(job_id, outputs, time.monotonic() - started)
-            enqueue(self._store, job_id, paths, destinations_for(self._export, self._source(job_id)))
+            destinations = destinations_for(self._export, self._source(job_id))
+            key_images = any("sc" in kinds for kinds in destinations.values())  # only some destinations want them
+            parts: dict[str, float] = {}
+            outputs, paths = self._encode(job_id, results, key_images, parts)
+            self._record(job_id, outputs, time.monotonic() - started, parts)
+            enqueue(self._store, job_id, paths, destinations)
         except Exception as exc:  # one bad job fails, never the worker
             log.exception("encoding of job %d failed", job_id)
             self._fail(job_id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
 
-    def _encode(self, job_id: int, results: Sequence[ModelResult]) -> tuple[list[dict[str, Any]], list[Path]]:
+    def _encode(
+        self, job_id: int, results: Sequence[ModelResult], key_images: bool, parts: dict[str, float]
+    ) -> tuple[list[dict[str, Any]], list[Path]]:
         folder = self._outputs_dir / f"job-{job_id}"
         outputs: list[dict[str, Any]] = []
         paths: list[Path] = []
@@ -77,8 +85,12 @@ class EncodeStage:
                 self._sources(result),
                 series_number=SERIES_NUMBER_BASE + 10 * k,
                 gateway_version=gateway.__version__,
+                key_images=key_images,
+                timings=parts,
             )
+            started = time.perf_counter()
             written = write_objects(objects, folder)
+            parts["write_s"] = parts.get("write_s", 0.0) + time.perf_counter() - started
             paths.extend(written)
             outputs.extend(
                 {
@@ -96,6 +108,7 @@ class EncodeStage:
     def _sources(self, result: ModelResult) -> dict[str, Dataset]:
         """The source instances the result's volume names, read from the store."""
         uids = {ref.sop_instance_uid for ref in result.volume.slices}
+        uids.update(plane.ref.sop_instance_uid for plane in result.volume.source_planes)  # images between slices
         for refs in result.volume.slices_4d:
             uids.update(ref.sop_instance_uid for ref in refs)
         with self._store.sessions() as session:
@@ -114,8 +127,9 @@ class EncodeStage:
             )
         return source or ""
 
-    def _record(self, job_id: int, outputs: list[dict[str, Any]], seconds: float) -> None:
-        record(self._store, job_id, timing=("encode_s", seconds), outputs=outputs)
+    def _record(self, job_id: int, outputs: list[dict[str, Any]], seconds: float, parts: dict[str, float]) -> None:
+        encode_parts = {key: round(value, 3) for key, value in parts.items()}  # seconds per kind, and writing
+        record(self._store, job_id, timing=("encode_s", seconds), outputs=outputs, encode_timings=encode_parts)
         log.info("job %d: %d DICOM output(s) in %.1f s", job_id, len(outputs), seconds)
 
     def _fail(self, job_id: int, reason: str, seconds: float) -> None:

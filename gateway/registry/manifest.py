@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway.errors import ManifestError
 
@@ -72,17 +72,22 @@ class Code(_Strict):
 class Selection(_Strict):
     """Which series a model applies to. Every rule given must hold; an omitted rule matches everything.
 
-    ``image_type`` lists values that must all appear in ImageType; ``series_description`` is a regular expression
-    searched (case-insensitive) in SeriesDescription; ``slice_thickness_mm`` bounds the slice spacing the volume was
-    assembled with; ``orientation`` lists the acquisition planes accepted (from the slice normal, ``oblique`` when
-    it is more than 10 degrees from every axis); ``accept_resampled`` says whether a volume that assembly resampled
-    (gantry tilt, uneven spacing) may be used; ``accept_missing_slices`` whether a volume with a gap in its
-    slices may be (its outputs then lie only on the slices that exist); ``diffusion`` asks for a 4D diffusion
-    volume with at least ``min_b_values`` distinct b-values instead of a 3D one.
+    ``body_part_examined`` lists the BodyPartExamined values accepted (PS3.16 Annex L defined terms, e.g.
+    ``CHEST``); ``body_part_from_description`` is its fallback for a series without BodyPartExamined (a type 3
+    attribute, PS3.3 C.7.3.1, often absent): a regular expression searched (case-insensitive) in SeriesDescription
+    then, and only then (without it such a series fails ``body_part_examined``). ``image_type`` lists values that
+    must all appear in ImageType; ``series_description`` is a regular expression searched (case-insensitive) in
+    SeriesDescription; ``slice_thickness_mm`` bounds the slice spacing the volume was assembled with;
+    ``orientation`` lists the acquisition planes accepted (from the slice normal, ``oblique`` when it is more than
+    10 degrees from every axis); ``accept_resampled`` says whether a volume that assembly resampled (gantry tilt,
+    uneven spacing) may be used; ``accept_missing_slices`` whether a volume with a gap in its slices may be (its
+    outputs then lie only on the slices that exist); ``diffusion`` asks for a 4D diffusion volume with at least
+    ``min_b_values`` distinct b-values instead of a 3D one.
     """
 
     modality: list[str] = Field(default_factory=list)
     body_part_examined: list[str] = Field(default_factory=list)
+    body_part_from_description: str | None = None
     image_type: list[str] = Field(default_factory=list)
     series_description: str | None = None
     slice_thickness_mm: tuple[float, float] | None = None
@@ -93,15 +98,24 @@ class Selection(_Strict):
     diffusion: bool = False
     min_b_values: int = Field(default=2, ge=2)
 
-    @field_validator("series_description")
+    @field_validator("series_description", "body_part_from_description")
     @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
+    def _compiles(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
             try:
                 re.compile(value)
             except re.error as exc:
-                raise ValueError(f"series_description is not a regular expression: {exc}") from exc
+                raise ValueError(f"{info.field_name} is not a regular expression: {exc}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _fallback_of_body_part(self) -> Selection:
+        if self.body_part_from_description is not None and not self.body_part_examined:
+            raise ValueError(
+                "body_part_from_description is the fallback of body_part_examined for series without "
+                "BodyPartExamined: set body_part_examined too"
+            )
+        return self
 
     @field_validator("slice_thickness_mm")
     @classmethod
@@ -288,11 +302,24 @@ class ParametricMap(_Strict):
 
 
 class Outputs(_Strict):
-    """What the model's output means: a segmentation, classifications drawn from it, or parametric maps."""
+    """What the model's output means: a segmentation, classifications drawn from it, or parametric maps.
+
+    ``display_window`` (centre, width, in modality units) is the window a reader sees the findings in: the
+    presentation state's and the key images' (e.g. a lung window ``[-600, 1500]`` for lung nodules); without it,
+    the source images' own window.
+    """
 
     segmentation: Segmentation | None = None
     classifications: list[Classification] = Field(default_factory=list)
     parametric_maps: list[ParametricMap] = Field(default_factory=list)
+    display_window: tuple[float, float] | None = None
+
+    @field_validator("display_window")
+    @classmethod
+    def _positive_width(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[1] <= 0:
+            raise ValueError("display_window is [centre, width] with a positive width")
+        return value
 
     @model_validator(mode="after")
     def _something(self) -> Outputs:

@@ -9,6 +9,12 @@ registered by ``gateway models register`` while the gateway runs serves its next
 Versions: the newest registered version of a model becomes its active one, unless a version was chosen with
 :meth:`Registry.enable` (it stays active until another is chosen or it is removed). ``enabled`` belongs to the
 model: a disabled model keeps its versions but routing does not see it.
+
+Shipped packages (the demonstration models in ``models/``, :meth:`Registry.register_shipped`) are registered
+*disabled*: nothing speaks to a PACS until an operator enables it. A new version of a model keeps the model's
+``enabled``, so a shipped model the operator enabled stays enabled across restarts and new shipped versions. A
+removed version leaves a tombstone (:class:`gateway.store.index.RemovedModel`) that keeps the shipped package from
+coming back at the next start; registering the package explicitly clears it.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from gateway.registry.archive import extract_archive, is_archive, remove_tree
 from gateway.registry.dryrun import DryRunReport, dry_run
 from gateway.registry.manifest import MANIFEST_NAME, Manifest, load_manifest
 from gateway.store.files import fsync_dir
-from gateway.store.index import ModelVersion, make_engine, make_sessionmaker
+from gateway.store.index import ModelVersion, RemovedModel, make_engine, make_sessionmaker
 from gateway.store.store import StoreIndex
 
 __all__ = [
@@ -57,6 +63,10 @@ DryRun = Callable[[Manifest, Path], DryRunReport]
 
 _CHUNK = 1 << 20
 _STALE_STAGING_S = 3600.0
+
+
+class _RemovedByOperator(Exception):
+    """A shipped package whose ``name@version`` the operator removed: :meth:`Registry.register_shipped` skips it."""
 
 
 class RegistryIndex:
@@ -257,7 +267,8 @@ class Registry:
         """Register the package in a folder or archive (``.zip``, ``.tar.gz``, ``.tgz``).
 
         Returns the version already registered when it has the same weights and manifest (registering is
-        idempotent).
+        idempotent). A new model is enabled; a new version keeps its model's ``enabled``. Registering a version
+        that was removed clears the record of its removal (:meth:`remove`).
 
         Raises
         ------
@@ -269,17 +280,19 @@ class Registry:
             If the path is neither, the archive is unsafe or too large, the weights are missing, or the dry run
             fails (the message says why).
         """
-        path = Path(path)
-        if path.is_dir():
-            return self._register_folder(path)
-        if path.is_file() and is_archive(path):
-            return self._register_archive(path)
-        raise ModelError(f"{path}: not a model package folder or archive (.zip, .tar.gz, .tgz)")
+        return self._register(Path(path), shipped=False)
 
     def register_shipped(self, folder: Path) -> builtins.list[RegisteredModel]:
-        """Register each package (subfolder or archive) of ``folder``; already registered ones are left as they are.
+        """Register each package (subfolder or archive) of ``folder`` *disabled*; registered ones are left as they are.
 
-        A package that cannot be registered is logged and skipped; a missing ``folder`` registers nothing.
+        A new version of a model already registered keeps the model's ``enabled`` (an operator's choice stands); a
+        ``name@version`` the operator removed is not registered again. A package that cannot be registered is
+        logged and skipped; a missing ``folder`` registers nothing.
+
+        Returns
+        -------
+        list[RegisteredModel]
+            The shipped versions now registered (new or not), in the folder's order.
         """
         if not folder.is_dir():
             return []
@@ -288,44 +301,62 @@ class Registry:
             if entry.name.startswith(".") or not ((entry / MANIFEST_NAME).is_file() or is_archive(entry)):
                 continue
             try:
-                registered.append(self.register(entry))
+                registered.append(self._register(entry, shipped=True))
+            except _RemovedByOperator as removed:
+                log.info("shipped model %s not registered: the operator removed it (register it to restore)", removed)
             except (GatewayError, OSError) as exc:
                 log.warning("shipped model package %s not registered: %s", entry.name, exc)
         return registered
 
-    def _register_folder(self, source: Path) -> RegisteredModel:
+    def _register(self, path: Path, *, shipped: bool) -> RegisteredModel:
+        if path.is_dir():
+            return self._register_folder(path, shipped)
+        if path.is_file() and is_archive(path):
+            return self._register_archive(path, shipped)
+        raise ModelError(f"{path}: not a model package folder or archive (.zip, .tar.gz, .tgz)")
+
+    def _register_folder(self, source: Path, shipped: bool) -> RegisteredModel:
         manifest = load_manifest(source)
         _check_plain(source, str(source))
-        existing = self._existing(manifest, source)
+        existing = self._existing(manifest, source, shipped)
         if existing is not None:
             return existing
         staging = self._new_staging()
         try:
             shutil.copytree(source, staging / "package", symlinks=True)
-            return self._install(staging / "package", manifest)
+            return self._install(staging / "package", manifest, shipped)
         finally:
             remove_tree(staging)
 
-    def _register_archive(self, archive: Path) -> RegisteredModel:
+    def _register_archive(self, archive: Path, shipped: bool) -> RegisteredModel:
         staging = self._new_staging()
         try:
             root = extract_archive(archive, staging / "package", self.max_archive_bytes)
             manifest = load_manifest(root)
-            return self._existing(manifest, root) or self._install(root, manifest)
+            return self._existing(manifest, root, shipped) or self._install(root, manifest, shipped)
         finally:
             remove_tree(staging)
 
-    def _existing(self, manifest: Manifest, folder: Path) -> RegisteredModel | None:
-        """The registered version if ``manifest``'s name@version is registered with these weights; else ``None``."""
+    def _existing(self, manifest: Manifest, folder: Path, shipped: bool) -> RegisteredModel | None:
+        """The registered version if ``manifest``'s name@version is registered with these weights; else ``None``.
+
+        Raises :class:`_RemovedByOperator` for a ``shipped`` package the operator removed (before its dry run).
+        """
         with self._store.sessions() as session:
             row = self._row(session, manifest.name, manifest.version)
             if row is None:
+                if shipped and self._tombstone(session, manifest.name, manifest.version) is not None:
+                    raise _RemovedByOperator(manifest.ref)
                 return None
             _same_or_conflict(row, manifest, weights_sha256(folder, manifest))
             return _record(row, self.root)
 
-    def _install(self, package: Path, manifest: Manifest) -> RegisteredModel:
-        """Hash and dry-run the staged ``package``, then move it into place and record it."""
+    def _install(self, package: Path, manifest: Manifest, shipped: bool) -> RegisteredModel:
+        """Hash and dry-run the staged ``package``, then move it into place and record it.
+
+        Under the index's write lock: a ``shipped`` package the operator removed meanwhile is not recorded; an
+        explicit registration clears the version's tombstone.
+        """
         _check_plain(package, manifest.ref)
         sha256 = weights_sha256(package, manifest)
         report = {} if self._dry_run is None else self._dry_run(manifest, package).as_dict()
@@ -338,18 +369,27 @@ class Registry:
                 if row is not None:  # registered meanwhile by another process
                     _same_or_conflict(row, manifest, sha256)
                     return _record(row, self.root)
+                tombstone = self._tombstone(session, manifest.name, manifest.version)
+                if tombstone is not None:
+                    if shipped:
+                        raise _RemovedByOperator(manifest.ref)
+                    session.delete(tombstone)
                 self._move_into_place(package, dest)
                 moved = True
-                row = self._add(session, manifest, sha256, report)
+                row = self._add(session, manifest, sha256, report, enabled_if_new=not shipped)
                 record = _record(row, self.root)
         except BaseException:
             if moved:
                 self._discard(dest)
             raise
-        log.info("registered model %s (sha256 %s)", record.ref, sha256[:12])
+        state = "enabled" if record.enabled else "disabled"
+        log.info("registered model %s (sha256 %s, %s)", record.ref, sha256[:12], state)
         return record
 
-    def _add(self, session: Session, manifest: Manifest, sha256: str, report: dict[str, Any]) -> ModelVersion:
+    def _add(
+        self, session: Session, manifest: Manifest, sha256: str, report: dict[str, Any], *, enabled_if_new: bool
+    ) -> ModelVersion:
+        """Record a new version: it keeps the model's ``enabled`` (``enabled_if_new`` for a new model)."""
         rows = self._rows(session, manifest.name)
         pinned = any(r.active and r.pinned for r in rows)
         if not pinned:
@@ -359,7 +399,7 @@ class Registry:
             name=manifest.name,
             version=manifest.version,
             sha256=sha256,
-            enabled=rows[0].enabled if rows else True,
+            enabled=rows[0].enabled if rows else enabled_if_new,
             active=not pinned,
             pinned=False,
             registered_at=time.time(),
@@ -459,6 +499,9 @@ class Registry:
         """Remove the version ``name@version`` and its package; the newest remaining version becomes active if
         the removed one was.
 
+        The removal is recorded (a tombstone, in the same transaction): :meth:`register_shipped` does not register
+        that version again; :meth:`register` does, and clears the record.
+
         Raises
         ------
         ModelError
@@ -473,6 +516,7 @@ class Registry:
             row = self._find(session, name, version)
             record = _record(row, self.root)
             session.delete(row)
+            self._bury(session, record)
             session.flush()
             remaining = self._rows(session, name)
             if record.active and remaining:
@@ -487,6 +531,20 @@ class Registry:
     def _row(session: Session, name: str, version: str) -> ModelVersion | None:
         query = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
         return session.scalars(query).first()
+
+    @staticmethod
+    def _tombstone(session: Session, name: str, version: str) -> RemovedModel | None:
+        return session.get(RemovedModel, (name, version))
+
+    @classmethod
+    def _bury(cls, session: Session, record: RegisteredModel) -> None:
+        """Record (or refresh) the removal of ``record``'s version."""
+        now = time.time()
+        tombstone = cls._tombstone(session, record.name, record.version)
+        if tombstone is None:
+            session.add(RemovedModel(name=record.name, version=record.version, sha256=record.sha256, removed_at=now))
+        else:
+            tombstone.sha256, tombstone.removed_at = record.sha256, now
 
     @staticmethod
     def _rows(session: Session, name: str) -> Sequence[ModelVersion]:

@@ -4,11 +4,11 @@ Pure functions, no I/O. Each model is checked against each volume the series ass
 volume that passes every rule of its manifest's ``select`` (:class:`gateway.registry.manifest.Selection`). Every
 check is recorded, passed or failed, so a job can answer "why did this model (not) run on this series?".
 
-Series-level rules (``modality``, ``body_part_examined``, ``image_type``, ``series_description``) are checked on
-the header facts (:func:`series_facts`); volume-level rules (``diffusion``, ``min_slices``, ``slice_thickness_mm``,
-``orientation``, ``accept_resampled``, ``accept_missing_slices``) on each volume. ``diffusion`` and ``min_slices``
-are always checked (a model takes a 3D volume unless it asks for diffusion); the other rules only when the manifest
-sets them.
+Series-level rules (``modality``, ``body_part_examined`` with its fallback ``body_part_from_description``,
+``image_type``, ``series_description``) are checked on the header facts (:func:`series_facts`); volume-level rules
+(``diffusion``, ``min_slices``, ``slice_thickness_mm``, ``orientation``, ``accept_resampled``,
+``accept_missing_slices``) on each volume. ``diffusion`` and ``min_slices`` are always checked (a model takes a 3D
+volume unless it asks for diffusion); the other rules only when the manifest sets them.
 """
 
 from __future__ import annotations
@@ -144,11 +144,27 @@ def _image_type(facts: SeriesFacts, wanted: Sequence[str]) -> RuleCheck:
     return RuleCheck("image_type", True, f"ImageType {have} has {', '.join(wanted)}")
 
 
-def _description(facts: SeriesFacts, pattern: str) -> RuleCheck:
-    # The description itself is not repeated: it is free text a site may fill with anything.
+def _matches(facts: SeriesFacts, pattern: str) -> tuple[bool, str]:
+    """Whether ``pattern`` is found in SeriesDescription, and that in words.
+
+    The description itself is not repeated: it is free text a site may fill with anything.
+    """
     found = re.search(pattern, facts.series_description or "", re.IGNORECASE) is not None
-    verb = "matches" if found else "does not match"
-    return RuleCheck("series_description", found, f"SeriesDescription {verb} /{pattern}/")
+    return found, f"SeriesDescription {'matches' if found else 'does not match'} /{pattern}/"
+
+
+def _description(facts: SeriesFacts, pattern: str) -> RuleCheck:
+    return RuleCheck("series_description", *_matches(facts, pattern))
+
+
+def _body_part(facts: SeriesFacts, select: Selection) -> RuleCheck:
+    """BodyPartExamined against ``body_part_examined``; when it is missing, SeriesDescription against
+    ``body_part_from_description`` if the model gives one (the check's rule says which decided)."""
+    pattern = select.body_part_from_description
+    if facts.body_part_examined is None and pattern is not None:
+        found, detail = _matches(facts, pattern)
+        return RuleCheck("body_part_from_description", found, f"BodyPartExamined is missing; {detail}")
+    return _one_of("body_part_examined", "BodyPartExamined", facts.body_part_examined, select.body_part_examined)
 
 
 def series_checks(facts: SeriesFacts, select: Selection) -> list[RuleCheck]:
@@ -157,9 +173,7 @@ def series_checks(facts: SeriesFacts, select: Selection) -> list[RuleCheck]:
     if select.modality:
         checks.append(_one_of("modality", "Modality", facts.modality, select.modality))
     if select.body_part_examined:
-        checks.append(
-            _one_of("body_part_examined", "BodyPartExamined", facts.body_part_examined, select.body_part_examined)
-        )
+        checks.append(_body_part(facts, select))
     if select.image_type:
         checks.append(_image_type(facts, select.image_type))
     if select.series_description is not None:

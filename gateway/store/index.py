@@ -124,7 +124,8 @@ class Delivery(Base):
     """One output file of a job to send to one export destination: the durable queue of :mod:`gateway.export`.
 
     ``state`` is ``pending`` (due at ``next_attempt_at``), ``sending`` (claimed by a worker under ``claim``),
-    ``delivered`` or ``dead``; ``history`` lists every attempt (``at``, ``outcome``, ``status``, ``reason``).
+    ``delivered``, ``refused`` (the destination does not take its SOP class) or ``dead``; ``history`` lists every
+    attempt (``at``, ``outcome``, ``status``, ``reason``).
     ``path`` is relative to the data folder when the file lies inside it.
     """
 
@@ -173,6 +174,21 @@ class ModelVersion(Base):
     registered_at: Mapped[float] = mapped_column(Float)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     dry_run: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class RemovedModel(Base):
+    """A model version the operator removed (:meth:`gateway.registry.registry.Registry.remove`): a tombstone.
+
+    Written in the removal's transaction, so that registering the shipped packages at start does not bring the
+    version back; registering the package explicitly clears it. ``sha256`` is the removed weights' digest.
+    """
+
+    __tablename__ = "removed_models"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    removed_at: Mapped[float] = mapped_column(Float)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -166,3 +166,23 @@ def test_a_model_registered_beside_the_server_is_served(settings: Settings, tmp_
         assert stream.status_code == 201, stream.text
         stored = Path(settings.store.data_dir) / "models" / "tiny-seg" / "2.0.0" / "model.yaml"
         assert yaml.safe_load(stored.read_text())["version"] == "2.0.0"
+
+
+def test_shipped_models_start_disabled_and_are_enabled_on_purpose(tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped"
+    write_package(shipped / "tiny-seg", manifest_dict())
+    settings = make_settings(tmp_path / "data", models=ModelsSettings(shipped_dir=shipped))
+    with TestClient(create_app(settings, start_dimse=False)) as client:
+        (model,) = client.get("/api/models").json()
+        assert model["ref"] == "tiny-seg@1.0.0" and model["active"] and not model["enabled"]
+        registry = client.app.state.gateway.registry  # type: ignore[attr-defined]
+        assert registry.active() == [], "a shipped demonstration model does not speak unless enabled"
+        assert client.post("/api/models/tiny-seg/1.0.0/enable").json()["enabled"]
+        assert [m.ref for m in registry.active()] == ["tiny-seg@1.0.0"]
+    with TestClient(create_app(settings, start_dimse=False)) as client:  # restarted: the operator's choice stands
+        assert [m["enabled"] for m in client.get("/api/models").json()] == [True]
+        assert client.delete("/api/models/tiny-seg/1.0.0").status_code == 200
+    with TestClient(create_app(settings, start_dimse=False)) as client:  # and so does a removal
+        assert client.get("/api/models").json() == []
+        upload = archive(tmp_path)  # the same package uploaded on purpose: registered (and enabled) again
+        assert client.post("/api/models", content=upload, headers=ZIP).json()["enabled"]

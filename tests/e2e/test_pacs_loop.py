@@ -1,9 +1,10 @@
-"""PACS -> gateway -> PACS with a real PACS (Orthanc): a synthetic chest CT goes in, a SEG and a TID 1500 SR come back.
+"""PACS -> gateway -> PACS with a real PACS (Orthanc): a synthetic chest CT goes in; a SEG, a TID 1500 SR, the
+outlines (GSPS) and the key images (KOS) come back.
 
 Orthanc holds the study and sends it to the gateway (C-STORE to the gateway's DICOM port, or STOW-RS through its
 DICOMweb plugin); the gateway completes the series, assembles it, runs ``ct-nodule-unet`` and sends the results back
 (by C-STORE to the calling AE, or by STOW-RS to Orthanc's DICOMweb root). The test then reads the results from Orthanc
-and checks them with highdicom against the phantom's truth.
+and checks them with highdicom against the phantom's truth and against each other.
 """
 
 from __future__ import annotations
@@ -78,15 +79,19 @@ def upload(orthanc: Orthanc, folder: Path) -> str:
     return str(study_id)
 
 
+#: What Orthanc must hold of the results, by Modality: SEG, SR, the presentation state (PR) and the key objects (KO).
+RESULTS = ("SEG", "SR", "PR", "KO")
+
+
 def wait_for_results(orthanc: Orthanc, timeout_s: float = 240) -> dict[str, pydicom.Dataset]:
-    """Wait until Orthanc holds a SEG and an SR series; return their (only) instances by Modality."""
+    """Wait until Orthanc holds a series of each of :data:`RESULTS`; return their (only) instances by Modality."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         series = {s["MainDicomTags"].get("Modality"): s for s in orthanc.rest("GET", "/series?expand")}
-        if {"SEG", "SR"} <= set(series):
-            return {m: _only_instance(orthanc, series[m]) for m in ("SEG", "SR")}
+        if set(RESULTS) <= set(series):
+            return {m: _only_instance(orthanc, series[m]) for m in RESULTS}
         time.sleep(0.5)
-    raise AssertionError(f"Orthanc holds no SEG and SR after {timeout_s} s")
+    raise AssertionError(f"Orthanc holds no {', '.join(RESULTS)} after {timeout_s} s")
 
 
 def _only_instance(orthanc: Orthanc, series: dict[str, Any]) -> pydicom.Dataset:
@@ -95,8 +100,9 @@ def _only_instance(orthanc: Orthanc, series: dict[str, Any]) -> pydicom.Dataset:
 
 
 def check_results(results: dict[str, pydicom.Dataset], synth: SynthCT) -> None:
-    """The SEG references the source instances, the SR's group references the SEG's segment, and the nodule's
-    reported volume is within 10% of the phantom's."""
+    """The SEG references the source instances; the SR reports the nodule as a lesion, at the phantom's nodule and
+    within 10 % of its volume; the GSPS outlines the SEG's nodule on the source images; the KOS flags the image
+    where the nodule is largest, with the GSPS and the SR."""
     seg = hd.seg.Segmentation.from_dataset(results["SEG"])
     sr = hd.sr.Comprehensive3DSR.from_dataset(results["SR"])
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == synth.study_instance_uid
@@ -113,16 +119,58 @@ def check_results(results: dict[str, pydicom.Dataset], synth: SynthCT) -> None:
         for src in derivation.SourceImageSequence
     }
     assert sources and sources <= set(synth.sop_instance_uids)
-    segments = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    assert [s.SegmentLabel.lower() for s in seg.SegmentSequence] == ["nodule"]
+    key = check_report(sr, synth)
+    check_outlines(results["PR"], seg, key)
+    check_key_objects(results["KO"], key, results["PR"], results["SR"])
+
+
+def check_report(sr: hd.sr.Comprehensive3DSR, synth: SynthCT) -> str:
+    """One lesion group: at the nodule's centre, its volume and long axis as the truth's; its key image's UID."""
     (group,) = sr.content.get_volumetric_roi_measurement_groups()
-    reference = group.referenced_segment
-    assert reference is not None and reference.referenced_sop_instance_uid == seg.SOPInstanceUID
-    (number,) = reference.referenced_segment_numbers
-    assert segments[number].lower() == "nodule"
-    (volume,) = [m for m in group.get_measurements() if m.name.meaning == "Volume"]
-    assert volume.unit.value == "ml"
+    assert group.tracking_identifier == "nodule 1"
+    values = {m.name.meaning: m for m in group.get_measurements()}
     (truth,) = synth.nodules
-    assert volume.value == pytest.approx(truth.volume_ml, rel=0.10), (volume.value, truth.volume_ml)
+    assert values["Volume"].unit.value == "ml"
+    assert values["Volume"].value == pytest.approx(truth.volume_ml, rel=0.10), (values["Volume"].value, truth)
+    assert values["Long axis"].value == pytest.approx(2 * truth.radius_mm, abs=2 * 360 / SIZE)  # two pixels
+    surface = group.roi
+    assert isinstance(surface, hd.sr.VolumeSurface)
+    centre = np.asarray(surface[0].GraphicData, dtype=float)
+    assert np.linalg.norm(centre - np.asarray(truth.center_mm)) < 2.0
+    (image,) = hd.sr.utils.find_content_items(group[0], value_type=hd.sr.ValueTypeValues.IMAGE, recursive=True)
+    key = str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    assert key in synth.sop_instance_uids
+    return key
+
+
+def check_outlines(gsps: pydicom.Dataset, seg: hd.seg.Segmentation, key: str) -> None:
+    """The GSPS outlines, on the key image, the nodule as the SEG holds it there (within a pixel)."""
+    from scipy.spatial import cKDTree
+
+    on_key = [a for a in gsps.GraphicAnnotationSequence if a.ReferencedImageSequence[0].ReferencedSOPInstanceUID == key]
+    (annotation,) = on_key
+    assert annotation.GraphicLayer == "NODULE" and "nodule 1:" in annotation.TextObjectSequence[0].UnformattedTextValue
+    mask = seg.get_pixels_by_source_instance([key], segment_numbers=[1])[0, ..., 0].astype(bool)
+    inside = cKDTree(np.argwhere(mask)[:, ::-1] + 0.5)
+    outside = cKDTree(np.argwhere(~mask)[:, ::-1] + 0.5)
+    outlines = [o for o in annotation.GraphicObjectSequence if o.NumberOfGraphicPoints > 2]
+    assert outlines, "the nodule's outline"
+    for outline in outlines:
+        points = np.asarray(outline.GraphicData, dtype=float).reshape(-1, 2)
+        assert max(inside.query(points)[0].max(), outside.query(points)[0].max()) <= 1.0
+
+
+def check_key_objects(ko: pydicom.Dataset, key: str, gsps: pydicom.Dataset, sr: pydicom.Dataset) -> None:
+    images = [i for i in ko.ContentSequence if i.ValueType == "IMAGE"]
+    assert [str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in images] == [key]
+    assert images[0].ReferencedSOPSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == gsps.SOPInstanceUID
+    composites = {
+        str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for i in ko.ContentSequence
+        if i.ValueType == "COMPOSITE"
+    }
+    assert composites == {str(gsps.SOPInstanceUID), str(sr.SOPInstanceUID)}
 
 
 def register_nodule_model(settings: Settings) -> None:
@@ -130,7 +178,9 @@ def register_nodule_model(settings: Settings) -> None:
 
     index = RegistryIndex(settings.store)
     try:
-        Registry(index).register(MODELS / "ct-nodule-unet")
+        registry = Registry(index)
+        registry.register(MODELS / "ct-nodule-unet")
+        registry.enable("ct-nodule-unet")  # on purpose, as an operator does (`gateway models enable`)
     finally:
         index.close()
 

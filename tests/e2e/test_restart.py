@@ -1,8 +1,9 @@
 """End to end: a gateway killed (``kill -9``) between encode and export sends every result once after a restart.
 
-A real ``gateway serve`` process (ct-tissue registered with ``gateway models register`` before it starts) receives
-a small synthetic CT by ``gateway send``, assembles it, runs the model and encodes a SEG and its TID 1500 SR, whose
-deliveries go to an Orthanc that is not running yet: they fail and are retried. Once at least one attempt has
+A real ``gateway serve`` process (ct-tissue registered and enabled with ``gateway models register`` and ``gateway
+models enable`` before it starts) receives a small synthetic CT by ``gateway send``, assembles it, runs the model
+and encodes a SEG, its TID 1500 SR, the outlines (GSPS) and key objects (KOS), whose deliveries go to an Orthanc
+that is not running yet: they fail and are retried. Once at least one attempt has
 failed, the gateway is killed with SIGKILL, Orthanc starts on the destination's ports, and the gateway restarts on
 the same data folder. Then Orthanc must hold exactly the job's outputs, one series each, every delivery must have
 succeeded exactly once, and the job must be ``exported`` without being run again.
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "ct-tissue"
 DESTINATION = "pacs"
+MODALITIES = {"SEG": "SEG", "SR": "SR", "GSPS": "PR", "KO": "KO"}  # output kind -> Modality in Orthanc
 
 
 class ServedGateway(GatewayServer):
@@ -153,6 +155,8 @@ def test_killed_between_encode_and_export(need_orthanc: None, tmp_path: Path, cl
     cleanup.append(first)
     registered = first.cli("models", "register", str(MODEL), "--config", str(first.config_path))
     assert registered.startswith("ct-tissue@"), registered
+    enabled = first.cli("models", "enable", "ct-tissue", "--config", str(first.config_path))  # on purpose
+    assert enabled.startswith("ct-tissue@") and "enabled" in enabled, enabled
     write_synthetic_ct(tmp_path / "ct", 16, rows=96, columns=96, seed=3)
 
     first.start()
@@ -169,14 +173,14 @@ def test_killed_between_encode_and_export(need_orthanc: None, tmp_path: Path, cl
     second = ServedGateway(tmp_path / "run2", data, sections)
     cleanup.append(second)
     second.start()
-    wait_for(lambda: {"SEG", "SR"} <= orthanc_series(orthanc).keys(), "SEG and SR in Orthanc", 120, second)
+    wait_for(lambda: set(MODALITIES.values()) <= orthanc_series(orthanc).keys(), "all results in Orthanc", 120, second)
     wait_for(lambda: only_job(second)["state"] != "encoded", "job settled", 60, second)
 
     after = only_job(second)
     assert after["state"] == "exported", after["detail"]
     outputs = after["detail"]["outputs"]
     assert outputs == before["detail"]["outputs"], "the job was encoded again after the restart"
-    assert sorted(o["kind"] for o in outputs) == ["SEG", "SR"]
+    assert sorted(o["kind"] for o in outputs) == sorted(MODALITIES)
     assert after["detail"]["export"]["delivered"] == len(outputs) == len(after["deliveries"])
     for delivery in after["deliveries"]:
         outcomes = [h["outcome"] for h in delivery["history"]]
@@ -185,7 +189,7 @@ def test_killed_between_encode_and_export(need_orthanc: None, tmp_path: Path, cl
     held = orthanc_instances(orthanc)
     assert sorted(held) == sorted(o["SOPInstanceUID"] for o in outputs), "Orthanc holds exactly the job's outputs"
     series = orthanc_series(orthanc)
-    assert sorted(series) == ["SEG", "SR"], series
-    expected = {o["kind"]: [o["SeriesInstanceUID"]] for o in outputs}
+    assert sorted(series) == sorted(MODALITIES.values()), series
+    expected = {MODALITIES[o["kind"]]: [o["SeriesInstanceUID"]] for o in outputs}
     assert series == expected, "one series per output, the job's own"
     second.stop()

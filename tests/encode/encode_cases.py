@@ -345,3 +345,210 @@ def referenced_instances(ds: Dataset) -> set[str]:
 
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+# -- irregular series: frames on the source images ---------------------------------------------------------------
+
+
+def irregular_ct(
+    folder: Path,
+    *,
+    degrees: float = 0.0,
+    drop: Sequence[int] = (),
+    moved: Mapping[int, float] | None = None,
+    slices: int = 16,
+    size: int = 64,
+) -> Case:
+    """:func:`tilted_ct` bent further: the slices ``drop`` (indices in InstanceNumber order) left out, which makes
+    a gap, and slices moved along z by ``moved`` (index -> mm), which makes the spacing uneven; ``degrees`` of
+    gantry tilt (0 for none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _, datasets = synth_ct_datasets(slices, size, size, seed=2, n_nodules=0)
+    shifts = dict(moved or {})
+    paths = []
+    for k, ds in enumerate(datasets):
+        if k in drop:
+            continue
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        z = round(z + shifts.get(k, 0.0), 6)
+        ds.ImagePositionPatient = [x, round(y + z * math.tan(math.radians(degrees)), 6), z]
+        ds.SliceLocation = z
+        if degrees:
+            ds.GantryDetectorTilt = degrees
+        path = folder / f"CT{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return read_case(paths)
+
+
+IRREGULAR = {
+    "tilt+gap": {"degrees": 20.0, "drop": (5, 6, 11)},
+    "uneven+gap": {"drop": (6, 7), "moved": {2: 0.6, 11: -0.4}},
+    "tilt+uneven+gap": {"degrees": 20.0, "drop": (6, 7), "moved": {2: 0.6, 11: -0.4}},
+}
+"""The irregular series the frame tests run on, as :func:`irregular_ct` arguments."""
+
+
+def image_position(ds: Dataset) -> np.ndarray:
+    """ImagePositionPatient of a single-frame image."""
+    return np.array([float(v) for v in ds.ImagePositionPatient])
+
+
+def pixel_positions(ds: Dataset) -> np.ndarray:
+    """LPS of every pixel centre of a single-frame image, ``[rows, columns, 3]``, from its own geometry."""
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    r, c = np.mgrid[: ds.Rows, : ds.Columns]
+    steps = r[..., None] * iop[3:] * row_spacing + c[..., None] * iop[:3] * column_spacing
+    return image_position(ds) + steps
+
+
+def _slice_normal(volume: Volume) -> tuple[np.ndarray, float]:
+    step = volume.affine[:3, 0]
+    return step / np.linalg.norm(step), float(np.linalg.norm(step))
+
+
+def true_voxel_positions(volume: Volume, sources: Mapping[str, Dataset]) -> np.ndarray:
+    """Where each voxel of the (first 3D) volume really lies, ``[slices, rows, columns, 3]``.
+
+    In-plane from the affine; along the normal from the affine after resampling along the normal (uneven
+    spacing), else from the slice's own source image (the affine is wrong past a gap)."""
+    normal, step = _slice_normal(volume)
+    origin = volume.affine[:3, 3]
+    uniform = any(flag.code == "uneven-spacing" for flag in volume.qc)
+    heights = [
+        k * step if uniform else float(np.dot(image_position(sources[ref.sop_instance_uid]) - origin, normal))
+        for k, ref in enumerate(volume.slices)
+    ]
+    rows, columns = volume.array.shape[-2:]
+    r, c = np.mgrid[:rows, :columns]
+    in_plane = r[..., None] * volume.affine[:3, 1] + c[..., None] * volume.affine[:3, 2] + origin
+    return np.stack([in_plane + h * normal for h in heights])
+
+
+def off_grid_mm(volume: Volume, ds: Dataset) -> float:
+    """How far a source image lies along the normal from the nearest slice of the volume's (uniform) grid."""
+    normal, step = _slice_normal(volume)
+    height = float(np.dot(image_position(ds) - volume.affine[:3, 3], normal)) / step
+    return abs(height - round(height)) * step
+
+
+def ellipsoid(points: np.ndarray, centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+    """Whether each point ``[..., 3]`` lies inside the axis-aligned ellipsoid."""
+    return np.asarray((((points - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=-1) < 1.0)
+
+
+BODY = ((0.0, 0.0, 0.0), (80.0, 60.0, 12.0))
+SPOT = ((30.0, 20.0, 3.0), (20.0, 25.0, 8.0))
+
+
+def phantom_labels(points: np.ndarray) -> np.ndarray:
+    """:func:`labelmap_manifest`'s labels drawn in patient space: ``SPOT`` is 3 (bone), the rest of ``BODY`` 1."""
+    labels = np.zeros(points.shape[:-1], dtype=np.uint8)
+    labels[ellipsoid(points, *BODY)] = 1
+    labels[ellipsoid(points, *SPOT)] = 3
+    return labels
+
+
+def phantom_map(points: np.ndarray) -> np.ndarray:
+    """A parametric map linear in patient space (mm): ``x + 2 y + 3 z``."""
+    return np.asarray(points @ np.array([1.0, 2.0, 3.0]), dtype=np.float32)
+
+
+def geometric_result(volume: Volume, sources: Mapping[str, Dataset]) -> ModelResult:
+    """:func:`labelmap_manifest`'s result drawn on where the voxels really lie (:func:`phantom_labels`)."""
+    labelmap = phantom_labels(true_voxel_positions(volume, sources))
+    return result_of(labelmap_manifest(), volume, labelmap=labelmap, masks={1: labelmap == 1, 3: labelmap == 3})
+
+
+def geometric_map_result(volume: Volume, sources: Mapping[str, Dataset]) -> ModelResult:
+    """:func:`map_manifest`'s map drawn on where the voxels really lie (:func:`phantom_map`)."""
+    return result_of(map_manifest(), volume, maps={"relative HU": phantom_map(true_voxel_positions(volume, sources))})
+
+
+def blurred_labels(ds: Dataset, along_normal_mm: float) -> np.ndarray:
+    """Where :func:`phantom_labels` on a source image could change within half a pixel in-plane and
+    ``along_normal_mm`` along the normal: the pixels a nearest-neighbour resampling may decide either way."""
+    points = pixel_positions(ds)
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    normal = np.cross(iop[:3], iop[3:])
+    centre = phantom_labels(points)
+    changes = np.zeros(centre.shape, dtype=bool)
+    for dr, dc, dn in np.ndindex(3, 3, 3):
+        offset = ((dr - 1) * 0.5 * row_spacing * iop[3:] + (dc - 1) * 0.5 * column_spacing * iop[:3]) + (
+            dn - 1
+        ) * along_normal_mm * normal
+        changes |= phantom_labels(points + offset) != centre
+    return changes
+
+
+def frame_sources(ds: Dataset, sources: Mapping[str, Dataset]) -> list[Dataset]:
+    """The one source image each frame cites (asserting there is exactly one, its spatial locations preserved)."""
+    cited = []
+    for frame, items in enumerate(derivation_sources(ds)):
+        assert len(items) == 1, f"frame {frame + 1} cites {items}"
+        uid, number, preserved = items[0]
+        assert number is None and preserved == "YES", items
+        cited.append(sources[uid])
+    return cited
+
+
+def assert_frames_on_their_sources(ds: Dataset, sources: Mapping[str, Dataset]) -> list[Dataset]:
+    """Every frame cites exactly one source image and lies where it does (1e-3 mm); returns those images."""
+    cited = frame_sources(ds, sources)
+    positions = frame_positions(ds)
+    np.testing.assert_allclose(positions, [image_position(image) for image in cited], atol=1e-3)
+    real = np.array([image_position(image) for image in sources.values()])
+    distances = np.linalg.norm(positions[:, None, :] - real[None, :, :], axis=-1)
+    assert (distances.min(axis=1) < 1e-3).all()  # no frame where the series has no image
+    assert ds.FrameOfReferenceUID == next(iter(sources.values())).FrameOfReferenceUID
+    return cited
+
+
+# -- lesions ---------------------------------------------------------------------------------------------------
+
+#: Three nodules of known radii in the phantom's lungs: centre (LPS, mm), radius (mm), HU.
+THREE_NODULES = (((-72.0, 0.0, 2.0), 9.0, 30.0), ((72.0, -20.0, 10.0), 6.0, 40.0), ((70.0, 30.0, -14.0), 4.0, 20.0))
+
+
+def three_nodule_ct(folder: Path) -> Case:
+    """A chest CT (60 slices of 1.25 mm, 256x256 pixels of 0.7 mm) with the three :data:`THREE_NODULES`."""
+    from gateway.synth._phantom import Nodule
+
+    nodules = [Nodule(centre, radius, hu) for centre, radius, hu in THREE_NODULES]
+    write_synthetic_ct(
+        folder, 60, rows=256, columns=256, seed=7, slice_spacing=1.25, pixel_spacing=0.7, nodules=nodules
+    )
+    return read_case(sorted(folder.iterdir()))
+
+
+def truth_nodule_result(case: Case) -> ModelResult:
+    """ct-nodule-unet's manifest with the truth as its output: voxels whose centre lies inside a nodule, each nodule
+    a lesion measured by the runtime's own code, the "Pulmonary nodule" finding with probability 0.93."""
+    from gateway.infer.lesions import find_lesions
+
+    manifest = load_manifest(MODELS / "ct-nodule-unet")
+    assert manifest.outputs.segmentation is not None
+    label = manifest.outputs.segmentation.labels[0]
+    volume = case.volume
+    index = np.indices(volume.array.shape, dtype=np.float64).reshape(3, -1)
+    points = (volume.affine[:3, :3] @ index + volume.affine[:3, 3:4]).T.reshape(*volume.array.shape, 3)
+    mask = np.zeros(volume.array.shape, dtype=np.bool_)
+    for centre, radius, _ in THREE_NODULES:
+        mask |= np.linalg.norm(points - np.array(centre), axis=-1) <= radius
+    probability = np.where(mask, np.float32(0.93), np.float32(0.0)).astype(np.float32)
+    measurements = measure_segments({1: mask}, volume, [label])
+    lesions = {1: find_lesions(mask, volume, label, probability)}
+    item = manifest.outputs.classifications[0]
+    finding = Finding(item.name, item.finding, 1, 0.93, measurements[0].values["volume"])
+    return result_of(
+        manifest,
+        volume,
+        labelmap=mask.astype(np.uint8),
+        masks={1: mask},
+        probabilities={1: 0.93},
+        measurements=measurements,
+        lesions=lesions,
+        classifications=(finding,),
+    )

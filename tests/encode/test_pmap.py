@@ -10,18 +10,26 @@ import pydicom
 import pytest
 from encode_cases import (
     GATEWAY_VERSION,
+    IRREGULAR,
     MODELS,
     Case,
     affine_positions,
+    assert_frames_on_their_sources,
     dciodvfy,
     derivation_sources,
     dwi_case,
     frame_positions,
+    geometric_map_result,
+    irregular_ct,
     map_result,
+    off_grid_mm,
+    phantom_map,
+    pixel_positions,
     referenced_instances,
     run_model,
     slice_index,
     synthetic_ct,
+    tilted_ct,
 )
 
 from gateway.encode import EncodedObject, encode_result, write_objects
@@ -130,3 +138,31 @@ def test_adc_of_a_mosaic_dwi_series(dwi: Case, tmp_path: Path) -> None:
     verdict = dciodvfy(path)
     assert verdict.errors == [], verdict.errors
     print("dciodvfy warnings (PM, mosaic DWI):", verdict.warnings)
+
+
+@pytest.mark.parametrize("name", [*sorted(IRREGULAR), "tilt"])
+def test_map_frames_of_an_irregular_series_are_its_images(name: str, tmp_path: Path) -> None:
+    case = tilted_ct(tmp_path / name) if name == "tilt" else irregular_ct(tmp_path / name, **IRREGULAR[name])
+    volume = case.volume
+    (item,) = encode_result(
+        geometric_map_result(volume, case.sources), case.sources, series_number=61, gateway_version=GATEWAY_VERSION
+    )
+    path = write_objects([item], tmp_path)[0]
+    ds = pydicom.dcmread(path)
+    cited = assert_frames_on_their_sources(ds, case.sources)
+    assert sorted(str(image.SOPInstanceUID) for image in cited) == sorted(case.sources)  # every image, once
+    frames = np.frombuffer(ds.FloatPixelData, dtype="<f4").reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+    uniform = any(flag.code == "uneven-spacing" for flag in volume.qc)
+    for frame, image in zip(frames, cited, strict=True):
+        expected = phantom_map(pixel_positions(image))  # the map drawn on the image's own geometry
+        inside = frame != 0  # 0 where the image reaches outside the (shifted) volume
+        assert np.count_nonzero(~inside) <= 4 * ds.Columns
+        off = off_grid_mm(volume, image) if uniform else 0.0
+        difference = frame[inside] - expected[inside]  # linear in-plane: exact; along the normal: nearest slice
+        np.testing.assert_allclose(difference, np.median(difference), atol=2e-2)
+        assert abs(float(np.median(difference))) == pytest.approx(3 * off, abs=2e-2)
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert float(mapping.DoubleFloatRealWorldValueFirstValueMapped) <= float(frames.min())
+    assert float(mapping.DoubleFloatRealWorldValueLastValueMapped) >= float(frames.max())
+    verdict = dciodvfy(path)
+    assert verdict.errors == [], verdict.errors

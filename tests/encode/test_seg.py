@@ -12,17 +12,25 @@ import pydicom
 import pytest
 from encode_cases import (
     GATEWAY_VERSION,
+    IRREGULAR,
     Case,
     affine_positions,
+    assert_frames_on_their_sources,
+    blurred_labels,
     dciodvfy,
     derivation_sources,
     dsrdump,
     dwi_case,
     frame_positions,
+    geometric_result,
+    irregular_ct,
     labelmap_result,
     large_labelmap_case,
     map_result,
     multiframe_ct,
+    off_grid_mm,
+    phantom_labels,
+    pixel_positions,
     referenced_instances,
     run_model,
     slice_index,
@@ -192,21 +200,68 @@ def test_labelmap_seg_holds_segment_numbers_rle_compressed(ct: Case, tmp_path: P
     assert all(error.startswith(PRE_2024B_DCIODVFY) for error in errors), errors
 
 
-def test_gantry_tilt_frames_lie_on_the_resampled_grid(tmp_path: Path) -> None:
+def test_gantry_tilt_frames_are_the_source_images(tmp_path: Path) -> None:
+    """A tilted series is resampled onto an orthogonal grid, but its SEG's frames are the scanner's own images."""
     case = tilted_ct(tmp_path / "tilt")
     assert case.volume.resampled and case.volume.qc[0].code == "gantry-tilt"
     result = run_model("ct-tissue", case.volume)
     item = encode_result(result, case.sources, series_number=9, gateway_version=GATEWAY_VERSION)[0]
     ds = item.dataset
-    positions = frame_positions(ds)
-    indices = slice_index(case.volume, positions)  # every frame lies exactly on a slice of the volume's grid
-    np.testing.assert_allclose(positions, affine_positions(case.volume, indices), atol=1e-4)
-    for k, cited in zip(indices, derivation_sources(ds), strict=True):
-        assert cited == [(case.volume.slices[k].sop_instance_uid, None, "NO")]  # same plane, shifted in-plane
+    cited = assert_frames_on_their_sources(ds, case.sources)
+    assert {str(image.SOPInstanceUID) for image in cited} <= set(case.sources)
     orientation = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     np.testing.assert_allclose([float(v) for v in orientation], [1, 0, 0, 0, 1, 0], atol=1e-6)
-    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == case.volume.series_instance_uid
     assert dciodvfy(_written(item, tmp_path)).errors == []
+
+
+@pytest.mark.parametrize("name", sorted(IRREGULAR))
+def test_seg_frames_of_an_irregular_series_are_its_images(name: str, tmp_path: Path) -> None:
+    """Tilt, missing slices and uneven spacing together: every frame is a source image at its own position, citing
+    it alone, and the segments land on the pixels of that image where the phantom's labels lie."""
+    case = irregular_ct(tmp_path / name, **IRREGULAR[name])
+    volume = case.volume
+    result = geometric_result(volume, case.sources)
+    item = encode_result(result, case.sources, series_number=61, gateway_version=GATEWAY_VERSION)[0]
+    path = _written(item, tmp_path)
+    ds = pydicom.dcmread(path)
+    cited = assert_frames_on_their_sources(ds, case.sources)
+    uniform = any(flag.code == "uneven-spacing" for flag in volume.qc)
+    seg = hd.seg.Segmentation.from_dataset(ds)
+    for image in {str(image.SOPInstanceUID): image for image in cited}.values():
+        uid = str(image.SOPInstanceUID)
+        pixels = seg.get_pixels_by_source_instance([uid], segment_numbers=[1, 2], combine_segments=True)[0]
+        expected = phantom_labels(pixel_positions(image))
+        written = np.where(pixels == 2, 3, pixels)  # segment 2 is label 3 (bone)
+        # nearest neighbour along the normal may take a slice up to the image's distance from the uniform grid
+        undecided = blurred_labels(image, off_grid_mm(volume, image) + 1e-3 if uniform else 1e-3)
+        inside = written != 0
+        assert np.array_equal(written[~undecided & inside], expected[~undecided & inside])
+        assert (expected[~undecided & ~inside] == 0).mean() > 0.97  # 0 only where a tilt shifted out of the volume
+    assert verdict_errors(path) == []
+
+
+def test_missing_slices_alone_keep_each_frame_on_its_image(tmp_path: Path) -> None:
+    case = irregular_ct(tmp_path / "gap", drop=(5, 6))
+    volume = case.volume
+    assert [flag.code for flag in volume.qc] == ["missing-slices"] and not volume.resampled
+    item = encode_result(
+        geometric_result(volume, case.sources), case.sources, series_number=61, gateway_version=GATEWAY_VERSION
+    )[0]
+    cited = assert_frames_on_their_sources(item.dataset, case.sources)
+    assert len({str(image.SOPInstanceUID) for image in cited}) > 1
+    assert verdict_errors(_written(item, tmp_path)) == []
+
+
+def test_a_resampled_volume_without_source_planes_is_refused(tmp_path: Path) -> None:
+    case = tilted_ct(tmp_path / "tilt")
+    bare = dataclasses.replace(case.volume, source_planes=())
+    result = geometric_result(bare, case.sources)
+    with pytest.raises(EncodeError, match="recorded no source planes"):
+        encode_result(result, case.sources, series_number=5, gateway_version=GATEWAY_VERSION)
+
+
+def verdict_errors(path: Path) -> list[str]:
+    return dciodvfy(path).errors
 
 
 def test_multiframe_source_frames_are_cited_by_frame_number(ct: Case, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The ``export`` settings (validated at load) and which destinations a series' results go to."""
+"""The ``export`` settings (validated at load), which destinations a series' results go to, and the kinds of
+result each takes."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 
 import pydantic
 import pytest
+from pydicom import uid
 
-from gateway.config import DimseDestination, ExportSettings, StowDestination, get_settings
-from gateway.export.destinations import destinations_for
+from gateway.config import DEFAULT_SEND, DimseDestination, ExportSettings, StowDestination, get_settings
+from gateway.export.destinations import LABEL_MAP_SEGMENTATION_STORAGE, destinations_for, output_kind
 
 DESTINATIONS = {
     "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
@@ -49,6 +51,8 @@ def test_defaults() -> None:
         ({"destinations": {"x": {"stow_url": "http://h/s", "ae_title": "X"}}}, "ae_title"),
         ({"backoff_initial_s": 10, "backoff_max_s": 5}, "backoff_max_s"),
         ({"max_attempts": 0}, "max_attempts"),
+        ({"destinations": {"x": {**DESTINATIONS["pacs"], "send": ["segmentation"]}}}, "send"),
+        ({"destinations": {"x": {**DESTINATIONS["vna"], "send": []}}}, "send"),
     ],
 )
 def test_invalid_settings_name_the_problem(values: dict[str, object], message: str) -> None:
@@ -67,7 +71,8 @@ def test_yaml_section(tmp_path: Path) -> None:
     config.write_text(
         "export:\n"
         "  destinations:\n"
-        "    pacs: {ae_title: PACS, host: pacs.example.org, port: 104, tls: {ca_bundle: /etc/ca.pem}}\n"
+        "    pacs: {ae_title: PACS, host: pacs.example.org, port: 104, tls: {ca_bundle: /etc/ca.pem},\n"
+        "           send: [seg, sr, gsps]}\n"
         "    vna: {stow_url: 'http://127.0.0.1:8042/dicom-web/studies'}\n"
         "  return_to_sender: {CT1: pacs}\n"
         "  default: [vna]\n"
@@ -77,13 +82,52 @@ def test_yaml_section(tmp_path: Path) -> None:
     pacs = settings.destinations["pacs"]
     assert isinstance(pacs, DimseDestination) and pacs.tls is not None and pacs.tls.ca_bundle == Path("/etc/ca.pem")
     assert settings.max_attempts == 3 and settings.default == ["vna"]
+    assert pacs.send == ["seg", "sr", "gsps"] and settings.destinations["vna"].send == list(DEFAULT_SEND)
 
 
 def test_destinations_for_a_source() -> None:
     settings = export(return_to_sender={"CT1": "pacs", "MR1": "vna"}, default=["vna", "ris"])
-    assert destinations_for(settings, "dimse:CT1") == ["pacs", "vna", "ris"]
-    assert destinations_for(settings, "dimse:MR1") == ["vna", "ris"], "each destination once"
-    assert destinations_for(settings, "dimse:OTHER") == ["vna", "ris"]
-    assert destinations_for(settings, "stow") == ["vna", "ris"]
-    assert destinations_for(export(), "dimse:CT1") == []
-    assert destinations_for(export(return_to_sender={"CT1": "pacs"}), "dimse:CT1") == ["pacs"]
+    assert list(destinations_for(settings, "dimse:CT1")) == ["pacs", "vna", "ris"]
+    assert list(destinations_for(settings, "dimse:MR1")) == ["vna", "ris"], "each destination once"
+    assert list(destinations_for(settings, "dimse:OTHER")) == ["vna", "ris"]
+    assert list(destinations_for(settings, "stow")) == ["vna", "ris"]
+    assert destinations_for(export(), "dimse:CT1") == {}
+    assert list(destinations_for(export(return_to_sender={"CT1": "pacs"}), "dimse:CT1")) == ["pacs"]
+
+
+def test_destinations_for_a_source_come_with_the_kinds_each_takes() -> None:
+    destinations = {**DESTINATIONS, "pacs": {**DESTINATIONS["pacs"], "send": ["seg", "sr", "seg"]}}
+    settings = export(destinations=destinations, return_to_sender={"CT1": "pacs"}, default=["vna"])
+    assert destinations_for(settings, "dimse:CT1") == {
+        "pacs": frozenset({"seg", "sr"}),
+        "vna": frozenset(DEFAULT_SEND),
+    }
+    assert "sc" not in DEFAULT_SEND, "burned-in key images only where a destination asks for them"
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "kind"),
+    [
+        (uid.SegmentationStorage, "seg"),
+        (LABEL_MAP_SEGMENTATION_STORAGE, "seg"),
+        (uid.Comprehensive3DSRStorage, "sr"),
+        (uid.ComprehensiveSRStorage, "sr"),
+        (uid.EnhancedSRStorage, "sr"),
+        (uid.BasicTextSRStorage, "sr"),
+        (uid.KeyObjectSelectionDocumentStorage, "ko"),
+        (uid.ParametricMapStorage, "pm"),
+        (uid.GrayscaleSoftcopyPresentationStateStorage, "gsps"),
+        (uid.SecondaryCaptureImageStorage, "sc"),
+        (uid.MultiFrameSingleBitSecondaryCaptureImageStorage, "sc"),
+        (uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage, "sc"),
+        (uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage, "sc"),
+        (uid.MultiFrameTrueColorSecondaryCaptureImageStorage, "sc"),
+        (uid.CTImageStorage, None),
+        (uid.ColorSoftcopyPresentationStateStorage, None),
+        (uid.XRayRadiationDoseSRStorage, None),
+        ("1.2.3.4", None),
+    ],
+)
+def test_output_kind_of_a_sop_class(sop_class: str, kind: str | None) -> None:
+    assert output_kind(sop_class) == kind
+    assert output_kind(sop_class + "\0") == kind, "a UID padded to even length as read from a file"

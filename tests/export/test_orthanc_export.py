@@ -1,5 +1,6 @@
-"""Orthanc as the PACS: results exported by C-STORE and by STOW-RS arrive whole, and a PACS that is down for a
-while gets them once it is up (the attempts before are recorded)."""
+"""Orthanc as the PACS: results exported by C-STORE and by STOW-RS arrive whole, only the kinds of result the
+destination asks for are sent, and a PACS that is down for a while gets them once it is up (the attempts before
+are recorded)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pacs import deliveries, drain, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for
+from pacs import deliveries, drain, fast_export, job_of, make_job, outputs, result_files, sop_instance_uid, wait_for
 
 from gateway.config import ExportSettings
 from gateway.export import queue
+from gateway.export.destinations import destinations_for
 from gateway.export.workers import ExportWorkers
 from gateway.jobs.states import JobState
 from gateway.store.store import InstanceStore
@@ -35,10 +37,11 @@ def held(orthanc: Orthanc) -> dict[str, str]:
     return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in found}
 
 
-def settings_for(orthanc: Orthanc, **values: object) -> ExportSettings:
+def settings_for(orthanc: Orthanc, send: list[str] | None = None, **values: object) -> ExportSettings:
+    kinds = {} if send is None else {"send": send}
     destinations = {
-        "orthanc-dimse": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
-        "orthanc-web": {"stow_url": f"{orthanc.dicomweb_url}/studies"},
+        "orthanc-dimse": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port, **kinds},
+        "orthanc-web": {"stow_url": f"{orthanc.dicomweb_url}/studies", **kinds},
     }
     return fast_export(destinations=destinations, **values)
 
@@ -62,6 +65,23 @@ def test_results_arrive_in_orthanc(
     assert {(r.state, r.attempts) for r in deliveries(instance_store, job)} == {("delivered", 1)}
     expected = 0 if destination == "orthanc-dimse" else 200
     assert {r.last_status for r in deliveries(instance_store, job)} == {expected}
+
+
+@pytest.mark.parametrize("destination", ["orthanc-dimse", "orthanc-web"])
+def test_only_the_kinds_the_destination_asks_for_arrive(
+    need_orthanc: None, instance_store: InstanceStore, tmp_path: Path, destination: str
+) -> None:
+    files = result_files(tmp_path / "out")
+    job = make_job(instance_store)
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        settings = settings_for(orthanc, send=["seg", "sr"], default=[destination])
+        queue.enqueue(instance_store, job, list(files.values()), destinations_for(settings, "stow"))
+        assert drain(instance_store, settings, job, timeout_s=60.0) == JobState.EXPORTED
+        holding = held(orthanc)
+    assert set(holding) == {sop_instance_uid(files["seg"]), sop_instance_uid(files["sr"])}
+    export = job_of(instance_store, job).detail["export"]
+    assert export["not_sent"] == {destination: ["gsps", "ko", "sc"]}
+    assert (export["deliveries"], export["delivered"], export["refused"], export["dead"]) == (2, 2, 0, 0)
 
 
 def test_orthanc_down_for_a_while_then_up(need_orthanc: None, instance_store: InstanceStore, tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from gateway.export.stow import stow_outcomes
         (0xA900, Kind.DEAD),
         (0xC000, Kind.DEAD),
         (0xC123, Kind.DEAD),
-        (0x0122, Kind.DEAD),
+        (0x0122, Kind.REFUSED),
+        (0x0124, Kind.DEAD),
         (0x0110, Kind.DEAD),
     ],
 )
@@ -34,6 +35,16 @@ def test_dimse_status(status: int, kind: Kind) -> None:
     assert outcome.delivered == (kind in (Kind.DELIVERED, Kind.WARNING))
     if kind is not Kind.DELIVERED:
         assert f"0x{status:04X}: comment" in outcome.reason
+
+
+def test_sop_class_not_supported_names_the_class() -> None:
+    outcome = dimse_outcome(0x0122, sop_class_uid="1.2.840.10008.5.1.4.1.1.11.1")
+    assert outcome.kind is Kind.REFUSED and not outcome.delivered
+    assert outcome.reason == (
+        "SOP class 1.2.840.10008.5.1.4.1.1.11.1 (Grayscale Softcopy Presentation State Storage) not supported, "
+        "status 0x0122"
+    )
+    assert dimse_outcome(0x0122, sop_class_uid="1.2.3.4").reason == "SOP class 1.2.3.4 not supported, status 0x0122"
 
 
 def test_backoff_doubles_with_jitter_and_is_capped() -> None:
@@ -104,6 +115,21 @@ def test_stow_202_reads_each_instance() -> None:
 def test_stow_http_status(status: int, kind: Kind) -> None:
     (outcome,) = stow_outcomes(status, {}, _items("1.1"))
     assert outcome.kind is kind and outcome.status == status and f"HTTP {status}" in outcome.reason
+
+
+def test_stow_sop_class_not_supported_is_refused_and_not_authorized_is_dead() -> None:
+    answer = {
+        **_seq("00081199", [("1.1", None)], "00081196"),
+        **_seq("00081198", [("1.2", 0x0122), ("1.3", 0x0124)], "00081197"),
+    }
+    delivered, refused, unauthorized = stow_outcomes(202, answer, _items("1.1", "1.2", "1.3"))
+    assert (delivered.kind, refused.kind, unauthorized.kind) == (Kind.DELIVERED, Kind.REFUSED, Kind.DEAD)
+    assert refused.reason == "SOP class 1.2.840.10008.5.1.4.1.1.2 (CT Image Storage) not supported, HTTP 202, " + (
+        "FailureReason 0x0122"
+    )
+    assert unauthorized.reason == "rejected, HTTP 202, FailureReason 0x0124"
+    (alone,) = stow_outcomes(409, _seq("00081198", [("1.1", 0x0122)], "00081197"), _items("1.1"))
+    assert alone.kind is Kind.REFUSED and alone.status == 409
 
 
 def test_stow_409_with_an_out_of_resources_reason_is_retried() -> None:

@@ -1,12 +1,14 @@
-"""The durable queue on its own: enqueue, claim, record with backoff, settle the job, resume, retry."""
+"""The durable queue on its own: enqueue (each destination the kinds it takes), claim, record with backoff, settle
+the job (refused deliveries do not fail it), resume, retry."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from pacs import deliveries, job_of, make_job, outputs, sop_instance_uid
+from pacs import deliveries, job_of, make_job, outputs, result_files, sop_instance_uid
 
+from gateway.config import DEFAULT_SEND
 from gateway.errors import ExportError, NotFound
 from gateway.export import queue
 from gateway.export.outcome import Kind, Outcome, RetryPolicy
@@ -45,6 +47,47 @@ def test_enqueue_without_destination_exports_at_once(instance_store: InstanceSto
     assert queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), []) == 0
     state = job_of(instance_store, job)
     assert state.state == JobState.EXPORTED and state.detail["export"]["reason"] == queue.NO_DESTINATION
+
+
+def test_enqueue_sends_each_destination_the_kinds_it_takes(instance_store: InstanceStore, tmp_path: Path) -> None:
+    files = result_files(tmp_path / "results")
+    (ct,) = outputs(tmp_path / "ct", 1, seed=1)  # a SOP class of no known kind goes everywhere
+    job = make_job(instance_store)
+    plan = {"pacs": ["seg", "sr"], "vna": DEFAULT_SEND}
+    assert queue.enqueue(instance_store, job, [*files.values(), ct], plan, now=T0) == 3 + 5
+    kinds = {uid: kind for kind, uid in ((k, sop_instance_uid(p)) for k, p in files.items())}
+    sent = {(r.destination, kinds.get(r.sop_instance_uid, "ct")) for r in deliveries(instance_store, job)}
+    assert sent == {("pacs", k) for k in ("seg", "sr", "ct")} | {("vna", k) for k in ("seg", "sr", "gsps", "ko", "ct")}
+    state = job_of(instance_store, job)
+    assert state.state == JobState.ENCODED and state.detail["export"] == {
+        "deliveries": 8,
+        "destinations": ["pacs", "vna"],
+        "not_sent": {"pacs": ["gsps", "ko", "sc"], "vna": ["sc"]},
+    }
+    assert queue.enqueue(instance_store, job, [files["sc"]], {"pacs": ["sc"]}, now=T0) == 1
+    assert job_of(instance_store, job).detail["export"]["not_sent"] == {"pacs": ["gsps", "ko", "sc"], "vna": ["sc"]}
+    views = queue.deliveries_of(instance_store, job)
+    assert {v["kind"] for v in views} == {"seg", "sr", "gsps", "ko", "sc", None}
+
+
+def test_enqueue_of_no_kind_a_destination_takes_exports_at_once(instance_store: InstanceStore, tmp_path: Path) -> None:
+    files = result_files(tmp_path / "results")
+    job = make_job(instance_store)
+    assert queue.enqueue(instance_store, job, [files["sc"], files["ko"]], {"pacs": ["seg"], "vna": ["sr"]}) == 0
+    state = job_of(instance_store, job)
+    assert state.state == JobState.EXPORTED and state.detail["export"] == {
+        "deliveries": 0,
+        "destinations": ["pacs", "vna"],
+        "not_sent": {"pacs": ["ko", "sc"], "vna": ["ko", "sc"]},
+        "reason": queue.NO_KIND_TAKEN,
+    }
+
+
+def test_enqueue_refuses_a_kind_it_does_not_know(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    with pytest.raises(ValueError, match=r"destinations\['pacs'\] names unknown kind\(s\) \['segmentation'\]"):
+        queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), {"pacs": ["segmentation"]})
+    assert deliveries(instance_store, job) == [] and job_of(instance_store, job).state == JobState.INFERRED
 
 
 def test_enqueue_refuses_an_unreadable_file_and_queues_nothing(instance_store: InstanceStore, tmp_path: Path) -> None:
@@ -119,10 +162,63 @@ def test_dead_outcome_is_final_at_once(instance_store: InstanceStore, tmp_path: 
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
     (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
-    outcome = Outcome(Kind.DEAD, "refused, status 0xA900", 0xA900)
+    outcome = Outcome(Kind.DEAD, "rejected, status 0xA900", 0xA900)
     assert queue.record(instance_store, item, outcome, POLICY, jitter=0.5, now=T0) == "dead"
     (row,) = deliveries(instance_store, job)
-    assert (row.attempts, row.last_status, row.last_error) == (1, 0xA900, "refused, status 0xA900")
+    assert (row.attempts, row.last_status, row.last_error) == (1, 0xA900, "rejected, status 0xA900")
+
+
+def test_refused_is_final_and_the_job_is_exported_with_the_reasons(
+    instance_store: InstanceStore, tmp_path: Path
+) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 3), ["pacs"], now=T0)
+    first, second, third = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    refused = Outcome(Kind.REFUSED, "SOP class 1.2.3 not supported, status 0x0122", 0x0122)
+    assert queue.record(instance_store, first, refused, POLICY, jitter=0.5, now=T0) == "refused"
+    assert queue.record(instance_store, second, refused, POLICY, jitter=0.5, now=T0) == "refused"
+    assert queue.settle(instance_store, job) is None, "one is still sending"
+    assert queue.record(instance_store, third, Outcome(Kind.DELIVERED, "", 0), POLICY, jitter=0.5, now=T0)
+    assert queue.settle(instance_store, job) == JobState.EXPORTED
+    detail = job_of(instance_store, job).detail
+    assert "failure" not in detail
+    assert {k: v for k, v in detail["export"].items() if k != "destinations"} == {
+        "deliveries": 3,
+        "delivered": 1,
+        "warnings": 0,
+        "refused": 2,
+        "dead": 0,
+        "refused_reasons": ["pacs: SOP class 1.2.3 not supported, status 0x0122"],
+    }
+    row = deliveries(instance_store, job)[0]
+    assert (row.state, row.attempts, row.last_status, row.delivered_at) == ("refused", 1, 0x0122, None)
+    assert [(h["outcome"], h["status"]) for h in row.history] == [("refused", 0x0122)]
+    assert queue.claim(instance_store, ["pacs"], 10, now=T0 + 1000) is None, "never sent again by itself"
+
+
+def test_dead_fails_the_job_even_beside_refused_ones(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
+    first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    queue.record(instance_store, first, Outcome(Kind.REFUSED, "not supported"), POLICY, jitter=0.5, now=T0)
+    queue.record(instance_store, second, Outcome(Kind.DEAD, "rejected, status 0xC000"), POLICY, jitter=0.5, now=T0)
+    assert queue.settle(instance_store, job) == JobState.FAILED
+    detail = job_of(instance_store, job).detail
+    assert detail["failure"]["reason"] == "1 of 2 deliveries dead: pacs: rejected, status 0xC000"
+    assert (detail["export"]["refused"], detail["export"]["dead"]) == (1, 1)
+
+
+def test_refused_reasons_are_listed_once_each_and_at_most_five(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 8), ["pacs"], now=T0)
+    items = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    for k, item in enumerate(items):
+        outcome = Outcome(Kind.REFUSED, f"SOP class 1.2.{min(k, 6)} not supported")
+        queue.record(instance_store, item, outcome, POLICY, jitter=0.5, now=T0)
+    assert queue.settle(instance_store, job) == JobState.EXPORTED
+    export = job_of(instance_store, job).detail["export"]
+    assert export["refused"] == 8
+    assert export["refused_reasons"] == [f"pacs: SOP class 1.2.{k} not supported" for k in range(5)] + ["(and 2 more)"]
 
 
 def test_resume_and_release(instance_store: InstanceStore, tmp_path: Path) -> None:
@@ -159,7 +255,7 @@ def test_retry_job_requeues_dead_deliveries(instance_store: InstanceStore, tmp_p
     first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
     queue.record(instance_store, first, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
     queue.record(
-        instance_store, second, Outcome(Kind.DEAD, "refused, status 0xC000", 0xC000), POLICY, jitter=0.5, now=T0
+        instance_store, second, Outcome(Kind.DEAD, "rejected, status 0xC000", 0xC000), POLICY, jitter=0.5, now=T0
     )
     assert queue.settle(instance_store, job) == JobState.FAILED
     assert queue.retry_job(instance_store, job, now=T0 + 60) == 1
@@ -170,10 +266,35 @@ def test_retry_job_requeues_dead_deliveries(instance_store: InstanceStore, tmp_p
     assert delivered.state == "delivered" and delivered.attempts == 1
     assert (requeued.state, requeued.attempts, requeued.next_attempt_at) == ("pending", 0, T0 + 60)
     assert [h["outcome"] for h in requeued.history] == ["dead", "requeued"]
-    with pytest.raises(ExportError, match="no dead delivery"):
+    with pytest.raises(ExportError, match="no dead or refused delivery"):
         queue.retry_job(instance_store, job)
     with pytest.raises(NotFound):
         queue.retry_job(instance_store, 9999)
+
+
+def test_retry_job_requeues_refused_deliveries_of_an_exported_job(
+    instance_store: InstanceStore, tmp_path: Path
+) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
+    first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    queue.record(instance_store, first, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
+    queue.record(instance_store, second, Outcome(Kind.REFUSED, "not supported"), POLICY, jitter=0.5, now=T0)
+    assert queue.settle(instance_store, job) == JobState.EXPORTED
+    assert queue.retry_job(instance_store, job, now=T0 + 60) == 1
+    state = job_of(instance_store, job)
+    assert state.state == JobState.ENCODED and "previous_failures" not in state.detail
+    delivered, requeued = deliveries(instance_store, job)
+    assert delivered.state == "delivered"
+    assert (requeued.state, requeued.attempts, requeued.next_attempt_at) == ("pending", 0, T0 + 60)
+    assert [h["outcome"] for h in requeued.history] == ["refused", "requeued"]
+    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0 + 60)[1]  # type: ignore[index]
+    queue.record(instance_store, item, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0 + 61)
+    assert queue.settle(instance_store, job) == JobState.EXPORTED
+    export = job_of(instance_store, job).detail["export"]
+    assert (export["delivered"], export["refused"]) == (2, 0) and "refused_reasons" not in export
+    with pytest.raises(ExportError, match=f"job {job} has no dead or refused delivery to retry"):
+        queue.retry_job(instance_store, job)
 
 
 def test_deliveries_view(instance_store: InstanceStore, tmp_path: Path) -> None:
@@ -183,7 +304,7 @@ def test_deliveries_view(instance_store: InstanceStore, tmp_path: Path) -> None:
     (view,) = queue.deliveries_of(instance_store, job)
     assert view["sop_instance_uid"] == sop_instance_uid(path) and view["destination"] == "pacs"
     assert (view["state"], view["attempts"], view["history"], view["next_attempt_at"]) == ("pending", 0, [], T0)
-    assert "path" not in view
+    assert "path" not in view and view["kind"] is None, "a CT image is of no known kind of result"
 
 
 def test_a_batch_that_failed_together_is_due_again_together(instance_store: InstanceStore, tmp_path: Path) -> None:

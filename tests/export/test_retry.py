@@ -69,7 +69,7 @@ def test_deliveries_on_the_job_and_retry_through_the_api(client: TestClient, scp
     assert delivery["sop_instance_uid"] == sop_instance_uid(path) and delivery["destination"] == "pacs"
     assert (delivery["state"], delivery["attempts"], delivery["last_status"]) == ("dead", 1, 0xC000)
     assert [(h["outcome"], h["status"], h["reason"]) for h in delivery["history"]] == [
-        ("dead", 0xC000, "refused, status 0xC000")
+        ("dead", 0xC000, "rejected, status 0xC000")
     ]
 
     refused = client.post(f"/api/jobs/{job}/retry", headers=bearer(READ))
@@ -85,7 +85,7 @@ def test_deliveries_on_the_job_and_retry_through_the_api(client: TestClient, scp
     assert [h["outcome"] for h in delivery["history"]] == ["dead", "requeued", "delivered"]
 
     again = client.post(f"/api/jobs/{job}/retry", headers=bearer(WRITE))
-    assert again.status_code == 409 and "no dead delivery" in again.json()["detail"]
+    assert again.status_code == 409 and "no dead or refused delivery" in again.json()["detail"]
     assert client.post("/api/jobs/999999/retry", headers=bearer(WRITE)).status_code == 404
 
 
@@ -111,7 +111,7 @@ def test_cli_retry(tmp_path: Path) -> None:
         queue.enqueue(store, job, outputs(tmp_path / "out", 2), ["pacs"])
         _, items = queue.claim(store, ["pacs"], 10) or ("", [])
         for item in items:
-            queue.record(store, item, Outcome(Kind.DEAD, "refused, status 0xA900", 0xA900), RetryPolicy())
+            queue.record(store, item, Outcome(Kind.DEAD, "rejected, status 0xA900", 0xA900), RetryPolicy())
         assert queue.settle(store, job) == JobState.FAILED
 
         code, out, _ = invoke("jobs", "retry", job, "--data-dir", data_dir)
@@ -120,7 +120,9 @@ def test_cli_retry(tmp_path: Path) -> None:
         assert {(r.state, r.attempts) for r in deliveries(store, job)} == {("pending", 0)}
 
         code, _, err = invoke("jobs", "retry", job, "--data-dir", data_dir)
-        assert code == 1 and err.startswith("error: ") and "no dead delivery" in err and "Traceback" not in err
+        assert (
+            code == 1 and err.startswith("error: ") and "no dead or refused delivery" in err and "Traceback" not in err
+        )
         code, _, err = invoke("jobs", "retry", 424242, "--data-dir", data_dir)
         assert code == 1 and err.strip() == "error: no job 424242"
     finally:

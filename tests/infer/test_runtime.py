@@ -29,6 +29,7 @@ from tiny_models import (
 from gateway.errors import InferenceError, ModelError
 from gateway.infer.results import ModelResult
 from gateway.infer.runtime import InferenceRuntime
+from gateway.infer.series import result_summary
 
 SPACING = (2.5, 0.8, 0.8)
 RADIUS = 7.0
@@ -246,3 +247,78 @@ def test_cuda_runtime_matches_cpu(tmp_path: Path) -> None:
     assert cpu.labelmap is not None and gpu.labelmap is not None
     assert np.mean(cpu.labelmap == gpu.labelmap) > 0.9999
     assert gpu.probabilities[1] == pytest.approx(cpu.probabilities[1], abs=1e-4)
+
+
+def lesion_label(value: int, name: str, min_volume_ml: float = 0.0) -> dict[str, Any]:
+    return {**segment(value, name, ["volume", "mean"]), "lesions": True, "min_volume_ml": min_volume_ml}
+
+
+def two_spheres() -> tuple[Any, list[tuple[tuple[float, float, float], float]]]:
+    """Air with two soft-tissue spheres (7 and 4.5 mm) and a 1.5 mm speck."""
+    shape = (20, 56, 64)
+    spheres = [((12.3, 20.1, 40.6), 4.5), ((7.2, 30.4, 16.8), 7.0), ((16.0, 48.0, 56.0), 1.5)]
+    index = np.indices(shape).astype(np.float64)
+    inside = np.zeros(shape, dtype=np.bool_)
+    for centre, radius in spheres:
+        inside |= np.sqrt(sum(((index[i] - centre[i]) * SPACING[i]) ** 2 for i in range(3))) <= radius
+    return make_volume(np.where(inside, 40.0, -850.0).astype(np.float32), axial()), spheres
+
+
+def test_lesions_of_a_segment_declared_lesions(tmp_path: Path, runtime: InferenceRuntime) -> None:
+    manifest = torchscript_package(
+        tmp_path,
+        Threshold(),
+        preprocess={"orientation": "IPL", "spacing_mm": [1.5, 1.5, 1.5], "intensity": MIDWAY},
+        outputs={"segmentation": {"labels": [lesion_label(1, "Nodule", min_volume_ml=0.05)]}},
+    )
+    volume, spheres = two_spheres()
+    result = runtime.run(manifest, tmp_path, "h" * 64, volume)
+    assert list(result.lesions) == [1]
+    found = result.lesions[1]
+    assert (found.name, found.min_volume_ml) == ("Nodule", 0.05)
+    assert [lesion.number for lesion in found.lesions] == [1, 2]
+    for lesion, (centre, radius) in zip(found.lesions, [spheres[1], spheres[0]], strict=True):
+        assert lesion.volume_ml == pytest.approx(4 / 3 * np.pi * radius**3 / 1000, rel=0.15)
+        assert lesion.values["long_axis"] == pytest.approx(2 * radius, abs=2.0)
+        inside = np.stack([lesion.mask_on(k, volume.array.shape[1:]) for k in range(volume.array.shape[0])])
+        assert lesion.values["mean"] == pytest.approx(float(volume.array[inside].mean()))
+        assert lesion.probability is not None and lesion.probability > 0.99  # the argmax's winning probability
+        np.testing.assert_allclose(lesion.centre_index, centre, atol=0.5)
+    assert found.left_out == 1  # the speck
+    whole = result.measurements[0].values["volume"]  # the whole segment, speck included
+    assert 0.0 < whole - sum(lesion.volume_ml for lesion in found.lesions) < 0.05
+    summary = result_summary(result)["lesions"]
+    assert summary == [found.as_dict()] and summary[0]["lesions"][0]["number"] == 1
+
+
+def test_lesions_of_label_values_have_no_probability(tmp_path: Path, runtime: InferenceRuntime) -> None:
+    manifest = torchscript_package(
+        tmp_path,
+        LabelValues(),
+        preprocess={"intensity": MIDWAY, "spacing_mm": [1.0, 1.0, 1.0]},
+        outputs={"segmentation": {"activation": "none", "labels": [lesion_label(3, "Three")]}},
+    )
+    volume, _ = two_spheres()
+    found = runtime.run(manifest, tmp_path, "i" * 64, volume).lesions[3]
+    assert len(found.lesions) >= 2 and all(lesion.probability is None for lesion in found.lesions)
+
+
+def test_lesions_of_overlapping_channels_use_their_own_probability(tmp_path: Path, runtime: InferenceRuntime) -> None:
+    labels = [lesion_label(0, "Body"), lesion_label(1, "Dense")]
+    manifest = torchscript_package(
+        tmp_path,
+        Channels(),
+        preprocess={"intensity": WINDOW},
+        outputs={"segmentation": {"kind": "channels", "activation": "sigmoid", "labels": labels}},
+    )
+    array = np.full((6, 12, 12), -1000.0, np.float32)
+    array[1:5, 2:10, 2:10] = 0.0
+    array[2:4, 3:5, 3:5] = 1000.0
+    array[2:4, 7:9, 7:9] = 500.0
+    result = runtime.run(manifest, tmp_path, "j" * 64, make_volume(array))
+    (body,) = result.lesions[0].lesions
+    assert body.voxels == 4 * 8 * 8 and body.probability == pytest.approx(1.0)
+    dense = result.lesions[1].lesions
+    assert [lesion.voxels for lesion in dense] == [8, 8]
+    probabilities = sorted(float(lesion.probability or 0.0) for lesion in dense)
+    assert probabilities == pytest.approx([1 / (1 + np.exp(-50 * 0.05)), 1 / (1 + np.exp(-50 * 0.3))], abs=1e-4)

@@ -91,8 +91,11 @@ def test_a_model_registered_while_the_gateway_runs_serves_the_next_job(tmp_path:
         (settings.store.data_dir / "results" / next(f for f in files if f.endswith(".json"))).read_text()
     )
     assert summary["model"] == "tiny-seg@1.0.0" and summary["labels"][0]["name"] == "label 1"
-    seg, sr = second.detail["outputs"]
-    assert (seg["kind"], sr["kind"]) == ("SEG", "SR") and seg["model"] == "tiny-seg@1.0.0"
+    outputs = second.detail["outputs"]
+    kinds = [output["kind"] for output in outputs]
+    assert kinds[:2] == ["SEG", "SR"] and kinds[2:] in ([], ["GSPS", "KO"]), kinds  # outlines when it found any
+    seg = outputs[0]
+    assert seg["model"] == "tiny-seg@1.0.0"
     written = pydicom.dcmread(settings.store.data_dir / "outputs" / seg["file"])
     assert written.SOPInstanceUID == seg["SOPInstanceUID"] and written.Modality == "SEG"
     assert {"assemble_s", "infer_s", "encode_s"} <= set(second.detail["timings"])

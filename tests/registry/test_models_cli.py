@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from gateway.cli import app
 from model_packages import manifest_dict, onnx_model, write_package, zip_folder
 
 GATEWAY_SCRIPT = Path(sys.executable).with_name("gateway")
+#: The environment of most tests here: without the shipped models (list, show, enable and disable register them).
+NO_SHIPPED = {"GATEWAY_MODELS__REGISTER_SHIPPED": "false"}
 
 
 @pytest.fixture
@@ -23,8 +26,8 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def models(data_dir: Path, *args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, ["models", *map(str, args), "--data-dir", str(data_dir)])
+def models(data_dir: Path, *args: object, env: Mapping[str, str] = NO_SHIPPED) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["models", *map(str, args), "--data-dir", str(data_dir)], env=dict(env))
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result.exit_code, result.stdout, result.stderr
 
@@ -85,7 +88,7 @@ def test_readable_errors(data_dir: Path, tmp_path: Path) -> None:
 def test_the_console_script(tmp_path: Path) -> None:
     package = write_package(tmp_path / "pkg", manifest_dict())
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_STORE__DATA_DIR"] = str(tmp_path / "data")
+    env.update(NO_SHIPPED, GATEWAY_STORE__DATA_DIR=str(tmp_path / "data"))
 
     def run(*args: object) -> subprocess.CompletedProcess[str]:
         command = [str(GATEWAY_SCRIPT), "models", *map(str, args)]
@@ -97,3 +100,44 @@ def test_the_console_script(tmp_path: Path) -> None:
     assert "tiny-seg" in listed.stdout and listed.returncode == 0
     unknown = run("show", "nothing@1")
     assert unknown.returncode == 1 and unknown.stderr == "error: no model nothing@1\n"
+
+
+def listed(out: str) -> dict[str, tuple[str, str]]:
+    """``gateway models list``'s rows: ``name@version -> (active, enabled)``."""
+    rows = [line.split() for line in out.splitlines()[1:]]
+    return {f"{name}@{version}": (active, enabled) for name, version, active, enabled, *_ in rows}
+
+
+def test_the_shipped_models_are_listed_disabled_and_enabled_on_a_fresh_data_dir(data_dir: Path) -> None:
+    shipped = {"GATEWAY_MODELS__REGISTER_SHIPPED": "true"}  # the repository's models/, as `gateway serve` registers
+    code, out, _ = models(data_dir, "enable", "ct-nodule-unet", env=shipped)
+    assert (code, out) == (0, "ct-nodule-unet@1.1.0: enabled, active\n")
+    code, out, _ = models(data_dir, "list", env=shipped)
+    assert code == 0 and listed(out) == {
+        "adc-dwi@1.0.0": ("yes", "no"),
+        "ct-nodule-unet@1.1.0": ("yes", "yes"),
+        "ct-tissue@1.0.0": ("yes", "no"),
+    }
+    assert models(data_dir, "remove", "ct-tissue@1.0.0", env=shipped)[:2] == (0, "ct-tissue@1.0.0: removed\n")
+    assert models(data_dir, "disable", "adc-dwi", env=shipped)[:2] == (0, "adc-dwi: disabled\n")
+    code, out, _ = models(data_dir, "list", env=shipped)
+    assert listed(out) == {"adc-dwi@1.0.0": ("yes", "no"), "ct-nodule-unet@1.1.0": ("yes", "yes")}, "removal sticks"
+    shown = json.loads(models(data_dir, "show", "adc-dwi", env=shipped)[1])
+    assert shown["ref"] == "adc-dwi@1.0.0" and not shown["enabled"]
+
+
+def test_show_and_disable_register_the_shipped_models_first(data_dir: Path, tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped"
+    write_package(shipped / "tiny-seg", manifest_dict())
+    env = {"GATEWAY_MODELS__SHIPPED_DIR": str(shipped)}
+    assert json.loads(models(data_dir, "show", "tiny-seg", env=env)[1])["enabled"] is False
+    assert models(tmp_path / "other", "disable", "tiny-seg", env=env)[:2] == (0, "tiny-seg: disabled\n")
+    assert_error(models(tmp_path / "third", "show", "tiny-seg"), 1, "no model 'tiny-seg'")  # register_shipped: false
+
+
+def test_registering_a_version_of_a_disabled_model_says_so(data_dir: Path, tmp_path: Path) -> None:
+    assert models(data_dir, "register", write_package(tmp_path / "v1", manifest_dict()))[0] == 0
+    assert models(data_dir, "disable", "tiny-seg")[0] == 0
+    code, out, _ = models(data_dir, "register", write_package(tmp_path / "v2", manifest_dict(version="2.0.0")))
+    assert code == 0
+    assert out.startswith("tiny-seg@2.0.0: active, disabled (`gateway models enable tiny-seg` to use it), sha256 ")

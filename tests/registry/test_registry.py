@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from gateway.config import ModelsSettings, StoreSettings
+from gateway.config import ModelsSettings, Settings, StoreSettings
 from gateway.errors import ManifestError, ModelConflict, ModelError, NotFound
 from gateway.registry.manifest import Manifest
 from gateway.registry.registry import Registry, RegistryIndex, parse_ref, shipped_models_dir, weights_sha256
 from gateway.runtime import Gateway
-from gateway.store.index import ModelVersion
+from gateway.store.index import ModelVersion, RemovedModel
 from gateway.store.store import InstanceStore
 
 from conftest import make_settings
@@ -314,16 +314,123 @@ def test_shipped_packages_are_registered_once_and_broken_ones_skipped(
     (shipped / "README.txt").write_text("not a package")
     settings = make_settings(tmp_path / "data", models=ModelsSettings(shipped_dir=shipped))
     assert shipped_models_dir(settings.models) == shipped
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     for _ in range(2):
         gateway = Gateway(settings, dimse=False)
         gateway.start()
         try:
             assert [m.ref for m in gateway.registry.list()] == ["tiny-seg@1.0.0", "zipped@1.0.0"]
+            assert not any(m.enabled for m in gateway.registry.list()) and gateway.registry.active() == []
         finally:
             gateway.stop()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("broken not registered" in w and "needs 6" in w for w in warnings)
+    notice = (
+        "shipped demonstration models registered but disabled: tiny-seg, zipped; "
+        "enable one with `gateway models enable NAME`"
+    )
+    notices = [r.getMessage() for r in caplog.records if "registered but" in r.getMessage()]
+    assert notices == [notice, notice], "one line at each start"
+
+
+def shipped_start(settings: Settings) -> list[tuple[str, bool, bool]]:
+    """Start and stop a gateway (registering the shipped packages); every version as (ref, enabled, active)."""
+    gateway = Gateway(settings, dimse=False)
+    gateway.start()
+    try:
+        return [(m.ref, m.enabled, m.active) for m in gateway.registry.list()]
+    finally:
+        gateway.stop()
+
+
+def test_an_operator_enable_survives_restarts_and_a_new_shipped_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shipped = tmp_path / "shipped"
+    write_package(shipped / "tiny-seg-1", manifest_dict())
+    settings = make_settings(tmp_path / "data", models=ModelsSettings(shipped_dir=shipped))
+    assert shipped_start(settings) == [("tiny-seg@1.0.0", False, True)]
+    index = RegistryIndex(settings.store)  # the operator, with `gateway models enable tiny-seg`
+    try:
+        assert Registry(index).enable("tiny-seg").enabled
+    finally:
+        index.close()
+    caplog.set_level(logging.INFO)
+    assert shipped_start(settings) == [("tiny-seg@1.0.0", True, True)]
+    enabled = [r for r in caplog.records if "demonstration models enabled: tiny-seg;" in r.getMessage()]
+    assert len(enabled) == 1 and enabled[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if "registered but disabled" in r.getMessage()]
+
+    write_package(shipped / "tiny-seg-2", manifest_dict(version="2.0.0"))  # a new release ships a new version
+    assert shipped_start(settings) == [("tiny-seg@1.0.0", True, False), ("tiny-seg@2.0.0", True, True)]
+
+
+def test_an_operator_disable_survives_a_new_shipped_version(tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped"
+    write_package(shipped / "tiny-seg-1", manifest_dict())
+    settings = make_settings(tmp_path / "data", models=ModelsSettings(shipped_dir=shipped))
+    index = RegistryIndex(settings.store)
+    try:
+        registry = Registry(index)
+        registry.register_shipped(shipped)
+        registry.enable("tiny-seg")
+        registry.disable("tiny-seg")
+        write_package(shipped / "tiny-seg-2", manifest_dict(version="2.0.0"))
+        (_, new) = registry.register_shipped(shipped)
+        assert new.ref == "tiny-seg@2.0.0" and new.active and not new.enabled
+    finally:
+        index.close()
+
+
+def test_an_explicit_registration_is_enabled_and_a_shipped_one_keeps_it(registry: Registry, tmp_path: Path) -> None:
+    explicit = registry.register(package(tmp_path))
+    assert explicit.enabled, "registering a package on purpose enables it, as before"
+    shipped = tmp_path / "shipped"
+    write_package(shipped / "1-same", manifest_dict())
+    write_package(shipped / "2-newer", manifest_dict(version="2.0.0"))
+    same, newer = registry.register_shipped(shipped)  # in the folder's order
+    assert same == explicit and newer.enabled and newer.active
+
+
+def tombstones(index: RegistryIndex) -> list[tuple[str, str, str]]:
+    with index.sessions() as session:
+        return [(t.name, t.version, t.sha256) for t in session.scalars(select(RemovedModel))]
+
+
+def test_removing_a_shipped_model_survives_restarts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shipped = tmp_path / "shipped"
+    write_package(shipped / "tiny-seg", manifest_dict())
+    write_package(shipped / "other", manifest_dict("other"))
+    settings = make_settings(tmp_path / "data", models=ModelsSettings(shipped_dir=shipped))
+    assert [ref for ref, _, _ in shipped_start(settings)] == ["other@1.0.0", "tiny-seg@1.0.0"]
+    index = RegistryIndex(settings.store)  # `gateway models remove tiny-seg@1.0.0`
+    try:
+        removed = Registry(index).remove("tiny-seg@1.0.0")
+        assert tombstones(index) == [("tiny-seg", "1.0.0", removed.sha256)]
+    finally:
+        index.close()
+    caplog.set_level(logging.INFO)
+    for _ in range(2):
+        assert [ref for ref, _, _ in shipped_start(settings)] == ["other@1.0.0"]
+    skipped = [r.getMessage() for r in caplog.records if "the operator removed it" in r.getMessage()]
+    assert len(skipped) == 2 and all(m.startswith("shipped model tiny-seg@1.0.0 not registered") for m in skipped)
+    assert not (tmp_path / "data" / "models" / "tiny-seg").exists(), "no dry run, no package left behind"
+
+
+def test_an_explicit_registration_clears_the_removal(registry: Registry, index: RegistryIndex, tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    zip_folder(write_package(tmp_path / "zipped", manifest_dict()), shipped / "tiny-seg.zip")
+    (model,) = registry.register_shipped(shipped)
+    registry.remove(model.ref)
+    assert registry.register_shipped(shipped) == [] and registry.list() == []
+    again = registry.register(shipped / "tiny-seg.zip")
+    assert again.ref == "tiny-seg@1.0.0" and again.enabled and tombstones(index) == []
+    assert registry.register_shipped(shipped) == [again]
+    registry.remove(again.ref)
+    registry.remove(registry.register(shipped / "tiny-seg.zip").ref)  # removed twice: one tombstone
+    assert [t[:2] for t in tombstones(index)] == [("tiny-seg", "1.0.0")]
+    assert registry.register_shipped(shipped) == []
 
 
 def test_shipped_packages_can_be_turned_off(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Routing: each rule passing and failing, with the reasons recorded; planes, resampling, diffusion; a real series."""
+"""Routing: each rule passing and failing, with the reasons recorded; planes, resampling, diffusion; a real series;
+the shipped nodule model on chest CT only."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from pydantic import ValidationError
 from pydicom import Dataset
 
 from gateway.assemble.assemble import assemble_series
 from gateway.assemble.model import QCFlag, SliceRef, Volume
-from gateway.registry.manifest import Manifest
+from gateway.registry.manifest import Manifest, load_manifest
 from gateway.route.route import Decision, SeriesFacts, diffusion_b_values, plane_of, route, series_facts
 from gateway.synth.ct import write_synthetic_ct
 
 from model_packages import manifest_dict
 
 CHEST_CT = SeriesFacts("CT", "CHEST", ("ORIGINAL", "PRIMARY", "AXIAL"), "Thorax 1.0 B31f")
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 AXIAL = ((1, 0, 0), (0, 1, 0))
 SAGITTAL = ((0, 1, 0), (0, 0, -1))
@@ -137,6 +140,61 @@ def test_series_rules_passing(select: dict[str, Any]) -> None:
 def test_the_description_is_not_repeated_in_the_reason() -> None:
     decision = decide(CHEST_CT, [volume()], series_description="^abdomen")
     assert "Thorax" not in json.dumps(decision.as_dict())
+
+
+# --- body part, with the series description as its fallback -----------------------------------------------------
+
+CHEST = {"body_part_examined": ["CHEST", "LUNG"], "body_part_from_description": "chest|thorax|lung"}
+MISSING = "BodyPartExamined is missing; SeriesDescription"
+
+
+@pytest.mark.parametrize(
+    ("facts", "rule", "passed", "detail"),
+    [
+        (CHEST_CT, "body_part_examined", True, "BodyPartExamined CHEST is one of CHEST, LUNG"),
+        (SeriesFacts("CT", "lung"), "body_part_examined", True, "BodyPartExamined lung is one of CHEST, LUNG"),
+        (
+            SeriesFacts("CT", "HEAD", (), "Thorax 1.0 B31f"),  # the description is not read: the header says HEAD
+            "body_part_examined",
+            False,
+            "BodyPartExamined HEAD is not one of CHEST, LUNG",
+        ),
+        (
+            SeriesFacts("CT", None, (), "LUNG 1.25mm"),
+            "body_part_from_description",
+            True,
+            f"{MISSING} matches /chest|thorax|lung/",
+        ),
+        (
+            SeriesFacts("CT", None, (), "CT HEAD WO CONTRAST"),
+            "body_part_from_description",
+            False,
+            f"{MISSING} does not match /chest|thorax|lung/",
+        ),
+        (SeriesFacts("CT"), "body_part_from_description", False, f"{MISSING} does not match /chest|thorax|lung/"),
+    ],
+)
+def test_body_part_with_the_description_as_its_fallback(
+    facts: SeriesFacts, rule: str, passed: bool, detail: str
+) -> None:
+    decision = decide(facts, [volume()], **CHEST)
+    (check,) = [c for c in decision.checks if c.volume is None]
+    assert (check.rule, check.passed, check.detail) == (rule, passed, detail)
+    assert decision.run == passed
+    if not passed:
+        assert decision.reason == f"{rule}: {detail}"
+
+
+def test_without_the_fallback_a_missing_body_part_fails() -> None:
+    decision = decide(SeriesFacts("CT", None, (), "Thorax"), [volume()], body_part_examined=["CHEST"])
+    assert failed(decision) == {("body_part_examined", None): "BodyPartExamined is missing; the model takes CHEST"}
+
+
+def test_the_fallback_is_a_checked_regular_expression_beside_body_part_examined() -> None:
+    with pytest.raises(ValidationError, match="body_part_from_description is not a regular expression"):
+        model(body_part_examined=["CHEST"], body_part_from_description="chest(")
+    with pytest.raises(ValidationError, match="set body_part_examined too"):
+        model(body_part_from_description="chest")
 
 
 # --- volume-level rules -----------------------------------------------------------------------------------------
@@ -260,3 +318,52 @@ def test_a_real_synthetic_series(tmp_path: Path) -> None:
     assert not thin.run and f"slice spacing {ct.slice_spacing:g} mm outside [0, 1.25] mm" in thin.reason
     assert not brain.run and "Modality CT is not one of MR" in brain.reason
     assert "not a 4D diffusion volume" in brain.reason
+
+
+def synthetic_ct(folder: Path, body_part: str | None, description: str | None) -> list[Path]:
+    """The synthetic (thorax) phantom with its BodyPartExamined and SeriesDescription replaced (``None``: removed)."""
+    write_synthetic_ct(folder, 24, rows=32, columns=32, n_nodules=0)
+    paths = sorted(folder.glob("*.dcm"))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in (("BodyPartExamined", body_part), ("SeriesDescription", description)):
+            if value is None:
+                del ds[keyword]
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("body_part", "description", "reason"),
+    [
+        ("HEAD", "CT HEAD WO CONTRAST 5mm", "body_part_examined: BodyPartExamined HEAD is not one of CHEST, THORAX"),
+        (None, "Routine Brain 5.0 H31s", f"body_part_from_description: {MISSING} does not match /chest|thorax|lung/"),
+    ],
+)
+def test_the_shipped_nodule_model_does_not_run_on_a_head_ct(
+    tmp_path: Path, body_part: str | None, description: str, reason: str
+) -> None:
+    paths = synthetic_ct(tmp_path / "ct", body_part, description)
+    nodules = load_manifest(MODELS / "ct-nodule-unet")
+    (decision,) = route(series_facts(pydicom.dcmread(paths[0])), assemble_series(paths).volumes, [nodules])
+    assert not decision.run and decision.reason.startswith(reason), decision.reason
+
+
+@pytest.mark.parametrize(
+    ("body_part", "description", "rule"),
+    [
+        ("CHEST", "Synthetic thorax phantom (seed 0)", "body_part_examined"),  # as gateway.synth.ct writes it
+        ("CHESTABDPELVIS", None, "body_part_examined"),
+        (None, "Thorax 1.0 B31f", "body_part_from_description"),
+    ],
+)
+def test_the_shipped_nodule_model_runs_on_the_chest_phantom(
+    tmp_path: Path, body_part: str | None, description: str | None, rule: str
+) -> None:
+    paths = synthetic_ct(tmp_path / "ct", body_part, description)
+    nodules = load_manifest(MODELS / "ct-nodule-unet")
+    (decision,) = route(series_facts(pydicom.dcmread(paths[0])), assemble_series(paths).volumes, [nodules])
+    assert decision.run, decision.reason
+    assert [c.rule for c in decision.checks if c.volume is None] == ["modality", rule]

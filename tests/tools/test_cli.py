@@ -287,9 +287,9 @@ def test_serve_with_flags(served: ServedByFlags, tmp_path: Path) -> None:
     while not (jobs := served.get("/api/jobs").json()):
         assert time.monotonic() < deadline, "no job for the series sent by storescu"
         time.sleep(0.1)
-    assert [(j["series_instance_uid"], j["detail"]) for j in jobs] == [
-        (ct.series_instance_uid, {"revision": 1, "instances": 4})
-    ]
+    (job,) = jobs  # the job may already have moved on (no model is enabled: skipped), so its detail has grown
+    assert job["series_instance_uid"] == ct.series_instance_uid
+    assert (job["detail"]["revision"], job["detail"]["instances"]) == (1, 4)
     wado = served.get(f"/dicomweb/studies/{ct.study_instance_uid}/series/{ct.series_instance_uid}/metadata")
     assert wado.status_code == 200
     assert sorted(item["00080018"]["Value"][0] for item in wado.json()) == sorted(ct.sop_instance_uids)

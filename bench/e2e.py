@@ -306,7 +306,7 @@ class EncodeTiming:
     write_s: float
     sizes: dict[str, int]  # kind -> bytes written
     deflated_bytes: int  # the BINARY SEG in Deflated Explicit VR Little Endian
-    labelmap_bytes: int  # a LABELMAP SEG, RLE Lossless
+    labelmap_bytes: int  # a LABELMAP SEG, RLE Lossless (0: not possible, the segments may overlap)
     labelmap_s: float
 
     @property
@@ -335,7 +335,7 @@ def time_seg_encode(study: Study, data_dir: Path, outdir: Path) -> EncodeTiming:
     from gateway.assemble.assemble import assemble_series
     from gateway.config import StoreSettings
     from gateway.encode import encode_result, write_objects
-    from gateway.encode.seg import encode_segmentation
+    from gateway.encode.seg import encode_segmentation, segmentation_type
     from gateway.infer.runtime import InferenceRuntime
     from gateway.registry.registry import Registry, RegistryIndex
 
@@ -360,10 +360,13 @@ def time_seg_encode(study: Study, data_dir: Path, outdir: Path) -> EncodeTiming:
     sizes: dict[str, int] = {}
     for obj, path in zip(objects, paths, strict=True):
         sizes[obj.kind] = sizes.get(obj.kind, 0) + path.stat().st_size
-    started = time.perf_counter()
-    labelmap = encode_segmentation(result, sources, series_number=9009, gateway_version=version, labelmap=True)
-    labelmap_s = time.perf_counter() - started
-    (labelmap_path,) = write_objects([labelmap], outdir / "labelmap")
+    labelmap_bytes, labelmap_s = 0, 0.0
+    if segmentation_type(result, labelmap=True).value == "LABELMAP":  # not for segments that may overlap
+        started = time.perf_counter()
+        labelmap = encode_segmentation(result, sources, series_number=9009, gateway_version=version, labelmap=True)
+        labelmap_s = time.perf_counter() - started
+        (labelmap_path,) = write_objects([labelmap], outdir / "labelmap")
+        labelmap_bytes = labelmap_path.stat().st_size
     segments = len(result.manifest.outputs.segmentation.labels) if result.manifest.outputs.segmentation else 0
     gsps = next(o.dataset for o in objects if o.kind == "GSPS")
     return EncodeTiming(
@@ -375,7 +378,7 @@ def time_seg_encode(study: Study, data_dir: Path, outdir: Path) -> EncodeTiming:
         write_s=write_s,
         sizes=sizes,
         deflated_bytes=_deflated_size(paths[0], outdir),
-        labelmap_bytes=labelmap_path.stat().st_size,
+        labelmap_bytes=labelmap_bytes,
         labelmap_s=labelmap_s,
     )
 
@@ -433,9 +436,17 @@ def encode_table(enc: EncodeTiming) -> list[str]:
         f"{enc.sizes['SEG'] // images:,} | 1 |",
         f"| BINARY, Deflated Explicit VR Little Endian | {enc.deflated_bytes:,} | {enc.deflated_bytes // images:,} | "
         f"{enc.deflated_bytes / enc.sizes['SEG']:.3f} |",
-        f"| LABELMAP, RLE Lossless ({enc.labelmap_s:.2f} s to encode) | {enc.labelmap_bytes:,} | "
-        f"{enc.labelmap_bytes // images:,} | {enc.labelmap_bytes / enc.sizes['SEG']:.3f} |",
+        _labelmap_row(enc, images),
     ]
+
+
+def _labelmap_row(enc: EncodeTiming, images: int) -> str:
+    if not enc.labelmap_bytes:
+        return "| LABELMAP, RLE Lossless | not possible: the model's segments may overlap (one label per voxel) | | |"
+    return (
+        f"| LABELMAP, RLE Lossless ({enc.labelmap_s:.2f} s to encode) | {enc.labelmap_bytes:,} | "
+        f"{enc.labelmap_bytes // images:,} | {enc.labelmap_bytes / enc.sizes['SEG']:.3f} |"
+    )
 
 
 def verdicts(runs: Sequence[Run], enc: EncodeTiming) -> list[str]:

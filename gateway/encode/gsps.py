@@ -25,20 +25,18 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
-import numpy.typing as npt
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 
 from gateway.assemble.model import Volume
+from gateway.encode.annotations import annotation, annotation_sequence, polylines
 from gateway.encode.common import EncodedObject, Provenance, copying_source_names, series_laterality
-from gateway.encode.findings import ShownFinding, as_points, outlines
+from gateway.encode.findings import ShownFinding, as_points
 from gateway.encode.frames import SourceImage, source_image_of_slice, source_images
 from gateway.errors import EncodeError
 
 __all__ = ["display_window", "encode_presentation_state", "layer_name"]
 
-_GRAPHIC_DATA = Tag(0x0070, 0x0022)
 _WHITE = 0xFFFF  # Graphic Layer Recommended Display Grayscale Value: the brightest P-value
 _TEXT_HEIGHT_PX = 14.0
 _TEXT_WIDTH_PX = 7.0  # per character, for the text box
@@ -71,49 +69,20 @@ def display_window(
     return float(low) + width / 2.0, width
 
 
-def _graphic(points: npt.NDArray[np.float64], finding: ShownFinding) -> Dataset:
-    """A POLYLINE graphic object (PS3.3 C.10.5.1.2) in PIXEL units.
-
-    Built directly rather than with :class:`highdicom.pr.GraphicObject`: a presentation state holds thousands of
-    them, and Graphic Data goes in as its little-endian float32 bytes instead of one Python float at a time.
-    """
-    data = np.ascontiguousarray(points, dtype="<f4").tobytes()
-    item = Dataset()
-    item.GraphicAnnotationUnits = "PIXEL"
-    item.GraphicDimensions = 2
-    item.NumberOfGraphicPoints = len(points)
-    item[_GRAPHIC_DATA] = RawDataElement(_GRAPHIC_DATA, "FL", len(data), data, 0, False, True)
-    item.GraphicType = "POLYLINE"
-    item.GraphicFilled = "N"
-    item.TrackingID = finding.name[:64]
-    item.TrackingUID = finding.tracking_uid
-    return item
-
-
 @dataclass
 class _Drawing:
     """The graphic and text objects of one layer on one source image."""
 
     image: SourceImage
     layer: str
-    graphics: list[Dataset]
+    graphics: list[bytes]
     texts: list[hd.pr.TextObject]
 
-    def annotation(self) -> Dataset:
-        """A Graphic Annotation Sequence item (PS3.3 C.10.5) for the image (and frame) and layer."""
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = self.image.sop_class_uid
-        reference.ReferencedSOPInstanceUID = self.image.sop_instance_uid
-        if self.image.multiframe:
-            reference.ReferencedFrameNumber = self.image.frame
-        item = Dataset()
-        item.ReferencedImageSequence = [reference]
-        item.GraphicLayer = self.layer
-        if self.texts:
-            item.TextObjectSequence = self.texts
-        if self.graphics:
-            item.GraphicObjectSequence = self.graphics
-        return item
+    def annotation(self) -> bytes:
+        """Its Graphic Annotation Sequence item (PS3.3 C.10.5), for the image (and frame) and layer."""
+        frame = self.image.frame if self.image.multiframe else None
+        image = self.image
+        return annotation(image.sop_class_uid, image.sop_instance_uid, frame, self.layer, self.graphics, self.texts)
 
 
 def _layers(findings: Sequence[ShownFinding]) -> dict[int, hd.pr.GraphicLayer]:
@@ -137,14 +106,22 @@ def _layers(findings: Sequence[ShownFinding]) -> dict[int, hd.pr.GraphicLayer]:
     return layers
 
 
-def _outline_objects(finding: ShownFinding, image: SourceImage) -> list[Dataset]:
+def _outline_objects(finding: ShownFinding, image: SourceImage) -> list[bytes]:
     mask = image.mask(finding.mask_on(image.plane.slice))
-    return [_graphic(points, finding) for points in outlines(mask)]
+    return [
+        graphic
+        for points in finding.outlines_on(mask)
+        for graphic in polylines(points, finding.name, finding.tracking_uid)
+    ]
 
 
-def _key_objects(finding: ShownFinding, image: SourceImage) -> tuple[list[Dataset], list[hd.pr.TextObject]]:
+def _key_objects(finding: ShownFinding, image: SourceImage) -> tuple[list[bytes], list[hd.pr.TextObject]]:
     """Long and short axis (a lesion) and the caption, on the finding's key image."""
-    graphics = [_graphic(as_points(image.points(axis)), finding) for axis in finding.axes or ()]
+    graphics = [
+        graphic
+        for axis in finding.axes or ()
+        for graphic in polylines(as_points(image.points(axis)), finding.name, finding.tracking_uid)
+    ]
     mask = image.mask(finding.mask_on(image.plane.slice))
     rows, columns = np.nonzero(mask)
     if rows.size == 0:
@@ -207,6 +184,23 @@ def _drawings(
     return drawings
 
 
+def _shared_rescale(images: Sequence[Dataset]) -> hd.ModalityLUTTransformation | None:
+    """The Modality LUT of the images when they all rescale alike (the common case, checked here in one pass);
+    ``None`` lets highdicom work it out (and refuse images that differ)."""
+    keys = {
+        (str(ds.get("RescaleSlope", "")), str(ds.get("RescaleIntercept", "")), str(ds.get("RescaleType", "")))
+        for ds in images
+    }
+    if len(keys) != 1 or any("ModalityLUTSequence" in ds or "NumberOfFrames" in ds for ds in images):
+        return None
+    slope, intercept, kind = keys.pop()
+    if not slope or not intercept:
+        return None
+    return hd.ModalityLUTTransformation(
+        rescale_intercept=float(intercept), rescale_slope=float(slope), rescale_type=kind or "HU"
+    )
+
+
 def encode_presentation_state(
     volume: Volume,
     sources: Mapping[str, Dataset],
@@ -249,6 +243,7 @@ def encode_presentation_state(
     drawings = _drawings(volume, images, sources, findings, names)
     referenced = list({image.sop_instance_uid: image.dataset for image in images}.values())
     centre, width = display_window(volume, referenced, window)
+    rescale = _shared_rescale(referenced)
     try:
         with copying_source_names():
             gsps = hd.pr.GrayscaleSoftcopyPresentationState(
@@ -261,11 +256,16 @@ def encode_presentation_state(
                 content_description=f"AI outlines: {provenance.model_name} {provenance.model_version}"[:64],
                 graphic_layers=list(layers.values()),
                 voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(window_center=centre, window_width=width)],
+                modality_lut_transformation=rescale,
                 **provenance.equipment("outlines"),
             )
     except (ValueError, TypeError) as exc:
         raise EncodeError(f"highdicom cannot build the presentation state: {exc}") from exc
-    gsps.GraphicAnnotationSequence = [d.annotation() for d in drawings]
+    sequence = annotation_sequence([d.annotation() for d in drawings])
+    gsps[sequence.tag] = sequence
+    # Written as it is: otherwise pydicom, taking a new dataset for one of another encoding, parses every raw
+    # element again to look for ambiguous VRs (there are none: highdicom and annotations.py set every VR).
+    gsps.set_original_encoding(False, True, convert_encodings(gsps.get("SpecificCharacterSet") or "ISO_IR 6"))
     provenance.stamp(gsps)
     gsps.Laterality = series_laterality(referenced[0])
     return EncodedObject.of("GSPS", gsps)

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 
 from gateway.assemble.model import Volume
 from gateway.encode.common import EncodedObject, Provenance, copying_source_names, series_laterality
-from gateway.encode.findings import ShownFinding, as_points, outlines
+from gateway.encode.findings import ShownFinding, as_points
 from gateway.encode.frames import SourceImage, source_image_of_slice
 from gateway.encode.gsps import display_window
 from gateway.errors import EncodeError
@@ -48,7 +48,7 @@ def _grey(values: npt.NDArray[np.float32], window: tuple[float, float]) -> npt.N
 
 
 def _draw_finding(draw: ImageDraw.ImageDraw, finding: ShownFinding, image: SourceImage, key: bool, scale: int) -> None:
-    lines = list(outlines(image.mask(finding.mask_on(image.plane.slice))))
+    lines = list(finding.outlines_on(image.mask(finding.mask_on(image.plane.slice))))
     if key and finding.axes is not None:
         lines.extend(as_points(image.points(axis)) for axis in finding.axes)
     width = max(1, scale // 2)

@@ -140,3 +140,29 @@ def test_re_encoding_the_same_result_repeats_every_uid(labels: ModelResult, ct: 
 )
 def test_layer_names_are_code_strings(name: str, expected: str) -> None:
     assert layer_name(name) == expected
+
+
+def test_outlines_on_the_frames_of_a_multiframe_source(ct: Case, tmp_path: Path) -> None:
+    from encode_cases import multiframe_ct
+
+    case = multiframe_ct(ct, tmp_path / "mf")
+    result = labelmap_result(case.volume)
+    objects = encode_result(result, case.sources, series_number=40, gateway_version=GATEWAY_VERSION)
+    gsps = next(o for o in objects if o.kind == "GSPS").dataset
+    (instance,) = case.sources
+    assert result.labelmap is not None
+    for annotation in gsps.GraphicAnnotationSequence:
+        reference = annotation.ReferencedImageSequence[0]
+        assert reference.ReferencedSOPInstanceUID == instance
+        k = [ref.frame for ref in case.volume.slices].index(int(reference.ReferencedFrameNumber))
+        value = {"LUNG": 1, "BONE": 3}[annotation.GraphicLayer]
+        mask = result.labelmap[k] == value
+        for item in annotation.GraphicObjectSequence:
+            points = np.asarray(item.GraphicData, dtype=float).reshape(-1, 2)
+            assert off_boundary(points, mask) <= 1.0
+    ko = next(o for o in objects if o.kind == "KO").dataset
+    frames = [i.ReferencedSOPSequence[0].ReferencedFrameNumber for i in ko.ContentSequence if i.ValueType == "IMAGE"]
+    assert frames and all(frames)
+    for obj in objects[2:]:
+        path = write_objects([obj], tmp_path / "out")[0]
+        assert dciodvfy(path).errors == [], obj.kind

@@ -396,6 +396,7 @@ def run(
 ) -> None:
     """Assemble, route, infer and encode on files, no network: NIfTI label maps / maps, JSON measurements, and the
     DICOM outputs (SEG + TID 1500 SR, Parametric Maps) the gateway would send."""
+    from gateway.infer.lesions import lesion_name
     from gateway.infer.runtime import InferenceRuntime
     from gateway.offline import run_files
 
@@ -426,7 +427,7 @@ def run(
                 typer.echo(f"{'':<32} {m.name:<28} {_readings(m.values, m.units)}")
             for found in result.lesions.values():
                 for lesion in found.lesions:
-                    name = f"{found.name} {lesion.number}"
+                    name = lesion_name(found.name, lesion.number)
                     typer.echo(f"{'':<32} {name:<28} {_readings(lesion.values, lesion.units)}")
     typer.echo(
         f"{len(report.series)} series, {report.results} model result(s) written to {outdir}, "

@@ -31,7 +31,7 @@ import numpy.typing as npt
 from gateway.assemble.model import QCFlag
 from gateway.errors import AssemblyError
 
-__all__ = ["StackGeometry", "resample_stack", "stack_geometry"]
+__all__ = ["StackGeometry", "resample_stack", "shift_axis", "stack_geometry"]
 
 _GAP_FACTOR: Final = 1.5
 _UNEVEN_RELATIVE: Final = 0.01
@@ -245,15 +245,15 @@ def stack_geometry(
     return StackGeometry(affine, tuple(flags), sources, shifts, planes)
 
 
-def _shift_axis(image: Float32Array, shift: float, axis: int, fill: float) -> Float32Array:
-    """``out[i] = image[i - shift]`` along ``axis``, linear, ``fill`` outside."""
+def shift_axis(image: Float32Array, shift: float, axis: int, fill: float) -> Float32Array:
+    """``out[i] = image[i - shift]`` along ``axis``, linear, ``fill`` outside (any further axes move alike)."""
     size = image.shape[axis]
     source = np.arange(size, dtype=np.float64) - shift
     low = np.floor(source).astype(np.int64)
     weight = (source - low).astype(np.float32)
     a = np.take(image, np.clip(low, 0, size - 1), axis=axis)
     b = np.take(image, np.clip(low + 1, 0, size - 1), axis=axis)
-    shape = [1, 1]
+    shape = [1] * image.ndim
     shape[axis] = size
     weight = weight.reshape(shape)
     out: Float32Array = (a * (1 - weight) + b * weight).astype(np.float32)
@@ -263,9 +263,9 @@ def _shift_axis(image: Float32Array, shift: float, axis: int, fill: float) -> Fl
 
 def _shift(image: Float32Array, shift: Float64Array, fill: float) -> Float32Array:
     if abs(float(shift[0])) > 1e-6:
-        image = _shift_axis(image, float(shift[0]), 0, fill)
+        image = shift_axis(image, float(shift[0]), 0, fill)
     if abs(float(shift[1])) > 1e-6:
-        image = _shift_axis(image, float(shift[1]), 1, fill)
+        image = shift_axis(image, float(shift[1]), 1, fill)
     return image
 
 

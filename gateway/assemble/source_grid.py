@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.assemble.model import SliceRef, SourcePlane, Volume
+from gateway.assemble.geometry import shift_axis
+from gateway.assemble.model import SourcePlane, Volume
 
 __all__ = ["on_planes", "plane_of_slice", "source_planes", "source_stack", "to_source_plane"]
 
@@ -50,27 +51,8 @@ def _shifted(image: npt.NDArray[Any], shift: tuple[float, float], linear: bool, 
         if r0 < r1 and c0 < c1:
             out[r0:r1, c0:c1] = image[r0 + dr : r1 + dr, c0 + dc : c1 + dc]
         return out
-    r = np.arange(rows, dtype=np.float64) + shift[0]
-    c = np.arange(columns, dtype=np.float64) + shift[1]
     values = image.astype(np.float32, copy=False)
-    along_rows = _interpolate(values, r, axis=0, fill=fill)
-    return _interpolate(along_rows, c, axis=1, fill=fill)
-
-
-def _interpolate(
-    image: npt.NDArray[np.float32], at: npt.NDArray[np.float64], axis: int, fill: float
-) -> npt.NDArray[np.float32]:
-    size = image.shape[axis]
-    low = np.floor(at).astype(np.int64)
-    weight = (at - low).astype(np.float32)
-    a = np.take(image, np.clip(low, 0, size - 1), axis=axis)
-    b = np.take(image, np.clip(low + 1, 0, size - 1), axis=axis)
-    shape = [1] * image.ndim
-    shape[axis] = size
-    out = a * (1 - weight.reshape(shape)) + b * weight.reshape(shape)
-    outside = ((at < 0) | (at > size - 1)).reshape(shape)
-    result: npt.NDArray[np.float32] = np.where(np.broadcast_to(outside, out.shape), np.float32(fill), out)
-    return result.astype(np.float32, copy=False)
+    return shift_axis(shift_axis(values, -shift[0], 0, fill), -shift[1], 1, fill)
 
 
 def to_source_plane(
@@ -129,8 +111,3 @@ def source_stack(array: npt.NDArray[Any], volume: Volume, *, linear: bool = Fals
     if not volume.source_planes:
         return array
     return on_planes(array, volume.source_planes, linear=linear, fill=fill)
-
-
-def refs_of(planes: tuple[SourcePlane, ...]) -> tuple[SliceRef, ...]:
-    """The source images of ``planes``, in order."""
-    return tuple(p.ref for p in planes)

@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.encode.uids import OutputUIDs
-from gateway.infer.lesions import Lesion
-from gateway.infer.measure import for_reading
+from gateway.infer.lesions import Lesion, lesion_name
+from gateway.infer.measure import for_reading, voxel_volume_ml
 from gateway.infer.results import ModelResult
 from gateway.registry.manifest import SegmentLabel
 
@@ -84,7 +84,7 @@ class ShownFinding:
     @property
     def name(self) -> str:
         """``nodule 2`` for a lesion, the segment's name otherwise."""
-        return f"{self.label.name} {self.number}" if self.number else self.label.name
+        return lesion_name(self.label.name, self.number) if self.number else self.label.name
 
     @property
     def min_outline_px(self) -> float:
@@ -150,18 +150,8 @@ def _segment_finding(
     )
 
 
-def _mask(result: ModelResult, label: SegmentLabel) -> npt.NDArray[np.bool_] | None:
-    if label.value in result.masks:
-        return np.asarray(result.masks[label.value], dtype=np.bool_)
-    if result.labelmap is not None:
-        return np.asarray(result.labelmap == label.value)
-    return None
-
-
 def shown_findings(result: ModelResult, uids: OutputUIDs) -> list[ShownFinding]:
     """Every finding of ``result``'s segmentation, in segment order, lesions by number (empty without one)."""
-    from gateway.infer.measure import voxel_volume_ml
-
     segmentation = result.manifest.outputs.segmentation
     if segmentation is None:
         return []
@@ -173,7 +163,7 @@ def shown_findings(result: ModelResult, uids: OutputUIDs) -> list[ShownFinding]:
             lesions = result.lesions.get(label.value)
             found.extend(_lesion_finding(label, segment, x, uids, shape) for x in (lesions.lesions if lesions else ()))
             continue
-        mask = _mask(result, label)
+        mask = result.segment_mask(label.value)
         whole = None if mask is None else _segment_finding(label, segment, mask, uids, voxel_ml)
         if whole is not None:
             found.append(whole)

@@ -47,7 +47,7 @@ from gateway.assemble.model import SliceRef, SourcePlane, Volume
 from gateway.assemble.source_grid import on_planes, plane_of_slice, source_planes, to_source_plane
 from gateway.errors import EncodeError
 
-__all__ = ["FramePlan", "SourceImage", "plan_frames", "source_image_of_slice", "source_images"]
+__all__ = ["FramePlan", "SourceImage", "plan_frames", "source_datasets", "source_image_of_slice", "source_images"]
 
 
 @dataclass(frozen=True)
@@ -397,6 +397,18 @@ def _source_image(volume: Volume, plane: SourcePlane, sources: Mapping[str, Data
     ds = _dataset(plane.ref, sources, f"source plane of slice {plane.slice}")
     origin = _tile_origin(plane.ref, ds, volume)
     return SourceImage(ds, plane.ref.frame, plane, _offset_mm(volume, plane, ds, index), origin)
+
+
+def source_datasets(volume: Volume, sources: Mapping[str, Dataset]) -> list[Dataset]:
+    """The distinct source instances of the (first 3D) volume's images, in stack order: what an object derived from
+    the whole volume cites as its evidence.
+
+    Raises
+    ------
+    EncodeError
+        If a source instance is not in ``sources``.
+    """
+    return _instances([plane.ref for plane in source_planes(volume)], sources, "source image")
 
 
 def source_images(volume: Volume, sources: Mapping[str, Dataset]) -> tuple[SourceImage, ...]:

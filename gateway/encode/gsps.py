@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 
@@ -106,8 +107,7 @@ def _layers(findings: Sequence[ShownFinding]) -> dict[int, hd.pr.GraphicLayer]:
     return layers
 
 
-def _outline_objects(finding: ShownFinding, image: SourceImage) -> list[bytes]:
-    mask = image.mask(finding.mask_on(image.plane.slice))
+def _outline_objects(finding: ShownFinding, mask: npt.NDArray[np.bool_]) -> list[bytes]:
     return [
         graphic
         for points in finding.outlines_on(mask)
@@ -115,14 +115,15 @@ def _outline_objects(finding: ShownFinding, image: SourceImage) -> list[bytes]:
     ]
 
 
-def _key_objects(finding: ShownFinding, image: SourceImage) -> tuple[list[bytes], list[hd.pr.TextObject]]:
-    """Long and short axis (a lesion) and the caption, on the finding's key image."""
+def _key_objects(
+    finding: ShownFinding, image: SourceImage, mask: npt.NDArray[np.bool_]
+) -> tuple[list[bytes], list[hd.pr.TextObject]]:
+    """Long and short axis (a lesion) and the caption, on the finding's key image (``mask``: its cross-section)."""
     graphics = [
         graphic
         for axis in finding.axes or ()
         for graphic in polylines(as_points(image.points(axis)), finding.name, finding.tracking_uid)
     ]
-    mask = image.mask(finding.mask_on(image.plane.slice))
     rows, columns = np.nonzero(mask)
     if rows.size == 0:
         return graphics, []
@@ -175,9 +176,10 @@ def _drawings(
                 continue
             layer = layers[finding.segment_number]
             drawing = by_layer.setdefault(finding.segment_number, _Drawing(image, layer, [], []))
-            drawing.graphics.extend(_outline_objects(finding, image))
+            mask = image.mask(finding.mask_on(image.plane.slice))
+            drawing.graphics.extend(_outline_objects(finding, mask))
             if _same(keys[id(finding)], image):
-                graphics, texts = _key_objects(finding, image)
+                graphics, texts = _key_objects(finding, image, mask)
                 drawing.graphics.extend(graphics)
                 drawing.texts.extend(texts)
         drawings.extend(d for d in by_layer.values() if d.graphics or d.texts)

@@ -121,10 +121,7 @@ def encode_key_objects(
                 series_number=series_number,
                 sop_instance_uid=provenance.uids.instance("KO"),
                 instance_number=1,
-                manufacturer=provenance.equipment("KO")["manufacturer"],
-                manufacturer_model_name=provenance.equipment("KO")["manufacturer_model_name"],
-                device_serial_number=provenance.serial_number,
-                series_description=provenance.series_description("key images"),
+                **provenance.equipment("key images"),
             )
     except (ValueError, TypeError) as exc:
         raise EncodeError(f"highdicom cannot build the key object selection: {exc}") from exc

@@ -77,11 +77,10 @@ def segmentation_type(result: ModelResult, labelmap: bool = False) -> hd.seg.Seg
 
 
 def _mask(result: ModelResult, label: SegmentLabel) -> npt.NDArray[np.bool_]:
-    if label.value in result.masks:
-        return np.asarray(result.masks[label.value], dtype=np.bool_)
-    if result.labelmap is not None:
-        return np.asarray(result.labelmap == label.value)
-    raise EncodeError(f"{result.ref} gave no mask for segment {label.name!r}")
+    mask = result.segment_mask(label.value)
+    if mask is None:
+        raise EncodeError(f"{result.ref} gave no mask for segment {label.name!r}")
+    return mask
 
 
 def _numbered_labelmap(result: ModelResult, numbers: Mapping[int, int]) -> npt.NDArray[np.unsignedinteger[Any]]:

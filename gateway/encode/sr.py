@@ -46,10 +46,10 @@ from pydicom.sr.coding import Code
 
 from gateway.assemble.model import Volume
 from gateway.encode.common import MANUFACTURER, EncodedObject, Provenance, coded, copying_source_names, ucum
-from gateway.encode.frames import source_image_of_slice
+from gateway.encode.frames import source_datasets, source_image_of_slice
 from gateway.encode.seg import segment_numbers
 from gateway.errors import EncodeError
-from gateway.infer.lesions import Lesion, LesionSet
+from gateway.infer.lesions import Lesion, LesionSet, lesion_name
 from gateway.infer.measure import for_reading
 from gateway.infer.results import ModelResult
 from gateway.registry.manifest import SegmentLabel
@@ -221,7 +221,7 @@ def _lesion_group(
     probability = lesion.probability if evaluations else None
     group = Group(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=provenance.uids.tracking(label.value, lesion.number), identifier=f"{label.name} {lesion.number}"
+            uid=provenance.uids.tracking(label.value, lesion.number), identifier=lesion_name(label.name, lesion.number)
         ),
         measurements=_measurements(lesion.values, lesion.units, probability, result.volume.modality),
         qualitative_evaluations=evaluations or None,
@@ -314,15 +314,6 @@ def _placeholder(result: ModelResult, provenance: Provenance) -> hd.sr.Measureme
     )
 
 
-def _evidence(seg: EncodedObject, volume: Volume, sources: Mapping[str, Dataset]) -> list[Dataset]:
-    uids = dict.fromkeys(ref.sop_instance_uid for ref in volume.slices)
-    uids.update(dict.fromkeys(plane.ref.sop_instance_uid for plane in volume.source_planes))
-    missing = [uid for uid in uids if uid not in sources]
-    if missing:
-        raise EncodeError(f"the source instance {missing[0]} was not given")
-    return [seg.dataset, *(sources[uid] for uid in uids)]
-
-
 def encode_measurement_report(
     result: ModelResult,
     seg: EncodedObject,
@@ -355,7 +346,7 @@ def encode_measurement_report(
     try:
         with copying_source_names():
             sr = hd.sr.Comprehensive3DSR(
-                evidence=_evidence(seg, result.volume, sources),
+                evidence=[seg.dataset, *source_datasets(result.volume, sources)],
                 content=_content(result, seg, sources, provenance),
                 series_instance_uid=provenance.uids.series("SR"),
                 series_number=series_number,

@@ -34,7 +34,7 @@ from gateway.assemble.model import Volume
 from gateway.infer.measure import measure_mask, measurement_units, voxel_volume_ml
 from gateway.registry.manifest import SegmentLabel
 
-__all__ = ["Lesion", "LesionSet", "find_lesions"]
+__all__ = ["Lesion", "LesionSet", "find_lesions", "lesion_name"]
 
 Point2 = tuple[float, float]
 Box = tuple[slice, slice, slice]
@@ -44,6 +44,11 @@ Points = npt.NDArray[np.float64]
 _26 = ndimage.generate_binary_structure(3, 3)
 _STATISTICS = ("mean", "stddev", "min", "max")
 _CELLS = 1_000_000  # (position, edge) pairs evaluated at once when looking for the short axis
+
+
+def lesion_name(segment: str, number: int) -> str:
+    """How a lesion is named wherever it is shown (report, outlines, key images, ``gateway run``): ``nodule 2``."""
+    return f"{segment} {number}"
 
 
 @dataclass(frozen=True, eq=False)

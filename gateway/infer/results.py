@@ -105,3 +105,12 @@ class ModelResult:
     def ref(self) -> str:
         """``name@version``."""
         return f"{self.name}@{self.version}"
+
+    def segment_mask(self, value: int) -> npt.NDArray[np.bool_] | None:
+        """The voxels of the segment with label value (or channel) ``value``: its mask, else where the label map
+        holds it; ``None`` when the result has neither."""
+        if value in self.masks:
+            return np.asarray(self.masks[value], dtype=np.bool_)
+        if self.labelmap is not None:
+            return np.asarray(self.labelmap == value)
+        return None

@@ -80,6 +80,15 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     tokens: list[TokenSettings] = Field(default_factory=list)
+    # Host header names accepted besides localhost, 127.0.0.1 and [::1] (the names the PACS and users reach us by);
+    # any other Host is refused, which stops DNS rebinding.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Reading (QIDO/WADO, GET /api) without a token from loopback: None = open while http.tokens is empty.
+    anonymous_read: bool | None = None
+    header_timeout_s: float = Field(default=30.0, gt=0)  # a request's headers must arrive within this
+    body_timeout_s: float = Field(default=60.0, gt=0)  # longest wait for the next chunk of a request body
+    keep_alive_s: float = Field(default=5.0, gt=0)  # an idle keep-alive connection is closed after this
+    max_connections: int = Field(default=256, ge=1)  # open HTTP connections; beyond it new ones get 503
 
     @property
     def is_loopback(self) -> bool:
@@ -120,6 +129,11 @@ class IngestSettings(_Section):
     quiet_period_s: float = Field(default=10.0, ge=0)
     completion_poll_s: float = Field(default=1.0, gt=0)
     stow_max_bytes: int = Field(default=8 << 30, gt=0)
+    # A Deflated data set is inflated up to max(inflate_floor_bytes, inflate_max_ratio x its wire size), and never
+    # beyond inflate_max_bytes; a larger one is refused (0xA700 / STOW failure) before it costs the memory.
+    inflate_max_ratio: float = Field(default=100.0, ge=1)
+    inflate_floor_bytes: int = Field(default=16 << 20, gt=0)
+    inflate_max_bytes: int = Field(default=512 << 20, gt=0)
 
 
 class JobsSettings(_Section):
@@ -127,6 +141,12 @@ class JobsSettings(_Section):
 
     workers: int = Field(default=4, ge=0)  # each takes a job through assembly, routing and inference
     poll_s: float = Field(default=1.0, gt=0)
+    lease_s: float = Field(default=60.0, gt=0)  # a claimed job's lease; renewed while its worker lives
+    shutdown_grace_s: float = Field(default=30.0, ge=0)  # SIGTERM: running stages may finish within this
+    max_attempts: int = Field(default=3, ge=1)  # claims of one job (crashes, restarts) before it fails for good
+    # Memory that jobs being assembled and inferred may take together (None: half of the machine's memory); a job
+    # waits for its share (estimated from its series) before it is claimed, so concurrent arrivals cannot exhaust it.
+    memory_budget_bytes: int | None = Field(default=None, gt=0)
 
 
 class ModelsSettings(_Section):
@@ -138,6 +158,12 @@ class ModelsSettings(_Section):
     batching: bool = True  # forward passes of up to batch_size inputs, across jobs; off: one at a time
     max_upload_bytes: int = Field(default=1 << 30, gt=0)  # largest model archive accepted (upload or register)
     keep_nifti: bool = False  # also write each job's results as NIfTI under data_dir/results (seconds per large job)
+    # Loaded model versions per device are kept within this many bytes, least recently used unloaded first
+    # (None: no limit but the versions in use); versions no longer active are unloaded whatever the budget.
+    memory_budget_bytes: int | None = Field(default=None, gt=0)
+    # Model code (dry runs, reading a MONAI bundle's config) runs in a child process with these limits.
+    sandbox_timeout_s: float = Field(default=300.0, gt=0)
+    sandbox_memory_bytes: int = Field(default=8 << 30, gt=0)
 
 
 _DESTINATION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -215,6 +241,27 @@ class ExportSettings(_Section):
         return self
 
 
+class RetentionSettings(_Section):
+    """How long received instances and outputs are kept, and the disk watermarks that purge oldest-first.
+
+    Ages count from the end of a series' last job (exported, skipped or failed); a series with an active job is
+    never purged. ``*_days: null`` keeps that kind forever (the watermarks still apply to finished jobs).
+    """
+
+    instances_days: float | None = Field(default=7.0, gt=0)
+    outputs_days: float | None = Field(default=30.0, gt=0)
+    failed_days: float | None = Field(default=30.0, gt=0)  # failed jobs keep their inputs this long
+    disk_high_watermark: float = Field(default=0.90, gt=0, le=1)  # fraction of the file system used
+    disk_low_watermark: float = Field(default=0.80, gt=0, le=1)
+    interval_s: float = Field(default=300.0, gt=0)  # how often the background purge runs in `gateway serve`
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> RetentionSettings:
+        if self.disk_low_watermark > self.disk_high_watermark:
+            raise ValueError("retention.disk_low_watermark must not be above disk_high_watermark")
+        return self
+
+
 class Settings(BaseSettings):
     """All gateway settings; see the module docstring for where values come from."""
 
@@ -227,6 +274,7 @@ class Settings(BaseSettings):
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

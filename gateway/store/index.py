@@ -82,6 +82,9 @@ class SeriesRevision(Base):
     last_received_at: Mapped[float] = mapped_column(Float, index=True)
     completed_at: Mapped[float | None] = mapped_column(Float)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Instances of this series refused for want of resources (0xA700) while the revision was open: the revision is
+    # then ``held`` at completion, not run on a partial series, until it is complete or an operator releases it.
+    refused_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Instance(Base):
@@ -118,6 +121,12 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The lease of the worker running a stage (gateway.jobs.runner): who, until when; an expired lease is reclaimed.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims from a durable state
+    finished_at: Mapped[float | None] = mapped_column(Float, index=True)  # reached exported, skipped or failed
+    purged_at: Mapped[float | None] = mapped_column(Float)  # its outputs were removed by retention
 
 
 class Delivery(Base):

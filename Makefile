@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb chromium
+DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb chromium postgresql
 
 .PHONY: serve test lint bench pictures venv install install-test system-deps clean
 

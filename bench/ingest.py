@@ -48,6 +48,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from gateway.synth.ct import write_synthetic_ct  # noqa: E402
 
 from peers import (  # noqa: E402  (tests/ is not a package; its helpers are shared with the benchmarks)
+    ADMIN,
+    ADMIN_ENTRY,
     DCMTK_ENV,
     MAX_PDU,
     MinimalSCP,
@@ -91,7 +93,7 @@ class GatewayProcess(PeerProcess):
                 "ae_title": aet,
                 "maximum_pdu_size": max_pdu,
             },
-            "http": {"host": "127.0.0.1", "port": self.http_port},
+            "http": {"host": "127.0.0.1", "port": self.http_port, "tokens": [ADMIN_ENTRY]},  # STOW-RS needs one
             "store": {"data_dir": str(self.data_dir), "min_free_bytes": 0},
             "log_level": "WARNING",
         }
@@ -262,6 +264,7 @@ def send_stow(files: Sequence[Path], url: str) -> float:
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Content-Length": str(length),
         "Accept": "application/dicom+json",
+        **ADMIN,  # the gateway's STOW-RS needs a token (Orthanc ignores it)
     }
     with httpx.Client(timeout=SEND_TIMEOUT_S) as client:
         start = time.perf_counter()

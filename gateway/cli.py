@@ -6,9 +6,8 @@ import logging
 import secrets
 import socket
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,6 +26,8 @@ models_app = typer.Typer(help="Model packages: register, list, show, enable, dis
 app.add_typer(models_app, name="models")
 jobs_app = typer.Typer(help="Jobs: retry a job's failed exports.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+series_app = typer.Typer(help="Series: release one held for instances refused (0xA700).", no_args_is_help=True)
+app.add_typer(series_app, name="series")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
 
@@ -67,6 +68,9 @@ def _check_yaml(config: Path) -> None:
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Alembic's INFO lines on every start ("Context impl SQLiteImpl.") say nothing to an operator; the gateway logs
+    # its own line when the index schema changes.
+    logging.getLogger("alembic").setLevel(max(logging.getLogger().level, logging.WARNING))
 
 
 @app.command()
@@ -80,7 +84,10 @@ def serve(
     """Run the gateway: DICOM listener, DICOMweb and the JSON API."""
     import uvicorn
 
+    from gateway.admin_token import ensure_admin_token
     from gateway.api.app import create_app
+    from gateway.api.limits import server_config
+    from gateway.errors import ConfigError
 
     overrides: dict[str, dict[str, Any]] = {"dicom": {}, "http": {}, "store": {}}
     if data_dir is not None:
@@ -94,15 +101,34 @@ def serve(
     settings = _load(config, **{k: v for k, v in overrides.items() if v})
     _setup_logging(settings.log_level)
     _check_ports_free(settings)
-    tmp = (settings.store.data_dir / "tmp").resolve()
-    tmp.mkdir(parents=True, exist_ok=True)
-    tempfile.tempdir = str(tmp)  # received DIMSE data lands on the store's file system: renamed, not copied
-    uvicorn.run(
-        create_app(settings),
-        host=settings.http.host,
-        port=settings.http.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
+    try:
+        app = create_app(settings)
+        new_token = ensure_admin_token(settings)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if new_token is not None:
+        _announce_admin_token(new_token, settings)
+    server = uvicorn.Server(server_config(app, settings.http, log_level=settings.log_level.lower(), access_log=False))
+    with suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is how a foreground server is stopped
+        server.run()
+    if not server.started:
+        raise typer.Exit(3)  # as uvicorn.run: the server did not start (the log says why)
+
+
+def _announce_admin_token(token: str, settings: Settings) -> None:
+    """Print a data folder's new admin token, once, on stderr (never to the log)."""
+    from gateway.admin_token import admin_token_path
+
+    host = settings.http.host if settings.http.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+    url = f"http://{host}:{settings.http.port}/api/models"
+    typer.echo(
+        f"\nThis data folder's admin token (shown this once; only its hash is kept, in "
+        f"{admin_token_path(settings.store.data_dir)}):\n\n    {token}\n\n"
+        "Writing (STOW-RS) and managing models and jobs need it, also from this machine; send it as a header:\n"
+        f"    curl -H 'Authorization: Bearer {token}' {url}\n"
+        "`gateway token --reset-admin --data-dir DIR` replaces it; `gateway token --scope ...` makes tokens for "
+        "http.tokens.\n",
+        err=True,
     )
 
 
@@ -160,6 +186,7 @@ def send(
 
     from gateway.export.scu import SendReport, scan
     from gateway.export.scu import send as do_send
+    from gateway.process import library_settings
 
     peer = _peer(address=to)
     missing = [str(p) for p in paths if not p.exists()]
@@ -167,7 +194,7 @@ def send(
         _fail(f"no such file or folder: {', '.join(missing)}")
     report = SendReport()
     files = scan(paths, report)
-    with tqdm(total=len(files), unit="file", disable=None) as bar:
+    with library_settings(), tqdm(total=len(files), unit="file", disable=None) as bar:
         do_send(
             files,
             peer,
@@ -187,8 +214,17 @@ def send(
 def token(
     name: Annotated[str, typer.Option(help="A name for the token's holder.")] = "client",
     scope: Annotated[list[str], typer.Option(help="read, write or admin; repeatable.")] = ["read"],  # noqa: B006
+    reset_admin: Annotated[
+        bool, typer.Option("--reset-admin", help="Replace the data folder's admin token and print the new one.")
+    ] = False,
+    config: ConfigOpt = None,
+    data_dir: Annotated[Path | None, typer.Option(help="The data folder (with --reset-admin).")] = None,
 ) -> None:
-    """Make a new bearer token and print the config entry that holds its hash."""
+    """Make a new bearer token and print the config entry that holds its hash (or, with --reset-admin, replace the
+    data folder's admin token)."""
+    if reset_admin:
+        _reset_admin_token(config, data_dir)
+        return
     bad = [s for s in scope if s not in ("read", "write", "admin")]
     if bad:
         _fail(f"unknown scope(s): {', '.join(bad)}")
@@ -196,6 +232,21 @@ def token(
     typer.echo(f"token (give it to the client; it is not stored): {value}")
     typer.echo("config entry (http.tokens):")
     typer.echo(f"  - name: {name}\n    sha256: {hash_token(value)}\n    scopes: [{', '.join(scope)}]")
+
+
+def _reset_admin_token(config: Path | None, data_dir: Path | None) -> None:
+    from gateway.admin_token import admin_token_path, reset_admin_token
+
+    settings = _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+    try:
+        value = reset_admin_token(settings.store.data_dir)
+    except OSError as exc:
+        _fail(f"cannot write {admin_token_path(settings.store.data_dir)}: {exc.strerror or exc}", 1)
+    typer.echo(f"admin token (shown this once; the previous one no longer works): {value}")
+    typer.echo(
+        f"its hash is in {admin_token_path(settings.store.data_dir)}; a running gateway takes it at the next request",
+        err=True,
+    )
 
 
 @app.command()
@@ -271,7 +322,7 @@ def _registry(config: Path | None, data_dir: Path | None, *, shipped: bool = Fal
     settings = _data_settings(config, data_dir)
     index = RegistryIndex(settings.store)
     try:
-        registry = Registry(index, max_archive_bytes=settings.models.max_upload_bytes)
+        registry = Registry.from_settings(index, settings.models)
         if shipped:
             _register_shipped(registry, settings)
         yield registry
@@ -288,12 +339,28 @@ def models_register(
     path: Annotated[Path, typer.Argument(help="A package folder, or a .zip / .tar.gz archive of one.")],
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="Allow a package whose manifest says trust_code: true: its MONAI bundle's code will run in the "
+            "gateway. Required for such a package; without it the package is refused.",
+        ),
+    ] = False,
 ) -> None:
     """Register a model package (validated, hashed and dry-run first); exit 2 if it is refused, 1 on a conflict."""
+    import getpass
+
     if not path.exists():
         _fail(f"no such file or folder: {path}")
+    allowed_by = None
+    if trust_code:
+        try:
+            allowed_by = f"operator {getpass.getuser()!r} (gateway models register --trust-code)"
+        except (OSError, KeyError):  # no user name for this uid
+            allowed_by = "operator (gateway models register --trust-code)"
     with _registry(config, data_dir) as registry:
-        model = registry.register(path)
+        model = registry.register(path, code_allowed_by=allowed_by)
     state = "active" if model.active else "registered (another version is active)"
     if not model.enabled:
         state += f", disabled (`gateway models enable {model.name}` to use it)"
@@ -480,6 +547,64 @@ def jobs_retry(
     finally:
         index.close()
     typer.echo(f"job {job_id}: {requeued} deliveries requeued; the running gateway sends them")
+
+
+@app.command()
+def purge(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what a purge would free; change nothing.")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Apply retention once (as `gateway serve` does in the background): received instances, outputs, and the
+    disk watermarks; finishes a purge a crash interrupted. Safe beside a running gateway."""
+    from gateway.registry.registry import RegistryIndex
+    from gateway.store.retention import Retention
+
+    settings = _data_settings(config, data_dir)
+    if not settings.store.data_dir.is_dir():
+        _fail(f"no data folder at {settings.store.data_dir}")
+    index = RegistryIndex(settings.store)  # the index alone: a running gateway's temporary files are left alone
+    try:
+        report = Retention(index, settings.retention, settings.store.min_free_bytes).run(dry_run=dry_run)
+    finally:
+        index.close()
+    if report.disk is not None:
+        disk = report.disk
+        typer.echo(
+            f"disk: {100 * disk.used_fraction:.1f}% used, {disk.free_bytes} bytes free (purge above "
+            f"{100 * disk.high_watermark:g}% down to {100 * disk.low_watermark:g}%)"
+        )
+    typer.echo(report.summary())
+    if report.starved:
+        typer.echo("the disk is above the watermark and nothing more may be purged", err=True)
+
+
+@series_app.command("release")
+def series_release(
+    series_uid: Annotated[str, typer.Argument(metavar="SERIES_UID", help="The series' SeriesInstanceUID.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Run a held series on what was stored of it, its refused instances given up; exit 1 if it is unknown."""
+    from gateway.errors import NotFound
+    from gateway.ingest.completion import release_series
+    from gateway.registry.registry import RegistryIndex
+
+    settings = _data_settings(config, data_dir)
+    index = RegistryIndex(settings.store)  # the index alone: a running gateway's monitor and workers carry on
+    try:
+        release = release_series(index.write_sessions, series_uid)
+    except NotFound as exc:
+        _fail(str(exc), 1)
+    finally:
+        index.close()
+    if release.completion is not None:
+        done = release.completion
+        typer.echo(f"released: job {done.job_id} on {done.instance_count} instance(s); the running gateway runs it")
+    elif release.refusals_dropped:
+        typer.echo(f"{release.refusals_dropped} refused instance(s) given up; the series completes when quiet")
+    else:
+        typer.echo("nothing held: the series has no held revision and no refused instance")
 
 
 def main() -> None:

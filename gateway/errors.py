@@ -4,6 +4,7 @@
 
     GatewayError
      +-- ConfigError                  bad or missing settings
+     +-- IndexSchemaError             the index's schema is newer than this gateway, or not one it can upgrade
      +-- IngestError                  a received instance cannot be accepted (carries a DICOM status)
      |    +-- InvalidInstance         unparseable, truncated, missing or malformed UIDs   (0xC000 range)
      |    +-- UnsupportedTransferSyntax                                                  (0xC122)
@@ -20,6 +21,8 @@
      +-- ExportError                  results cannot be queued for export, or a job has nothing to retry (HTTP 409)
      +-- InvalidQuery                 a QIDO-RS search the index cannot answer (HTTP 400)
      +-- NotFound                     a study, series, instance, job or model the gateway does not hold
+     +-- LeaseLost                    a worker's job was reclaimed or handed back: the worker drops it
+     +-- RequestBodyTimeout           (gateway.api.limits) an HTTP request body stalled: 408, staged parts removed
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ class GatewayError(Exception):
 
 class ConfigError(GatewayError):
     """The settings are invalid or incomplete."""
+
+
+class IndexSchemaError(GatewayError):
+    """The index database cannot be brought to this gateway's schema: a newer gateway's revision, or tables that no
+    released gateway made; the message names the revisions."""
 
 
 class IngestError(GatewayError):
@@ -130,3 +138,8 @@ class OutOfMemory(InferenceError):
 
 class EncodeError(_Reasoned):
     """A model's results cannot be encoded as DICOM (SEG, SR, Parametric Map); ``reason`` says why."""
+
+
+class LeaseLost(GatewayError):
+    """A worker's write found its job no longer leased to it (the lease expired and the job was reclaimed, or the
+    job was handed back at shutdown): the worker drops the job, whoever holds it now carries on."""

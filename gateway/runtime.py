@@ -8,32 +8,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import pydicom.config
-
+from gateway.admin_token import ensure_admin_token
 from gateway.config import Settings
 from gateway.export.workers import ExportWorkers
 from gateway.infer.runtime import InferenceRuntime
 from gateway.ingest.completion import CompletionMonitor
 from gateway.ingest.dimse import StorageSCP
-from gateway.jobs.assembly import AssemblyWorkers
 from gateway.jobs.encoding import EncodeStage
 from gateway.jobs.inference import InferenceStage
+from gateway.jobs.runner import JobRunner, Pipeline
+from gateway.process import LibrarySettings
 from gateway.registry.registry import RegisteredModel, Registry, shipped_models_dir
+from gateway.store.retention import RetentionWorker
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
-
-
-def quiet_pydicom() -> int:
-    """Read received data tolerantly and keep its values out of the logs; return the mode it replaced.
-
-    pydicom's value validation on reading warns *and logs* each odd value (a malformed name, an over-long ID):
-    that would put patient data in the log. The gateway checks what it depends on itself
-    (:mod:`gateway.ingest.instance`), so validation on reading is off while a gateway runs in the process.
-    """
-    previous = pydicom.config.settings.reading_validation_mode
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    return previous
 
 
 def _log_shipped(shipped: Sequence[RegisteredModel]) -> None:
@@ -66,53 +55,61 @@ class Gateway:
 
     def __init__(self, settings: Settings, *, dimse: bool = True) -> None:
         self.settings = settings
-        self.store = InstanceStore(settings.store)
-        self.registry = Registry(self.store, max_archive_bytes=settings.models.max_upload_bytes)
-        self.monitor = CompletionMonitor(
-            self.store.write_sessions, settings.ingest.quiet_period_s, settings.ingest.completion_poll_s
-        )
+        self.store = InstanceStore(settings.store, ingest=settings.ingest)
+        self.registry = Registry.from_settings(self.store, settings.models)
         self.scp = StorageSCP(settings.dicom, self.store) if dimse else None
-        self.inference = InferenceRuntime(settings.models.device, batching=settings.models.batching)
+        self.inference = InferenceRuntime(
+            settings.models.device,
+            batching=settings.models.batching,
+            memory_budget_bytes=settings.models.memory_budget_bytes,
+        )
         data = settings.store.data_dir
         encode = EncodeStage(self.store, settings.export, data / "outputs")
         results = data / "results" if settings.models.keep_nifti else None
-        stage = InferenceStage(self.store, self.registry, self.inference, results, then=encode)
-        self.assembly = AssemblyWorkers(self.store, settings.jobs.workers, settings.jobs.poll_s, then=stage)
+        infer = InferenceStage(self.store, self.registry, self.inference, results)
+        self.jobs = JobRunner(self.store, settings.jobs, Pipeline(infer, encode))
+        self.monitor = CompletionMonitor(
+            self.store.write_sessions,
+            settings.ingest.quiet_period_s,
+            settings.ingest.completion_poll_s,
+            on_complete=self.jobs.wake,
+        )
         self.export = ExportWorkers(self.store, settings.export)
-        self._pydicom_mode: int | None = None
+        self.retention = RetentionWorker(self.store, settings.retention)
+        self.library = LibrarySettings(data / "tmp")
+        #: The data folder's admin token if this start made it (the only time it is known), else None.
+        self.new_admin_token: str | None = None
 
     def start(self) -> None:
-        """Register the shipped models (disabled), start the completion monitor, the workers, the DICOM listener."""
+        """Apply the library settings, register the shipped models (disabled), start the completion monitor, the
+        job runner, the export workers and the DICOM listener."""
+        self.new_admin_token = ensure_admin_token(self.settings)  # a data folder's first start, if none is configured
+        self.library.apply()
         if self.settings.models.register_shipped:  # each broken package is logged and skipped
             _log_shipped(self.registry.register_shipped(shipped_models_dir(self.settings.models)))
-        self._pydicom_mode = quiet_pydicom()
         self.monitor.start()
-        self.assembly.start()
+        self.jobs.start()
         self.export.start()
+        self.retention.start()
         if self.scp is not None:
             try:
                 self.scp.start()
             except BaseException:  # e.g. the port is taken: leave no monitor thread or index open behind
-                self.assembly.stop()
-                self.export.stop()
-                self.inference.close()
-                self.monitor.stop()
-                self.store.close()
-                self._restore_pydicom()
+                self._stop_stages()
                 raise
 
     def stop(self) -> None:
-        """Stop accepting, stop the monitor, close the index."""
+        """Stop accepting (associations in progress are aborted), then the stages: running jobs get the grace
+        period and the rest go back to ``received``; close the index, undo the library settings."""
         if self.scp is not None:
             self.scp.stop()
+        self._stop_stages()
+
+    def _stop_stages(self) -> None:
         self.monitor.stop()
-        self.assembly.stop()
+        self.jobs.stop()
         self.export.stop()
+        self.retention.stop()
         self.inference.close()
         self.store.close()
-        self._restore_pydicom()
-
-    def _restore_pydicom(self) -> None:
-        if self._pydicom_mode is not None:
-            pydicom.config.settings.reading_validation_mode = self._pydicom_mode
-            self._pydicom_mode = None
+        self.library.restore()

@@ -1,9 +1,11 @@
-"""Tiny model packages for the registry, routing and API tests: ONNX graphs built with onnx.helper (no torch export)."""
+"""Tiny model packages for the registry, routing and API tests: ONNX graphs built with onnx.helper (no torch export),
+and MONAI bundles of a small UNet."""
 
 from __future__ import annotations
 
 import copy
 import io
+import json
 import tarfile
 import warnings
 import zipfile
@@ -136,3 +138,52 @@ def torchscript_model(path: Path, out_channels: int = 3) -> Path:
         traced = torch.jit.trace(module.eval(), torch.zeros(1, 1, 4, 4, 4))
         traced.save(str(path))
     return path
+
+
+#: A small MONAI UNet as a bundle's ``network_def``: 1 channel in, 3 out (a two-label softmax), 8x16x16 patches.
+UNET = {
+    "_target_": "monai.networks.nets.UNet",
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 3,
+    "channels": [4, 8],
+    "strides": [2],
+    "num_res_units": 0,
+}
+
+
+def unet_state() -> dict[str, Any]:
+    """The state dict of :data:`UNET`'s network (seeded)."""
+    import torch
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(1)
+    return UNet(**{k: v for k, v in UNET.items() if k != "_target_"}).state_dict()  # type: ignore[arg-type]
+
+
+def bundle_package(
+    folder: Path,
+    config: dict[str, Any],
+    *,
+    weights: bytes | None = None,
+    trust_code: bool = False,
+    name: str = "tiny-bundle",
+    version: str = "1.0.0",
+) -> Path:
+    """A ``monai-bundle`` package: ``model.yaml`` and ``bundle/`` with ``configs/inference.json`` (``config``) and
+    ``models/model.pt`` (``weights``' bytes, else :func:`unet_state` saved by torch); return ``folder``."""
+    import torch
+
+    data = manifest_dict(name, version, backend="monai-bundle", weights="bundle")
+    if trust_code:
+        data["trust_code"] = True
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    (folder / "bundle" / "configs").mkdir(parents=True, exist_ok=True)
+    (folder / "bundle" / "models").mkdir(exist_ok=True)
+    (folder / "bundle" / "configs" / "inference.json").write_text(json.dumps(config), encoding="utf-8")
+    if weights is None:
+        torch.save(unet_state(), folder / "bundle" / "models" / "model.pt")
+    else:
+        (folder / "bundle" / "models" / "model.pt").write_bytes(weights)
+    return folder

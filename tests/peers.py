@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import glob
+import hashlib
 import ipaddress
 import json
 import os
@@ -38,6 +39,11 @@ MAX_PDU = 131_072
 #: Environment for DCMTK-based programs (storescu, storescp, Orthanc). Debian's DCMTK 3.6.7 leaves Nagle's
 #: algorithm on unless ``TCP_NODELAY=1``: every C-STORE then waits on delayed ACKs (~40 ms each way).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+#: The admin token of the gateways the tests run (configured as its SHA-256), and the header that sends it.
+ADMIN_TOKEN = "test-admin-token-8c1f4e2a9b7d43c6a5e0"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+ADMIN_ENTRY = {"name": "test-admin", "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(), "scopes": ["admin"]}
 
 #: The ``gateway`` console script installed beside the running interpreter.
 GATEWAY_SCRIPT = Path(sys.executable).with_name("gateway")
@@ -408,8 +414,9 @@ class GatewayServer(PeerProcess):
     """``gateway serve --config CFG`` on loopback ports over ``data_dir``, its output in ``gateway.log``.
 
     The configuration (``gateway.yaml`` in ``tmpdir``) has DICOM (AE title ``GATEWAY``) and HTTP listeners on free
-    ports of 127.0.0.1 and the data folder; ``sections`` (``ingest``, ``jobs``, ``models``, ...) are merged over
-    them. The process does not inherit the ``GATEWAY_*`` environment variables.
+    ports of 127.0.0.1, :data:`ADMIN_TOKEN` as its token (changes send :data:`ADMIN`), reading open from loopback,
+    and the data folder; ``sections`` (``ingest``, ``jobs``, ``models``, ...) are merged over them. The process does
+    not inherit the ``GATEWAY_*`` environment variables.
     """
 
     name = "gateway"
@@ -421,7 +428,7 @@ class GatewayServer(PeerProcess):
         self.config_path = self.tmpdir / "gateway.yaml"
         config: dict[str, Any] = {
             "dicom": {"host": "127.0.0.1", "port": self.dicom_port, "ae_title": "GATEWAY"},
-            "http": {"host": "127.0.0.1", "port": self.http_port},
+            "http": {"host": "127.0.0.1", "port": self.http_port, "tokens": [ADMIN_ENTRY], "anonymous_read": True},
             "store": {"data_dir": str(data_dir), "min_free_bytes": 0},
             **sections,
         }

@@ -1,6 +1,7 @@
 """The JSON API over studies and jobs: ``GET /api/studies``, ``GET /api/jobs``, ``GET /api/jobs/{id}`` (with its
-export deliveries) and ``POST /api/jobs/{id}/retry`` (``write`` scope: dead and refused deliveries back to the
-queue; 409 when the job has none)."""
+export deliveries), ``POST /api/jobs/{id}/retry`` (``write`` scope: dead and refused deliveries back to the
+queue; 409 when the job has none) and ``POST /api/series/{uid}/release`` (``write`` scope: a series held for
+instances refused for want of resources goes on without them; 409 when it is not held)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gateway.api.auth import require_scope
 from gateway.api.deps import get_store
 from gateway.errors import ExportError, NotFound
 from gateway.export.queue import deliveries_of, retry_job
+from gateway.ingest.completion import release_series
 from gateway.store.index import Instance, Job, Series, SeriesRevision, Study
 from gateway.store.store import InstanceStore
 
@@ -67,6 +69,16 @@ def retry_export(job_id: int, store: InstanceStore = Depends(get_store)) -> dict
     except ExportError as exc:
         return JSONResponse({"detail": exc.reason}, status_code=409)
     return {"requeued": requeued, **get_job(job_id, store)}
+
+
+@router.post("/series/{series_uid}/release", dependencies=[Depends(require_scope("write"))], response_model=None)
+def release_held_series(series_uid: str, store: InstanceStore = Depends(get_store)) -> dict[str, Any] | JSONResponse:
+    """Give up the instances of a held series that were refused for want of resources; its job runs without them."""
+    released = release_series(store.write_sessions, series_uid)  # NotFound -> 404
+    if released.completion is None and not released.refusals_dropped:
+        return JSONResponse({"detail": "the series is not held: no refused instance is outstanding"}, status_code=409)
+    job_id = released.completion.job_id if released.completion is not None else None
+    return {"refusals_dropped": released.refusals_dropped, "job_id": job_id}
 
 
 @router.get("/studies")

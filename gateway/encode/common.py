@@ -9,7 +9,7 @@ model's weights (which copy of the model ran), and SoftwareVersions naming the g
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +29,26 @@ __all__ = [
     "copying_source_names",
     "series_laterality",
     "ucum",
+    "with_type2_attributes",
 ]
 
 MANUFACTURER = "DICOM AI Gateway"
 
 _LO = 64  # the longest Long String (PS3.5 6.2)
+
+#: The Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that every object
+#: copies from its sources (highdicom reads them as attributes: a source that lacks one would raise).
+SOURCE_TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 _UCUM_MEANINGS = {
     "ml": "milliliter",
@@ -161,3 +176,22 @@ def series_laterality(source: Dataset) -> str:
     ("unknown": the model does not say whether the part is paired)."""
     value = source.get("Laterality")
     return str(value) if value else ""
+
+
+def with_type2_attributes(sources: Mapping[str, Dataset]) -> dict[str, Dataset]:
+    """The sources, each that lacks a Type 2 Patient or General Study attribute replaced by a copy that has it
+    empty (:data:`SOURCE_TYPE2_KEYWORDS`): the objects made from them then carry it empty, as a Type 2 attribute
+    whose value is unknown must be (PS3.5 7.4.5), and encoding never fails on it. The sources are not changed."""
+    return {uid: _with_type2(ds) for uid, ds in sources.items()}
+
+
+def _with_type2(ds: Dataset) -> Dataset:
+    missing = [keyword for keyword in SOURCE_TYPE2_KEYWORDS if keyword not in ds]
+    if not missing:
+        return ds
+    filled = Dataset({elem.tag: elem for elem in ds})  # a new dict of the same elements (values not copied)
+    if hasattr(ds, "file_meta"):
+        filled.file_meta = ds.file_meta
+    for keyword in missing:
+        setattr(filled, keyword, "")
+    return filled

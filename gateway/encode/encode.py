@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from gateway.encode.common import EncodedObject, Provenance
+from gateway.encode.common import EncodedObject, Provenance, with_type2_attributes
 from gateway.encode.findings import shown_findings
 from gateway.encode.gsps import encode_presentation_state
 from gateway.encode.keyimages import encode_key_images
@@ -83,6 +83,7 @@ def encode_result(
         If the result cannot be encoded (the reason says why).
     """
     clock = _Clock(timings if timings is not None else {})
+    sources = with_type2_attributes(sources)  # a source without PatientID, StudyID...: the outputs have them empty
     if result.manifest.outputs.segmentation is None:
         with clock("pm_s"):
             return encode_parametric_maps(result, sources, series_number=series_number, gateway_version=gateway_version)

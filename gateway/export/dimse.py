@@ -15,8 +15,6 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from pynetdicom import _config
-
 from gateway.config import DimseDestination
 from gateway.export.destinations import Report, client_ssl_context
 from gateway.export.outcome import Item, Kind, Outcome, dimse_outcome, sop_class_text
@@ -60,7 +58,6 @@ class DimseSender:
 
     def send(self, items: Sequence[Item], report: Report, stopping: Callable[[], bool]) -> None:
         """Send ``items`` over one association per 128 presentation contexts, reporting each file's outcome."""
-        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as stored
         for batch in _by_contexts(items):
             if stopping():
                 return

@@ -35,7 +35,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.config import OutputKind
-from gateway.errors import ExportError, NotFound
+from gateway.errors import ExportError, LeaseLost, NotFound
 from gateway.export.destinations import output_kind
 from gateway.export.outcome import Item, Kind, Outcome, RetryPolicy
 from gateway.jobs.states import JobState
@@ -80,6 +80,7 @@ def enqueue(
     files: Sequence[Path],
     destinations: Mapping[str, Collection[str]] | Sequence[str],
     *,
+    owner: str | None = None,
     now: float | None = None,
 ) -> int:
     """Queue each file of a job for each destination that takes its kind (one transaction); the job is ``encoded``.
@@ -101,6 +102,10 @@ def enqueue(
     destinations
         Destination name -> the kinds of result it takes (:data:`gateway.config.OutputKind` values), as
         :func:`gateway.export.destinations.destinations_for` gives them; or just names, each taking every file.
+    owner
+        The lease owner of a job the runner holds (:mod:`gateway.jobs.lifecycle`): then the job must be
+        ``encoding`` under that lease, or nothing is queued (:class:`~gateway.errors.LeaseLost`); the lease ends
+        with the move.
     now
         The time recorded (seconds since the epoch); the wall clock when omitted.
 
@@ -117,6 +122,8 @@ def enqueue(
         If there is no job ``job_id``.
     gateway.errors.ExportError
         If a file is not a readable DICOM file with SOP Class and SOP Instance UIDs (nothing is queued).
+    gateway.errors.LeaseLost
+        If ``owner`` is given and the job is not ``encoding`` under that lease.
     """
     now = time.time() if now is None else now
     plan = _plan(destinations)
@@ -124,6 +131,8 @@ def enqueue(
     pairs, not_sent = _routed(headers, plan)
     with store.write_sessions.begin() as session:
         job = _job(session, job_id)
+        if owner is not None and (job.state != JobState.ENCODING or job.lease_owner != owner):
+            raise LeaseLost(f"job {job_id} is no longer encoding under this worker's lease")
         rows = session.execute(select(Delivery.sop_instance_uid, Delivery.destination).where(Delivery.job_id == job_id))
         queued = {(uid, name) for uid, name in rows}
         added = 0
@@ -208,7 +217,7 @@ def _new_delivery(job_id: int, header: _Header, destination: str, now: float) ->
 
 
 def _job(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job
@@ -223,13 +232,14 @@ def _mark_queued(
     if merged:
         export["not_sent"] = merged
     if total:
-        job.state = JobState.ENCODED
+        job.state, job.finished_at = JobState.ENCODED, None
     else:
         export["reason"] = nothing
-        job.state = JobState.EXPORTED
+        job.state, job.finished_at = JobState.EXPORTED, now
     detail["export"] = export
     job.detail = detail
     job.updated_at = now
+    job.lease_owner = job.lease_expires_at = None
 
 
 def _merged(before: dict[str, list[str]], now: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -294,7 +304,7 @@ def record(
     """
     now = time.time() if now is None else now
     with store.write_sessions.begin() as session:
-        row = session.get(Delivery, item.id)
+        row = session.get(Delivery, item.id, with_for_update=True)
         if row is None or row.state != SENDING:
             return None
         row.attempts += 1
@@ -379,7 +389,7 @@ def settle(store: StoreIndex, job_id: int, *, now: float | None = None) -> JobSt
     """
     now = time.time() if now is None else now
     with store.write_sessions.begin() as session:
-        job = session.get(Job, job_id)
+        job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.state != JobState.ENCODED:
             return None
         rows = session.execute(
@@ -394,7 +404,7 @@ def settle(store: StoreIndex, job_id: int, *, now: float | None = None) -> JobSt
             detail["failure"] = {"stage": "export", "reason": _failure_reason(session, job_id, counts)}
         job.state = JobState.FAILED if counts[DEAD] else JobState.EXPORTED
         job.detail = detail
-        job.updated_at = now
+        job.updated_at = job.finished_at = now
         state = JobState(job.state)
     log.info("job %d %s", job_id, state.value)
     return state
@@ -467,6 +477,8 @@ def retry_job(store: StoreIndex, job_id: int, *, now: float | None = None) -> in
         ).all()
         if not ended:
             raise ExportError(f"job {job_id} has no dead or refused delivery to retry (state {job.state})")
+        if (job.detail or {}).get("retention", {}).get("outputs_purged_at"):
+            raise ExportError(f"job {job_id}'s outputs were purged by retention: there is nothing left to resend")
         for row in ended:
             row.state, row.attempts, row.next_attempt_at, row.updated_at = PENDING, 0, now, now
             row.history = _appended(row.history, now, "requeued", None, "retry requested")
@@ -474,7 +486,7 @@ def retry_job(store: StoreIndex, job_id: int, *, now: float | None = None) -> in
         if detail.get("failure", {}).get("stage") == "export":
             detail["previous_failures"] = [*detail.get("previous_failures", []), detail.pop("failure")]
         job.detail = detail
-        job.state = JobState.ENCODED
+        job.state, job.finished_at = JobState.ENCODED, None
         job.updated_at = now
     log.info("job %d: %d dead or refused deliveries requeued", job_id, len(ended))
     return len(ended)

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 
@@ -173,7 +173,6 @@ def send(
     report: SendReport | None = None,
 ) -> SendReport:
     """C-STORE ``files`` to ``peer`` over up to ``associations`` concurrent associations."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
     report = report or SendReport()
     n = max(1, min(associations, len(files)))
     shares = [files[i::n] for i in range(n)]

@@ -2,7 +2,9 @@
 
 :class:`InferenceRuntime` keeps one backend and one :class:`~gateway.infer.batcher.Batcher` per model
 (name, version, weights SHA-256, device), loaded on first use and shared by every caller, so concurrent jobs
-share forward passes. :meth:`InferenceRuntime.run` takes a volume through the whole pipeline::
+share forward passes. Which models stay loaded (the active versions, within a memory budget, least recently used
+unloaded first) and which are not loaded again (failed loads) is :mod:`gateway.infer.loaded_models`' business.
+:meth:`InferenceRuntime.run` takes a volume through the whole pipeline::
 
     prepare (channels, orientation, spacing, intensity, crop/pad)
       -> forward: the whole input as one item, or sliding-window patches (MONAI) submitted to the batcher
@@ -13,11 +15,9 @@ share forward passes. :meth:`InferenceRuntime.run` takes a volume through the wh
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +26,10 @@ import torch
 
 from gateway.assemble.model import Volume
 from gateway.errors import InferenceError
-from gateway.infer.backend import Backend
-from gateway.infer.backends import load_backend, resolve_device
+from gateway.infer.backends import resolve_device
 from gateway.infer.batcher import Batcher, BatcherStats
 from gateway.infer.lesions import LesionSet, find_lesions
+from gateway.infer.loaded_models import LoadedModel, LoadedModels, ModelVersionRef
 from gateway.infer.measure import SegmentMeasurement, measure_segments, voxel_volume_ml
 from gateway.infer.postprocess import Decoded, check_output, decode
 from gateway.infer.preprocess import Prepared, model_pad_value, prepare
@@ -41,13 +41,6 @@ __all__ = ["InferenceRuntime"]
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float32]
-Key = tuple[str, str, str, str]
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    backend: Backend
-    batcher: Batcher
 
 
 class _Clock:
@@ -75,72 +68,56 @@ class InferenceRuntime:
     batching
         Whether forward passes take up to the model's ``batch_size`` inputs or patches, merged across concurrent
         callers (``False``: one at a time, every input or patch in a forward pass of its own).
+    memory_budget_bytes
+        The most the models loaded on one device may take together, least recently used idle ones unloaded first
+        (``None``: no limit; versions no longer active are unloaded all the same, see :meth:`retain`).
 
     Raises
     ------
     ModelError
         If ``device`` asks for CUDA that is not there.
+    ValueError
+        If ``memory_budget_bytes`` is not positive.
     """
 
-    def __init__(self, device: str = "auto", batching: bool = True) -> None:
+    def __init__(self, device: str = "auto", batching: bool = True, memory_budget_bytes: int | None = None) -> None:
         self.device = resolve_device(device)
         self.batching = batching
-        self._lock = threading.Lock()
-        self._loading: dict[Key, threading.Lock] = {}
-        self._loaded: dict[Key, _Loaded] = {}
+        self.models = LoadedModels(self.device, batching, memory_budget_bytes)
 
     # -- models --------------------------------------------------------------------------------------------------
 
-    def _entry(self, manifest: Manifest, folder: Path, sha256: str) -> _Loaded:
-        key = (manifest.name, manifest.version, sha256, self.device)
-        with self._lock:
-            if key in self._loaded:
-                return self._loaded[key]
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # one load per model, other models' callers carry on meanwhile
-            with self._lock:
-                if key in self._loaded:
-                    return self._loaded[key]
-            backend = load_backend(manifest, folder, self.device)
-            inference = manifest.inference
-            limit = inference.batch_size if self.batching else 1  # off: one input or patch per forward pass
-            batcher = Batcher(backend, limit, inference.max_wait_ms / 1000.0, self.batching, name=manifest.ref)
-            log.info("loaded %s on %s", manifest.ref, backend.device)
-            with self._lock:
-                self._loaded[key] = _Loaded(backend, batcher)
-                self._loading.pop(key, None)
-                return self._loaded[key]
+    def retain(self, active: Iterable[ModelVersionRef]) -> None:
+        """Keep the ``active`` model versions (the registry's, read for the job) and unload every other one: at once
+        when idle, else when the last volume running through it is done. See :meth:`LoadedModels.retain`."""
+        self.models.retain(active)
+
+    def loaded(self) -> list[LoadedModel]:
+        """The model versions in memory: ``name@version``, device, bytes (and how measured), last used, in use."""
+        return self.models.loaded()
+
+    def failed_loads(self) -> dict[str, str]:
+        """``name@version`` -> why it failed to load (not tried again until re-registered or re-enabled)."""
+        return self.models.failed_loads()
 
     def stats(self) -> dict[str, BatcherStats]:
         """Batcher statistics per loaded model, keyed ``name@version`` (``name@version#sha256[:12]`` for
         a second copy with other weights)."""
-        with self._lock:
-            loaded = dict(self._loaded)
-        stats: dict[str, BatcherStats] = {}
-        for (name, version, sha256, _), entry in loaded.items():
-            ref = f"{name}@{version}"
-            stats[ref if ref not in stats else f"{ref}#{sha256[:12]}"] = entry.batcher.stats()
-        return stats
+        return self.models.stats()
 
     def unload(self, name: str, version: str) -> None:
-        """Close and forget every loaded copy of ``name@version`` (requests still queued for it fail)."""
-        with self._lock:
-            keys = [key for key in self._loaded if key[:2] == (name, version)]
-            entries = [self._loaded.pop(key) for key in keys]
-        for entry in entries:
-            _close(entry)
+        """Unload every loaded copy of ``name@version``: at once when idle, else when its last volume is done."""
+        self.models.unload(name, version)
 
     def close(self) -> None:
         """Stop every batcher and release every model."""
-        with self._lock:
-            entries = list(self._loaded.values())
-            self._loaded.clear()
-        for entry in entries:
-            _close(entry)
+        self.models.close()
 
     # -- one volume ----------------------------------------------------------------------------------------------
 
-    def run(self, manifest: Manifest, folder: Path, sha256: str, volume: Volume) -> ModelResult:
+    def run(
+        self, manifest: Manifest, folder: Path, sha256: str, volume: Volume, *, changed_at: float | None = None
+    ) -> ModelResult:
         """Run one model on one volume and read its output on the volume's grid.
 
         Parameters
@@ -153,6 +130,9 @@ class InferenceRuntime:
             The weights' SHA-256 as registered (part of the cache key: new weights, new session).
         volume
             An assembled volume the model was routed to.
+        changed_at
+            The registration's ``changed_at``: a version that failed to load is tried again only once it changed
+            (re-registered or re-enabled); ``None``: not again while this runtime lives.
 
         Returns
         -------
@@ -162,18 +142,18 @@ class InferenceRuntime:
         Raises
         ------
         ModelError
-            If the model cannot be loaded.
+            If the model cannot be loaded, or failed to load before and its registration has not changed since.
         InferenceError
             If the volume does not fit the model, the forward pass fails (``OutOfMemory`` even for one item),
             or the output cannot be read (wrong shape or channel count, NaN or infinite values).
         """
-        entry = self._entry(manifest, folder, sha256)
         clock = _Clock()
-        with clock.stage("prepare_s"):
-            prepared = prepare(volume, manifest)
-        with clock.stage("infer_s"):
-            output = _forward(entry.batcher, prepared, manifest)
-            check_output(output, manifest, prepared)
+        with self.models.lease(manifest, folder, sha256, changed_at) as batcher:  # loaded before the volume is prepared
+            with clock.stage("prepare_s"):
+                prepared = prepare(volume, manifest)
+            with clock.stage("infer_s"):
+                output = _forward(batcher, prepared, manifest)
+                check_output(output, manifest, prepared)
         with clock.stage("restore_s"):
             decoded = decode(output, prepared, manifest)
         del output
@@ -198,11 +178,6 @@ class InferenceRuntime:
             timings=clock.timings,
             notes=prepared.notes,
         )
-
-
-def _close(entry: _Loaded) -> None:
-    entry.batcher.close()
-    entry.backend.close()
 
 
 def _extra(prepared: Prepared, manifest: Manifest, items: int) -> dict[str, Array] | None:

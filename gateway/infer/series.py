@@ -2,7 +2,9 @@
 
 :func:`run_models` routes the series' volumes against the active models and runs every model that qualifies. A
 model that fails does not stop the others: its failure is returned with the reason, and the caller decides what it
-means for the job.
+means for the job. The models it is given are the ones the runtime keeps loaded: any other version is unloaded
+(:meth:`~gateway.infer.runtime.InferenceRuntime.retain`), and a version that failed to load is not loaded again
+until it is registered again or its model enabled.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def run_models(
     volumes
         The volumes assembly built for the series.
     models
-        The active models (one version each).
+        The active models (one version each), read from the registry for this series: the runtime keeps these
+        loaded and unloads every other version.
     runtime
         Where models run (one loaded session per model and device, batched across concurrent callers).
 
@@ -91,6 +94,7 @@ def run_models(
     """
     from gateway.route.route import route
 
+    runtime.retain(models)
     by_ref = {f"{m.name}@{m.version}": m for m in models}
     decisions = tuple(route(facts, volumes, [m.manifest for m in models]))
     results: list[ModelResult] = []
@@ -99,8 +103,9 @@ def run_models(
         if not decision.run or decision.volume_index is None:
             continue
         model = by_ref[decision.model]
+        volume = volumes[decision.volume_index]
         try:
-            results.append(runtime.run(model.manifest, model.folder, model.sha256, volumes[decision.volume_index]))
+            results.append(runtime.run(model.manifest, model.folder, model.sha256, volume, changed_at=model.changed_at))
         except GatewayError as exc:
             failures.append(ModelFailure(decision.model, str(exc)))
         except Exception as exc:  # a model's own bug fails that model on this series, never the caller

@@ -2,8 +2,9 @@
 
 A TorchScript model is ``torch.jit.load``-ed straight onto its device. A MONAI bundle folder is read as MONAI
 does: ``models/model.ts`` when the bundle ships TorchScript, else the network built from ``network_def`` in
-``configs/inference.json`` (or ``.yaml``) with ``models/model.pt``'s state dict. Reading a bundle's config
-evaluates its expressions (MONAI's ``$`` syntax), so a bundle is code: register only bundles you trust.
+``configs/inference.json`` (or ``.yaml``) with ``models/model.pt``'s state dict. A bundle's config is code in
+MONAI's syntax: :mod:`gateway.infer.bundle` builds its network without running any of it unless the registered
+manifest says ``trust_code: true``. Weights are unpickled with ``weights_only=True`` whatever the manifest says.
 
 Forward passes run in ``torch.inference_mode``; extra inputs (a diffusion model's b-values) follow the batch as
 positional arguments. ``precision`` ``fp16``/``bf16`` runs under autocast (``bf16`` also on the CPU; ``fp16`` on
@@ -25,14 +26,13 @@ import numpy.typing as npt
 import torch
 
 from gateway.errors import InferenceError, ModelError
-from gateway.infer.failures import forward_error, load_error, reason, weights_path
+from gateway.infer.bundle import build_network
+from gateway.infer.failures import forward_error, load_error, weights_path
 from gateway.registry.manifest import Manifest, Precision
 
 __all__ = ["TorchBackend", "load_monai_bundle", "load_torchscript"]
 
 log = logging.getLogger(__name__)
-
-_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 
 
 def autocast_dtype(precision: Precision, device: str, ref: str) -> torch.dtype | None:
@@ -139,34 +139,6 @@ def load_torchscript(manifest: Manifest, folder: Path, device: str) -> TorchBack
     return TorchBackend(_jit_load(path, device), manifest.ref, device, manifest.inference.precision)
 
 
-def _bundle_config(bundle: Path) -> Path:
-    for name in _CONFIGS:
-        path = bundle / "configs" / name
-        if path.is_file():
-            return path
-    raise ModelError(f"MONAI bundle {bundle.name} has neither models/model.ts nor configs/inference.json or .yaml")
-
-
-def _bundle_network(config: Path, bundle: Path) -> torch.nn.Module:
-    from monai.bundle.config_parser import ConfigParser
-
-    try:
-        parser = ConfigParser()
-        parser.read_config(str(config))
-        parser["bundle_root"] = str(bundle)
-        if "network_def" not in parser:
-            raise ModelError(f"MONAI bundle {bundle.name}: {config.name} has no network_def")
-        network = parser.get_parsed_content("network_def", instantiate=True)
-    except ModelError:
-        raise
-    except Exception as exc:
-        problem = f"MONAI bundle {bundle.name}: cannot build network_def from {config.name}"
-        raise ModelError(f"{problem}: {reason(exc)}") from exc
-    if not isinstance(network, torch.nn.Module):
-        raise ModelError(f"MONAI bundle {bundle.name}: network_def is a {type(network).__name__}, not a torch module")
-    return network
-
-
 def _load_state(network: torch.nn.Module, path: Path, device: str) -> None:
     if not path.is_file():
         raise ModelError(f"MONAI bundle weights models/{path.name} not found")
@@ -182,17 +154,21 @@ def _load_state(network: torch.nn.Module, path: Path, device: str) -> None:
 def load_monai_bundle(manifest: Manifest, folder: Path, device: str) -> TorchBackend:
     """Load the MONAI bundle folder ``folder / manifest.weights`` on ``device``.
 
+    Without the manifest's ``trust_code``, the network is built without running the bundle's code, and a config
+    that has code is refused (:func:`gateway.infer.bundle.build_network`).
+
     Raises
     ------
     ModelError
-        If the bundle lacks both ``models/model.ts`` and a config with ``network_def``, the network cannot be
-        built, or the weights are missing or do not fit it.
+        If the bundle lacks both ``models/model.ts`` and a config with ``network_def``, the config has code and the
+        manifest does not trust it (the message names the item), the network cannot be built, or the weights are
+        missing, are not plain weights (a pickle of other objects) or do not fit it.
     """
     bundle = weights_path(folder, manifest.weights, directory=True)
     precision = manifest.inference.precision
     scripted = bundle / "models" / "model.ts"
     if scripted.is_file():
         return TorchBackend(_jit_load(scripted, device), manifest.ref, device, precision)
-    network = _bundle_network(_bundle_config(bundle), bundle)
+    network = build_network(bundle, trust_code=manifest.trust_code)
     _load_state(network, bundle / "models" / "model.pt", device)
     return TorchBackend(network.to(device).eval(), manifest.ref, device, precision)

@@ -3,6 +3,17 @@
 Completion is a conditional update committed together with the job it creates, so it fires exactly once per
 revision, across threads, processes and restarts (``last_received_at`` is durable: a gateway restarted in the
 middle of the quiet period completes the revision once the period has passed since the last arrival).
+
+A series some of whose instances were refused for want of resources (0xA700, recorded by
+:meth:`gateway.store.store.InstanceStore.record_refusal`) is not run on what was stored of it: its quiet revision
+is ``held`` instead, and makes no job. A sender retries a 0xA700: the instances sent again reopen the held revision
+(:mod:`gateway.store.writer`), and once every refused instance has arrived the revision completes as any other. An
+operator may instead release the series (:func:`release_series`, ``gateway series release``): the refusals are
+given up and the held revision completes at once::
+
+    open --quiet, no refusal outstanding--> complete (job)
+    open --quiet, refusals outstanding----> held --an arrival--> open
+                                            held --release-----> complete (job)
 """
 
 from __future__ import annotations
@@ -10,13 +21,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway.errors import NotFound
 from gateway.jobs.states import JobState
-from gateway.store.index import Job, Series, SeriesRevision
+from gateway.store.index import Instance, Job, RefusedInstance, Series, SeriesRevision
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +46,21 @@ class Completion:
     instance_count: int
 
 
+@dataclass(frozen=True)
+class Release:
+    """What :func:`release_series` did: refusals given up, and the job of the held revision it completed."""
+
+    refusals_dropped: int
+    completion: Completion | None
+
+
 def complete_quiet_series(
     write_sessions: sessionmaker[Session], quiet_period_s: float, now: float | None = None
 ) -> list[Completion]:
     """Complete every open revision quiet for ``quiet_period_s``; create a ``received`` job for each.
+
+    A revision whose series has instances refused for want of resources, not received since, is ``held`` instead
+    (no job; logged with its counts).
 
     Parameters
     ----------
@@ -52,30 +76,122 @@ def complete_quiet_series(
     now = time.time() if now is None else now
     cutoff = now - quiet_period_s
     done: list[Completion] = []
+    held: list[tuple[SeriesRevision, int]] = []
     with write_sessions.begin() as session:
         candidates = session.scalars(
             select(SeriesRevision).where(SeriesRevision.state == "open", SeriesRevision.last_received_at <= cutoff)
         ).all()
+        missing = _outstanding(session, {rev.series_instance_uid for rev in candidates})
         for rev in candidates:
-            claimed = session.execute(
-                update(SeriesRevision)
-                .where(
-                    SeriesRevision.id == rev.id,
-                    SeriesRevision.state == "open",
-                    SeriesRevision.last_received_at <= cutoff,
-                )
-                .values(state="complete", completed_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            outstanding = missing.get(rev.series_instance_uid, 0)
+            if not _claim(session, rev, cutoff, now, outstanding):
                 continue
-            done.append(_create_job(session, rev, now))
+            if outstanding:
+                held.append((rev, outstanding))
+            else:
+                done.append(_create_job(session, rev, now))
+    for rev, outstanding in held:
+        log.info(
+            "series revision %d held: %d instance(s) refused for want of resources not received since (%d refused "
+            "while open); it completes when they arrive, or when an operator releases it",
+            rev.id,
+            outstanding,
+            max(rev.refused_count, outstanding),
+        )
     for c in done:
         log.info("series complete: job %d, revision %d, %d instance(s)", c.job_id, c.revision, c.instance_count)
     return done
 
 
-def _create_job(session: Session, rev: SeriesRevision, now: float) -> Completion:
+def _outstanding(session: Session, series_uids: set[str]) -> dict[str, int]:
+    """Per series: its instances refused for resources and not received since."""
+    if not series_uids:
+        return {}
+    arrived = select(Instance.sop_instance_uid).where(Instance.sop_instance_uid == RefusedInstance.sop_instance_uid)
+    rows = session.execute(
+        select(RefusedInstance.series_instance_uid, func.count())
+        .where(RefusedInstance.series_instance_uid.in_(series_uids), ~arrived.exists())  # a refusal racing its arrival
+        .group_by(RefusedInstance.series_instance_uid)
+    )
+    return {str(uid): int(count) for uid, count in rows}
+
+
+def _claim(session: Session, rev: SeriesRevision, cutoff: float, now: float, outstanding: int) -> bool:
+    """Move a quiet open revision to ``complete``, or to ``held`` while refusals are outstanding; ``False`` if
+    another caller got there first (or an arrival came meanwhile)."""
+    values: dict[str, object] = {"state": "complete", "completed_at": now}
+    if outstanding:
+        refused = SeriesRevision.refused_count
+        values = {"state": "held", "refused_count": case((refused < outstanding, outstanding), else_=refused)}
+    claimed = session.execute(
+        update(SeriesRevision)
+        .where(SeriesRevision.id == rev.id, SeriesRevision.state == "open", SeriesRevision.last_received_at <= cutoff)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(claimed.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def release_series(
+    write_sessions: sessionmaker[Session], series_instance_uid: str, now: float | None = None
+) -> Release:
+    """An operator's release of a series held for instances refused for want of resources.
+
+    The series' outstanding refusals are given up, and its held revision, if there is one, completes at once with a
+    ``received`` job (on the instances stored, whatever is missing). An open revision then completes after its
+    quiet period as any other.
+
+    Parameters
+    ----------
+    write_sessions
+        :attr:`InstanceStore.write_sessions` (or any index's).
+    series_instance_uid
+        The series to release.
+    now
+        The current time (seconds since the epoch); the wall clock when omitted.
+
+    Raises
+    ------
+    NotFound
+        The index holds neither the series nor a refusal of one of its instances.
+    """
+    now = time.time() if now is None else now
+    with write_sessions.begin() as session:
+        dropped = session.execute(
+            delete(RefusedInstance).where(RefusedInstance.series_instance_uid == series_instance_uid)
+        ).rowcount  # type: ignore[attr-defined]
+        if not dropped and session.get(Series, series_instance_uid) is None:
+            raise NotFound("no such series")
+        rev = session.scalars(
+            select(SeriesRevision)
+            .where(SeriesRevision.series_instance_uid == series_instance_uid)
+            .order_by(SeriesRevision.revision.desc())
+            .limit(1)
+        ).first()
+        completion = None
+        if rev is not None and rev.state == "held":
+            released = session.execute(
+                update(SeriesRevision)
+                .where(SeriesRevision.id == rev.id, SeriesRevision.state == "held")
+                .values(state="complete", completed_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if released.rowcount == 1:  # type: ignore[attr-defined]
+                completion = _create_job(session, rev, now, released_with_refused=int(dropped))
+    if completion is not None:
+        log.info(
+            "series revision %d released by an operator: job %d on %d instance(s), %d refused instance(s) given up",
+            completion.revision_id,
+            completion.job_id,
+            completion.instance_count,
+            dropped,
+        )
+    elif dropped:
+        log.info("an operator gave up %d refused instance(s) of a series not held yet", dropped)
+    return Release(int(dropped), completion)
+
+
+def _create_job(session: Session, rev: SeriesRevision, now: float, **detail: object) -> Completion:
     series = session.get(Series, rev.series_instance_uid)
     assert series is not None, "a revision always belongs to an indexed series"
     study_uid = series.study_instance_uid
@@ -86,7 +202,7 @@ def _create_job(session: Session, rev: SeriesRevision, now: float) -> Completion
         state=JobState.RECEIVED,
         created_at=now,
         updated_at=now,
-        detail={"revision": rev.revision, "instances": rev.instance_count},
+        detail={"revision": rev.revision, "instances": rev.instance_count, **detail},
     )
     session.add(job)
     session.flush()
@@ -94,12 +210,20 @@ def _create_job(session: Session, rev: SeriesRevision, now: float) -> Completion
 
 
 class CompletionMonitor:
-    """Background thread that runs :func:`complete_quiet_series` every ``poll_s`` seconds."""
+    """Background thread that runs :func:`complete_quiet_series` every ``poll_s`` seconds; ``on_complete`` is called
+    when it made jobs (the job runner's wake-up, so a new job does not wait for the workers' next poll)."""
 
-    def __init__(self, sessions: sessionmaker[Session], quiet_period_s: float, poll_s: float) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        quiet_period_s: float,
+        poll_s: float,
+        on_complete: Callable[[], None] | None = None,
+    ) -> None:
         self._sessions = sessions
         self._quiet = quiet_period_s
         self._poll = poll_s
+        self._on_complete = on_complete
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="completion-monitor", daemon=True)
 
@@ -116,6 +240,7 @@ class CompletionMonitor:
     def _run(self) -> None:
         while not self._stop.wait(self._poll):
             try:
-                complete_quiet_series(self._sessions, self._quiet)
+                if complete_quiet_series(self._sessions, self._quiet) and self._on_complete is not None:
+                    self._on_complete()
             except Exception:
                 log.exception("completion check failed; retrying at the next poll")

@@ -1,9 +1,10 @@
 """The DIMSE Storage SCP (pynetdicom): C-ECHO and C-STORE, stored as received.
 
-The handlers stay thin: each calls one plain function (:meth:`InstanceStore.put`) and maps the gateway's
-errors to C-STORE statuses. Datasets are received in chunks straight to a temporary file (pynetdicom's
-``STORE_RECV_CHUNKED_DATASET``), so a large multi-frame object never sits in memory, and they are never
-decoded and re-encoded.
+The handlers stay thin: each calls one plain function (:func:`store_status`, over :meth:`InstanceStore.put`) and
+maps the gateway's errors to C-STORE statuses. A data set whose SOP Class or Instance disagrees with its
+presentation context or its request is refused with 0xA900, never stored with file meta that contradicts it.
+Datasets are received in chunks straight to a temporary file (pynetdicom's ``STORE_RECV_CHUNKED_DATASET``), so a
+large multi-frame object never sits in memory, and they are never decoded and re-encoded.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.config import AllowedCaller, DicomSettings, TLSSettings
 from gateway.errors import IngestError
-from gateway.ingest.instance import ACCEPTED_TRANSFER_SYNTAXES
+from gateway.ingest.instance import ACCEPTED_TRANSFER_SYNTAXES, DataSetMismatch
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -37,10 +40,39 @@ _A_ABORT_INVALID_PARAMETER = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x0
 _STATUS_INTERNAL = 0xA700  # an unexpected fault: "Out of Resources" tells the sender to retry later
 
 
-def store_status(store: InstanceStore, path: Any, calling_ae: str) -> int | Dataset:
-    """Store one received C-STORE data set and return the C-STORE response status (PS3.4 B.2.3)."""
+def store_status(
+    store: InstanceStore,
+    path: Any,
+    calling_ae: str,
+    *,
+    abstract_syntax: str | None = None,
+    sop_class_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> int | Dataset:
+    """Store one received C-STORE data set and return the C-STORE response status (PS3.4 B.2.3).
+
+    Parameters
+    ----------
+    store
+        Where it goes.
+    path
+        The received data set as a Part 10 file (consumed either way).
+    calling_ae
+        The sender's AE title.
+    abstract_syntax
+        The SOP Class of the presentation context the data set came on.
+    sop_class_uid, sop_instance_uid
+        The request's AffectedSOPClassUID and AffectedSOPInstanceUID. The context's SOP Class, the request's
+        and the data set's must agree, and so must the request's SOP Instance UID and the data set's: 0xA900
+        ("Data Set does not match SOP Class") otherwise.
+    """
     try:
-        outcome = store.put(path, source=f"dimse:{calling_ae}")
+        if abstract_syntax and sop_class_uid and abstract_syntax != sop_class_uid:
+            _discard(path)
+            raise DataSetMismatch("AffectedSOPClassUID is not the presentation context's SOP Class")
+        outcome = store.put(
+            path, source=f"dimse:{calling_ae}", sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid
+        )
     except IngestError as exc:
         log.warning("C-STORE from %r refused with 0x%04X: %s", calling_ae, exc.status, exc.reason)
         return _failure(exc.status, exc.reason)
@@ -49,6 +81,11 @@ def store_status(store: InstanceStore, path: Any, calling_ae: str) -> int | Data
         return _failure(_STATUS_INTERNAL, "internal error, retry later")
     log.debug("C-STORE from %r %s", calling_ae, "duplicate" if outcome.duplicate else "stored")
     return 0x0000
+
+
+def _discard(path: Any) -> None:
+    with contextlib.suppress(OSError, TypeError):
+        Path(path).unlink(missing_ok=True)
 
 
 def _failure(status: int, reason: str) -> Dataset:
@@ -84,11 +121,8 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        """Bind and serve in background threads."""
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        _config.LOG_HANDLER_LEVEL = "none"
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        _config.LOG_RESPONSE_IDENTIFIERS = False
+        """Bind and serve in background threads (``gateway.process`` has set pynetdicom to write received data
+        sets to files as they arrive, and not to log messages)."""
         ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, lambda event: 0x0000),
@@ -112,11 +146,23 @@ class StorageSCP:
             " (TLS)" if self.settings.tls else "",
         )
 
-    def stop(self) -> None:
-        """Stop accepting and close the server (associations in progress are aborted)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, join_s: float = 10.0) -> None:
+        """Stop accepting, close the server, abort the associations in progress and wait for their threads.
+
+        A peer whose association is aborted mid-transfer sees an A-ABORT for the instances not yet acknowledged
+        and sends them again (an instance is acknowledged only once it is durably stored and indexed).
+        """
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        associations = list(server.active_associations)
+        server.shutdown()
+        for assoc in associations:
+            if assoc.is_alive():
+                assoc.abort()
+        deadline = time.monotonic() + join_s
+        for assoc in associations:
+            assoc.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _make_ae(self) -> AE:
         s = self.settings
@@ -136,7 +182,15 @@ class StorageSCP:
 
     def _on_store(self, event: Any) -> int | Dataset:
         calling = event.assoc.requestor.ae_title
-        status = store_status(self.store, event.dataset_path, calling)
+        request = event.request
+        status = store_status(
+            self.store,
+            event.dataset_path,
+            calling,
+            abstract_syntax=str(event.context.abstract_syntax),
+            sop_class_uid=_uid_text(request.AffectedSOPClassUID),
+            sop_instance_uid=_uid_text(request.AffectedSOPInstanceUID),
+        )
         code = status if isinstance(status, int) else int(status.Status)
         self._count(event.assoc, "stored" if code == 0 else "failed")
         return status
@@ -168,6 +222,11 @@ class StorageSCP:
     def _count(self, assoc: Any, what: str) -> None:
         with self._lock:
             self._counts.setdefault(id(assoc), Counter())[what] += 1
+
+
+def _uid_text(value: object) -> str | None:
+    text = "" if value is None else str(value).strip("\0 ")
+    return text or None
 
 
 def _prefer_requestor_order(assoc: Any) -> None:

@@ -2,28 +2,38 @@
 
 Tolerant where real scanners deviate harmlessly, strict where a wrong answer would lose or misfile data: every
 top-level element's declared length is checked against what follows (a truncated instance is refused, never
-stored), and the three UIDs that file an instance must be present and well formed.
+stored), the three UIDs that file an instance must be present and well formed, and the data set's SOP Class and
+Instance UIDs must be those declared for it (file meta information, C-STORE request).
+
+A Deflated Explicit VR Little Endian data set (PS3.5 A.5) is inflated as a stream, a megabyte at a time, into an
+unnamed temporary file, and never beyond :class:`InflateLimit`: a deflate bomb is refused (0xA700) once it has
+cost the limit, not the gigabytes it would inflate to. The file stored stays the bytes as received; since every
+stored deflated instance passed this check, later readers (assembly, WADO) that let pydicom inflate it in memory
+hold at most the limit.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import re
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
 from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator, read_file_meta_info
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from gateway.errors import InvalidInstance, UnsupportedTransferSyntax
+from gateway.config import IngestSettings
+from gateway.errors import IngestError, InvalidInstance, OutOfResources, UnsupportedTransferSyntax
 
 #: Transfer syntaxes the gateway stores as received (PS3.5 and PS3.6 Table A-1).
 ACCEPTED_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
@@ -54,6 +64,8 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PREAMBLE_AND_PREFIX = 132
 _GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL, explicit VR: tag, VR, 2-byte length, 4-byte value
+_INFLATE_CHUNK = 1 << 20  # compressed bytes read, and inflated bytes produced, at a time
+_PEEK_INFLATED = 1 << 20  # what peek_uids inflates of a deflated data set, at most
 
 #: The attributes the index keeps, read from the header (never the pixel data).
 INDEX_KEYWORDS: tuple[str, ...] = (
@@ -81,6 +93,53 @@ INDEX_KEYWORDS: tuple[str, ...] = (
     "NumberOfFrames",
 )
 _WANTED: frozenset[BaseTag] = frozenset(Tag(kw) for kw in ("SpecificCharacterSet", *INDEX_KEYWORDS))
+_FILING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+class DataSetMismatch(IngestError):
+    """The data set's SOP Class or Instance UID is not the one declared for it: by the presentation context, the
+    C-STORE request or the file meta information (0xA900, "Data Set does not match SOP Class")."""
+
+    default_status = 0xA900
+
+
+@dataclass(frozen=True)
+class InflateLimit:
+    """How far a Deflated data set may inflate (:class:`gateway.config.IngestSettings`).
+
+    Attributes
+    ----------
+    max_ratio
+        Inflated bytes allowed per byte received.
+    floor_bytes
+        Allowed whatever the ratio gives (a small deflated instance may compress well).
+    max_bytes
+        Never allowed beyond this.
+    """
+
+    max_ratio: float
+    floor_bytes: int
+    max_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.max_ratio < 1:
+            raise ValueError("max_ratio must be at least 1")
+        if self.floor_bytes <= 0 or self.max_bytes <= 0:
+            raise ValueError("floor_bytes and max_bytes must be positive")
+
+    @classmethod
+    def of(cls, settings: IngestSettings) -> InflateLimit:
+        """The limit the ``ingest`` settings set."""
+        return cls(settings.inflate_max_ratio, settings.inflate_floor_bytes, settings.inflate_max_bytes)
+
+    def allowed(self, wire_bytes: int) -> int:
+        """Inflated bytes allowed for a data set of ``wire_bytes`` deflated bytes:
+        ``min(max_bytes, max(floor_bytes, max_ratio * wire_bytes))``."""
+        return min(self.max_bytes, max(self.floor_bytes, int(self.max_ratio * wire_bytes)))
+
+
+#: The limit of the default settings.
+DEFAULT_INFLATE_LIMIT = InflateLimit.of(IngestSettings())
 
 
 @dataclass(frozen=True)
@@ -93,6 +152,16 @@ class ReceivedInstance:
     series_instance_uid: str
     transfer_syntax_uid: str
     attributes: dict[str, str | int | None]
+
+
+@dataclass(frozen=True)
+class InstanceUIDs:
+    """The filing UIDs :func:`peek_uids` could read from a refused instance; each ``None`` if absent or malformed."""
+
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
 
 
 def is_valid_uid(value: str) -> bool:
@@ -117,8 +186,35 @@ def check_uid(value: object, keyword: str) -> str:
     return text
 
 
-def read_received(path: Path) -> ReceivedInstance:
+def check_identity(info: ReceivedInstance, sop_class_uid: object, sop_instance_uid: object) -> None:
+    """Raise :class:`DataSetMismatch` unless the data set has the SOP Class and Instance UIDs declared for it.
+
+    A declared value that is ``None`` or empty is not checked (a file meta that lacks it is tolerated).
+    """
+    if _declared(sop_class_uid) not in (None, info.sop_class_uid):
+        raise DataSetMismatch("the data set's SOPClassUID is not the one declared for it")
+    if _declared(sop_instance_uid) not in (None, info.sop_instance_uid):
+        raise DataSetMismatch("the data set's SOPInstanceUID is not the one declared for it")
+
+
+def _declared(value: object) -> str | None:
+    text = "" if value is None else str(value).strip("\0 ")
+    return text or None
+
+
+def read_received(
+    path: Path, *, inflate: InflateLimit = DEFAULT_INFLATE_LIMIT, scratch_dir: Path | None = None
+) -> ReceivedInstance:
     """Validate the Part 10 file at ``path`` and return what the index needs.
+
+    Parameters
+    ----------
+    path
+        The received file.
+    inflate
+        How far a Deflated data set may inflate.
+    scratch_dir
+        Where a Deflated data set is inflated (an unnamed temporary file); the system's temporary folder if omitted.
 
     Raises
     ------
@@ -126,13 +222,17 @@ def read_received(path: Path) -> ReceivedInstance:
         The file is not DICOM, is truncated, declares lengths beyond its end, or lacks a filing UID.
     UnsupportedTransferSyntax
         Its transfer syntax is not in :data:`ACCEPTED_TRANSFER_SYNTAXES`.
+    DataSetMismatch
+        Its SOP Class or Instance UID differs from the file meta information's (MediaStorageSOP...).
+    gateway.errors.OutOfResources
+        Its Deflated data set inflates beyond ``inflate`` (or the disk filled while inflating it).
     """
     with warnings.catch_warnings():  # tolerant reading: pydicom's warnings about odd encodings are not errors
         warnings.simplefilter("ignore")
-        return _read_received(path)
+        return _read_received(path, inflate, scratch_dir)
 
 
-def _read_received(path: Path) -> ReceivedInstance:
+def _read_received(path: Path, inflate: InflateLimit, scratch_dir: Path | None) -> ReceivedInstance:
     try:
         meta = read_file_meta_info(path)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
@@ -143,12 +243,13 @@ def _read_received(path: Path) -> ReceivedInstance:
     group_length = meta.get("FileMetaInformationGroupLength")
     if not isinstance(group_length, int):
         raise InvalidInstance("file meta information lacks its group length")
+    offset = _PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length
     if ts == DeflatedExplicitVRLittleEndian:
-        ds = _read_deflated(path, _PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length)
+        ds = _read_deflated(path, offset, inflate, scratch_dir)
     else:
-        ds = _scan(path, _PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length, UID(ts))
+        ds = _scan_file(path, offset, UID(ts))
     attributes = {kw: _value(ds, kw) for kw in INDEX_KEYWORDS}
-    return ReceivedInstance(
+    info = ReceivedInstance(
         sop_class_uid=check_uid(attributes["SOPClassUID"], "SOPClassUID"),
         sop_instance_uid=check_uid(attributes["SOPInstanceUID"], "SOPInstanceUID"),
         study_instance_uid=check_uid(attributes["StudyInstanceUID"], "StudyInstanceUID"),
@@ -156,25 +257,35 @@ def _read_received(path: Path) -> ReceivedInstance:
         transfer_syntax_uid=ts,
         attributes=attributes,
     )
+    check_identity(info, meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID"))
+    return info
 
 
-def _scan(path: Path, offset: int, ts: UID) -> Dataset:
-    """One pass over the top-level elements: check every declared length, keep the indexed ones."""
+def _scan_file(path: Path, offset: int, ts: UID) -> Dataset:
     size = path.stat().st_size
     if offset >= size:
         raise InvalidInstance("the data set is empty", InvalidInstance.TRUNCATED)
-    kept: dict[BaseTag, DataElement | RawDataElement] = {}
     with path.open("rb") as fp:
         fp.seek(offset)
-        try:
-            for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=256):
-                if isinstance(elem, RawDataElement):
+        return _scan(fp, size, ts)
+
+
+def _scan(fp: BinaryIO, size: int | None, ts: UID, *, partial: bool = False) -> Dataset:
+    """One pass over the top-level elements from ``fp``'s position: check every declared length against ``size``
+    (the stream's end), keep the indexed ones. ``partial``: keep what was read before a fault, raise nothing."""
+    kept: dict[BaseTag, DataElement | RawDataElement] = {}
+    try:
+        for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=256):
+            if isinstance(elem, RawDataElement):
+                if size is not None:
                     _check_fits(elem, size)
-                    if elem.tag in _WANTED and elem.value is not None:
-                        kept[elem.tag] = elem
-        except InvalidInstance:
+                if elem.tag in _WANTED and elem.value is not None:
+                    kept[elem.tag] = elem
+    except InvalidInstance:
+        if not partial:
             raise
-        except (EOFError, OSError, ValueError, NotImplementedError, KeyError, TypeError) as exc:
+    except (EOFError, OSError, ValueError, NotImplementedError, KeyError, TypeError) as exc:
+        if not partial:
             raise InvalidInstance(
                 f"truncated or malformed data set ({type(exc).__name__})", InvalidInstance.TRUNCATED
             ) from exc
@@ -191,27 +302,113 @@ def _check_fits(elem: RawDataElement, size: int) -> None:
         )
 
 
-def _read_deflated(path: Path, offset: int) -> Dataset:
-    with path.open("rb") as fp:
-        fp.seek(offset)
-        _check_deflated(fp)
+def _read_deflated(path: Path, offset: int, inflate: InflateLimit, scratch_dir: Path | None) -> Dataset:
+    """Inflate the data set into an unnamed temporary file, up to the limit for its size, and scan it there."""
+    allowed = inflate.allowed(max(0, path.stat().st_size - offset))
     try:
-        return dcmread(path, stop_before_pixels=True, specific_tags=list(INDEX_KEYWORDS))
-    except Exception as exc:
-        raise InvalidInstance(f"unparseable data set ({type(exc).__name__})") from exc
+        with path.open("rb") as src, tempfile.TemporaryFile(dir=scratch_dir) as inflated:
+            src.seek(offset)
+            size = inflate_into(src, inflated, allowed)
+            if size == 0:
+                raise InvalidInstance("the data set is empty", InvalidInstance.TRUNCATED)
+            inflated.seek(0)
+            return _scan(inflated, size, ExplicitVRLittleEndian)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OutOfResources("disk full while inflating a deflated data set") from exc
+        raise
 
 
-def _check_deflated(fp: BinaryIO) -> None:
+def inflate_into(src: BinaryIO, out: BinaryIO, allowed: int) -> int:
+    """Inflate the raw deflate stream (PS3.5 A.5) read from ``src`` into ``out``; return the inflated size.
+
+    Memory stays within a few megabytes whatever the stream: at most 1 MiB is read, and 1 MiB produced, at a time
+    (``zlib.decompressobj`` with ``max_length``); bytes after the end of the stream (padding) are ignored.
+
+    Raises
+    ------
+    gateway.errors.OutOfResources
+        The stream inflates to more than ``allowed`` bytes (nothing beyond ``allowed`` is inflated).
+    InvalidInstance
+        The stream is corrupt, or ends before its last block.
+    """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
     try:
-        while chunk := fp.read(1 << 20):
-            inflater.decompress(chunk, 1 << 20)
-            while inflater.unconsumed_tail:
-                inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+        while not inflater.eof:
+            pending = inflater.unconsumed_tail or src.read(_INFLATE_CHUNK)
+            data = inflater.decompress(pending, _INFLATE_CHUNK)
+            if not data and not pending:
+                break  # the input has ended, and nothing is left inside the inflater
+            total += len(data)
+            if total > allowed:
+                raise OutOfResources(f"deflated data set inflates past the limit of {allowed} bytes")
+            out.write(data)
     except zlib.error as exc:
         raise InvalidInstance("corrupt deflated data set", InvalidInstance.UNPARSEABLE) from exc
     if not inflater.eof:
         raise InvalidInstance("truncated deflated data set", InvalidInstance.TRUNCATED)
+    return total
+
+
+def peek_uids(source: Path | bytes) -> InstanceUIDs | None:
+    """Best-effort read of the filing UIDs of a refused instance (a file, or the first bytes of one).
+
+    Reads the file meta and the top-level elements up to the first fault; of a Deflated data set, inflates at most
+    1 MiB. Only well-formed UIDs are kept (a malformed one is not echoed back in a UI element). Nothing from the
+    refused data reaches a warning or the log. ``None`` when nothing could be read.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with io.BytesIO(source) if isinstance(source, bytes) else source.open("rb") as fp:
+                ds = _peek(fp)
+    except Exception:
+        return None
+    found = {kw: _uid_or_none(ds, kw) for kw in _FILING_KEYWORDS}
+    return InstanceUIDs(
+        found["SOPClassUID"], found["SOPInstanceUID"], found["StudyInstanceUID"], found["SeriesInstanceUID"]
+    )
+
+
+def _peek(fp: BinaryIO) -> Dataset:
+    if fp.read(_PREAMBLE_AND_PREFIX)[128:] != b"DICM":
+        raise InvalidInstance("no DICM prefix")
+    meta = _scan_meta(fp)
+    ts = UID(str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)).strip("\0 "))
+    if ts == DeflatedExplicitVRLittleEndian:
+        inflated = io.BytesIO()
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated.write(inflater.decompress(fp.read(_PEEK_INFLATED), _PEEK_INFLATED))
+        inflated.seek(0)
+        return _scan(inflated, None, ExplicitVRLittleEndian, partial=True)
+    if ts.is_transfer_syntax:
+        return _scan(fp, None, ts, partial=True)
+    start = fp.tell()  # an unknown (private) transfer syntax: explicit VR little endian, else implicit
+    ds = _scan(fp, None, ExplicitVRLittleEndian, partial=True)
+    if "SOPInstanceUID" in ds:
+        return ds
+    fp.seek(start)
+    return _scan(fp, None, ImplicitVRLittleEndian, partial=True)
+
+
+def _scan_meta(fp: BinaryIO) -> Dataset:
+    """The group 0002 elements (always Explicit VR Little Endian); ``fp`` is left at the data set's first tag."""
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    for elem in data_element_generator(fp, False, True, stop_when=lambda tag, vr, length: tag.group != 2):
+        elements[elem.tag] = elem
+    return Dataset(elements)
+
+
+def _uid_or_none(ds: Dataset, keyword: str) -> str | None:
+    raw = ds.get_item(keyword)
+    value = raw.value if isinstance(raw, DataElement | RawDataElement) else None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    try:
+        return check_uid(value, keyword)
+    except InvalidInstance:
+        return None
 
 
 def _value(ds: Dataset, keyword: str) -> str | int | None:

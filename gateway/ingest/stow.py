@@ -4,6 +4,9 @@ Each part is written to a temporary file in the store as it arrives (the body is
 parts are handed to :meth:`InstanceStore.put` only once the body's closing boundary has been seen, so that a
 request refused as a whole (400 malformed, 413 too large, client gone) stores nothing. The result lists each
 instance as referenced (stored) or failed with its FailureReason; the HTTP layer turns it into the response.
+A part whose data set contradicts its file meta (SOP Class or Instance UID) fails with 0xA900; one refused for
+want of resources (0xA700) is remembered by its UIDs, read from its first bytes, so that its series is held until
+it is sent again.
 """
 
 from __future__ import annotations
@@ -11,25 +14,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from pydicom import dcmread
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.errors import GatewayError, IngestError, InvalidInstance, OutOfResources
-from gateway.ingest.instance import check_uid
+from gateway.ingest.instance import InstanceUIDs, peek_uids
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
 
 _DICOM = b"application/dicom"
+_HEAD_BYTES = 64 << 10  # of a part that cannot be written: kept in memory to learn its UIDs
 
 
 class StowRequestError(GatewayError):
@@ -227,6 +228,7 @@ class _Part:
         self.failure: IngestError | None = None
         self.path: Path | None = None
         self.file: IO[bytes] | None = None
+        self.head = bytearray()  # the first bytes of a part refused for resources
         try:
             store.check_space()
             self.path = store.temp_path()
@@ -236,13 +238,17 @@ class _Part:
 
     def write(self, data: bytes) -> None:
         if self.file is None:
+            if isinstance(self.failure, OutOfResources) and len(self.head) < _HEAD_BYTES:
+                self.head.extend(data[: _HEAD_BYTES - len(self.head)])
             return
         try:
             self.file.write(data)
         except OSError as exc:
-            self.discard()
             if exc.errno != errno.ENOSPC:
+                self.discard()
                 raise
+            self.head = self._read_head()
+            self.discard()
             self.failure = OutOfResources("disk full while receiving")
 
     def close(self) -> None:
@@ -256,8 +262,8 @@ class _Part:
             self.failure = InvalidInstance(f"part type {self.content_type.decode('latin-1')!r} is not DICOM")
         if self.failure is not None or self.path is None:
             self.discard()
-            return _failure_item(None, self.failure or OutOfResources("no space to receive"))
-        uids = _peek_uids(self.path)
+            return self._refused(self.failure or OutOfResources("no space to receive"))
+        uids = peek_uids(self.path)
         try:
             outcome = self.store.put(self.path, source="stow", expected_study=expected_study)
         except IngestError as exc:
@@ -265,6 +271,29 @@ class _Part:
             return _failure_item(uids, exc)
         info = outcome.instance
         return StowItem(info.sop_class_uid, info.sop_instance_uid, info.study_instance_uid)
+
+    def _refused(self, exc: IngestError) -> StowItem:
+        """The item of a part never written whole; one refused for resources is remembered by its UIDs."""
+        uids = peek_uids(bytes(self.head)) if isinstance(exc, OutOfResources) and self.content_type == _DICOM else None
+        if uids is not None and uids.series_instance_uid and uids.sop_instance_uid:
+            try:
+                self.store.record_refusal(uids.series_instance_uid, uids.sop_instance_uid, exc.reason)
+            except Exception:
+                log.exception("could not record a STOW-RS part refused for resources: its series will not be held")
+        elif isinstance(exc, OutOfResources):
+            log.warning("a STOW-RS part refused for resources could not be identified: its series will not be held")
+        return _failure_item(uids, exc)
+
+    def _read_head(self) -> bytearray:
+        if self.file is None or self.path is None:
+            return bytearray()
+        with contextlib.suppress(OSError):
+            self.file.flush()
+        try:
+            with self.path.open("rb") as fp:
+                return bytearray(fp.read(_HEAD_BYTES))
+        except OSError:
+            return bytearray()
 
     def discard(self) -> None:
         if self.file is not None:
@@ -275,36 +304,6 @@ class _Part:
             self.path.unlink(missing_ok=True)
 
 
-def _failure_item(uids: dict[str, str | None] | None, exc: IngestError) -> StowItem:
-    known = uids or {}
-    sop_class, sop_instance = known.get("SOPClassUID"), known.get("SOPInstanceUID")
-    return StowItem(sop_class, sop_instance, known.get("StudyInstanceUID"), exc.status, exc.reason)
-
-
-_PEEKED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
-
-
-def _peek_uids(path: Path) -> dict[str, str | None] | None:
-    """Best-effort read of the UIDs, so that a failure can name the instance it concerns.
-
-    Only well-formed UIDs are kept (a malformed one is not echoed back in a UI element). The raw bytes are
-    read, never decoded by pydicom, so that nothing from the refused file reaches a warning or the log.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = dcmread(path, stop_before_pixels=True, force=True, specific_tags=list(_PEEKED))
-            return {keyword: _raw_uid(ds, keyword) for keyword in _PEEKED}
-    except Exception:
-        return None
-
-
-def _raw_uid(ds: Dataset, keyword: str) -> str | None:
-    raw = ds.get_item(keyword)
-    value = raw.value if isinstance(raw, DataElement | RawDataElement) else None
-    if isinstance(value, bytes):
-        value = value.decode("ascii", errors="replace")
-    try:
-        return check_uid(value, keyword)
-    except InvalidInstance:
-        return None
+def _failure_item(uids: InstanceUIDs | None, exc: IngestError) -> StowItem:
+    known = uids or InstanceUIDs()
+    return StowItem(known.sop_class_uid, known.sop_instance_uid, known.study_instance_uid, exc.status, exc.reason)

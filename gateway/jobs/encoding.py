@@ -1,4 +1,4 @@
-"""The encode stage of a job: ``inferred -> encoding -> encoded`` (then export), or ``failed`` with the reason.
+"""The encode stage of a job: its results as DICOM objects, written durably; the runner then queues their export.
 
 Each model result becomes DICOM objects in the source study (a SEG, its TID 1500 SR, the outlines as a presentation
 state and the key images as a key object selection, burned-in key images when a destination of the job asks for
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,31 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
 import gateway
-from gateway.config import ExportSettings
+from gateway.config import ExportSettings, OutputKind
 from gateway.encode import encode_result, write_objects
 from gateway.export.destinations import destinations_for
-from gateway.export.queue import enqueue
 from gateway.infer.results import ModelResult
-from gateway.jobs.record import advance, record
-from gateway.jobs.states import JobState
 from gateway.store.index import Instance, Job
 from gateway.store.store import InstanceStore
 
-__all__ = ["SERIES_NUMBER_BASE", "EncodeStage"]
+__all__ = ["SERIES_NUMBER_BASE", "EncodeStage", "Encoded"]
 
 log = logging.getLogger(__name__)
 
 #: SeriesNumber of the first result's SEG (its SR takes the next); each further result adds 10.
 SERIES_NUMBER_BASE = 9000
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What the encode stage wrote: each output (model, kind, UIDs, file), the files, where they go, the seconds
+    per kind, and the stage's seconds."""
+
+    outputs: list[dict[str, Any]]
+    paths: list[Path]
+    destinations: dict[str, frozenset[OutputKind]]
+    parts: dict[str, float]
+    seconds: float
 
 
 class EncodeStage:
@@ -57,21 +67,17 @@ class EncodeStage:
         self._export = export
         self._outputs_dir = outputs_dir
 
-    def __call__(self, job_id: int, results: Sequence[ModelResult]) -> None:
-        """Run the stage for ``job_id`` (``inferred``) on the results inference gave."""
-        if not advance(self._store, job_id, JobState.INFERRED, JobState.ENCODING):
-            return
+    def __call__(self, job_id: int, results: Sequence[ModelResult]) -> Encoded:
+        """Encode ``job_id``'s results (the job is ``encoding``) and write the files; the runner queues them."""
         started = time.monotonic()
-        try:
-            destinations = destinations_for(self._export, self._source(job_id))
-            key_images = any("sc" in kinds for kinds in destinations.values())  # only some destinations want them
-            parts: dict[str, float] = {}
-            outputs, paths = self._encode(job_id, results, key_images, parts)
-            self._record(job_id, outputs, time.monotonic() - started, parts)
-            enqueue(self._store, job_id, paths, destinations)
-        except Exception as exc:  # one bad job fails, never the worker
-            log.exception("encoding of job %d failed", job_id)
-            self._fail(job_id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
+        destinations = destinations_for(self._export, self._source(job_id))
+        key_images = any("sc" in kinds for kinds in destinations.values())  # only some destinations want them
+        parts: dict[str, float] = {}
+        outputs, paths = self._encode(job_id, results, key_images, parts)
+        seconds = time.monotonic() - started
+        log.info("job %d: %d DICOM output(s) in %.1f s", job_id, len(outputs), seconds)
+        encode_parts = {key: round(value, 3) for key, value in parts.items()}  # seconds per kind, and writing
+        return Encoded(outputs, paths, destinations, encode_parts, seconds)
 
     def _encode(
         self, job_id: int, results: Sequence[ModelResult], key_images: bool, parts: dict[str, float]
@@ -126,12 +132,3 @@ class EncodeStage:
                 select(Instance.source).where(Instance.series_instance_uid == job.series_instance_uid).limit(1)
             )
         return source or ""
-
-    def _record(self, job_id: int, outputs: list[dict[str, Any]], seconds: float, parts: dict[str, float]) -> None:
-        encode_parts = {key: round(value, 3) for key, value in parts.items()}  # seconds per kind, and writing
-        record(self._store, job_id, timing=("encode_s", seconds), outputs=outputs, encode_timings=encode_parts)
-        log.info("job %d: %d DICOM output(s) in %.1f s", job_id, len(outputs), seconds)
-
-    def _fail(self, job_id: int, reason: str, seconds: float) -> None:
-        failure = {"stage": "encode", "reason": f"encoding failed: {reason}"}
-        record(self._store, job_id, timing=("encode_s", seconds), state=JobState.FAILED, failure=failure)

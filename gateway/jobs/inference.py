@@ -1,6 +1,7 @@
-"""The inference stage of a job: ``assembled -> inferring -> inferred`` (or ``skipped`` / ``failed``, with reasons).
+"""The inference stage of a job: route the assembled volumes and run the models that apply.
 
-Then the encode stage follows in the same thread (``then``), on the results still in memory.
+The runner (:mod:`gateway.jobs.runner`) moves the job ``inferring`` and records the outcome: ``inferred``, or
+``skipped`` / ``failed`` with the reasons; then the encode stage follows on the results still in memory.
 
 Right after assembly, in the same worker, the job's volumes are routed against the enabled models (read from the
 registry at that moment, so a model registered while the gateway runs serves the next job) and each model that
@@ -13,27 +14,54 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from sqlalchemy import select
 
 from gateway.assemble.assemble import AssemblyResult
 from gateway.infer.outputs import write_model_outputs
-from gateway.infer.results import ModelResult
 from gateway.infer.runtime import InferenceRuntime
 from gateway.infer.series import SeriesOutcome, run_models
-from gateway.jobs.record import advance, record
 from gateway.jobs.states import JobState
 from gateway.registry.registry import Registry
 from gateway.route.route import SeriesFacts, series_facts
 from gateway.store.index import Instance
 from gateway.store.store import InstanceStore
 
-__all__ = ["InferenceStage"]
+__all__ = ["InferenceStage", "Inferred"]
 
 log = logging.getLogger(__name__)
+
+NO_MODEL = "no enabled model applies to this series (see inference.routing for each reason)"
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """What the inference stage gave: the routing and runs, the NIfTI files written, a failure, the seconds."""
+
+    outcome: SeriesOutcome
+    files: dict[str, list[str]]
+    failure: str | None
+    seconds: float
+
+    @property
+    def state(self) -> JobState:
+        """``failed`` if a model failed, ``inferred`` if any ran, else ``skipped``."""
+        if self.failure:
+            return JobState.FAILED
+        return JobState.INFERRED if self.outcome.results else JobState.SKIPPED
+
+    def entries(self) -> dict[str, Any]:
+        """What the job records of it."""
+        state = self.state
+        return {
+            "inference": {**self.outcome.summary(), "files": self.files},
+            "skipped": NO_MODEL if state is JobState.SKIPPED else None,
+            "failure": {"stage": "infer", "reason": self.failure} if self.failure else None,
+        }
 
 
 class InferenceStage:
@@ -50,8 +78,6 @@ class InferenceStage:
     results_dir
         Where each job's NIfTI results go (``<results_dir>/job-<id>/``), or ``None`` to write none (the
         measurements are on the job, the DICOM outputs come from the encode stage).
-    then
-        The next stage, called in the same thread with the job id and the results of a job that ended ``inferred``.
     """
 
     def __init__(
@@ -60,33 +86,22 @@ class InferenceStage:
         registry: Registry,
         runtime: InferenceRuntime,
         results_dir: Path | None,
-        then: Callable[[int, Sequence[ModelResult]], None] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._runtime = runtime
         self._results_dir = results_dir
-        self._then = then
 
-    def __call__(self, job_id: int, assembly: AssemblyResult) -> None:
-        """Run the stage for ``job_id`` (already ``assembled``) on the volumes assembly built."""
-        if not advance(self._store, job_id, JobState.ASSEMBLED, JobState.INFERRING):
-            return
+    def __call__(self, job_id: int, assembly: AssemblyResult) -> Inferred:
+        """Route and run the models for ``job_id`` on the volumes assembly built; the runner records the outcome."""
         started = time.monotonic()
-        outcome: SeriesOutcome | None = None
-        files: dict[str, list[str]] = {}
-        try:
-            facts = self._facts(assembly)
-            outcome = run_models(facts, assembly.volumes, self._registry.active(), self._runtime)
-            files = self._write(job_id, outcome)
-        except Exception as exc:  # one bad job fails, never the worker
-            log.exception("inference of job %d failed", job_id)
-            self._finish(job_id, None, {}, f"inference failed: {type(exc).__name__}: {exc}", started)
-            return
+        facts = self._facts(assembly)
+        outcome = run_models(facts, assembly.volumes, self._registry.active(), self._runtime)
+        files = self._write(job_id, outcome)
         failure = "; ".join(f"{f.model}: {f.reason}" for f in outcome.failures) or None
-        self._finish(job_id, outcome, files, failure, started)
-        if failure is None and outcome.results and self._then is not None:
-            self._then(job_id, outcome.results)
+        inferred = Inferred(outcome, files, failure, time.monotonic() - started)
+        log.info("job %d %s in %.1f s", job_id, inferred.state.value, inferred.seconds)
+        return inferred
 
     def _facts(self, assembly: AssemblyResult) -> SeriesFacts:
         """Header facts of the series, read from the first instance of its first volume."""
@@ -106,27 +121,3 @@ class InferenceStage:
             written = write_model_outputs(result, folder, stem)
             files[f"{result.name}@{result.version}"] = [str(p.relative_to(self._results_dir)) for p in written]
         return files
-
-    def _finish(
-        self,
-        job_id: int,
-        outcome: SeriesOutcome | None,
-        files: dict[str, list[str]],
-        failure: str | None,
-        started: float,
-    ) -> None:
-        seconds = time.monotonic() - started
-        ran = bool(outcome and outcome.results)
-        state = JobState.FAILED if failure else (JobState.INFERRED if ran else JobState.SKIPPED)
-        skipped = outcome is not None and not ran and not failure
-        no_model = "no enabled model applies to this series (see inference.routing for each reason)"
-        record(
-            self._store,
-            job_id,
-            timing=("infer_s", seconds),
-            state=state,
-            inference={**outcome.summary(), "files": files} if outcome is not None else None,
-            skipped=no_model if skipped else None,
-            failure={"stage": "infer", "reason": failure} if failure is not None else None,
-        )
-        log.info("job %d %s in %.1f s", job_id, state.value, seconds)

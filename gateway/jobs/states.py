@@ -1,4 +1,21 @@
-"""Job states. Later stages add transitions; a job only moves forward, or to ``failed`` with a reason."""
+"""Job states and the transition table: who may move a job from which state to which.
+
+A job is made ``received`` when its series revision completes (:mod:`gateway.ingest.completion`). A worker of
+:mod:`gateway.jobs.runner` claims it under a lease and takes it through assembly, inference and encoding in
+memory; ``encoded`` hands it to the export queue (:mod:`gateway.export.queue`), which ends it ``exported`` or
+``failed``::
+
+    received --claim--> assembling --> assembled --> inferring --> inferred --> encoding --> encoded --> exported
+                            |                           |    \\--> skipped                     |     \\--> failed
+                            v                           v                                      v
+                          failed                      failed                                 failed
+    any of assembling .. encoding --hand back (stop, lease expired, out of space)--> received
+
+Two states are durable, meaning the work up to them is on disk: ``received`` (the instances) and ``encoded`` (the
+outputs and their deliveries). The states between them hold volumes and results in a worker's memory, so a job
+found there without a live lease goes back to ``received``, never to ``failed``. ``exported``, ``skipped`` and
+``failed`` are final (an operator's retry of the export moves ``failed`` back to ``encoded``).
+"""
 
 from __future__ import annotations
 
@@ -18,3 +35,43 @@ class JobState(StrEnum):
     ENCODED = "encoded"
     EXPORTED = "exported"
     FAILED = "failed"
+
+
+#: The states whose work is on disk: where a job goes back to, and where a worker or the export queue takes it.
+DURABLE: frozenset[JobState] = frozenset({JobState.RECEIVED, JobState.ENCODED})
+
+#: The states a job is in only while a worker holds its lease (volumes and results in that worker's memory).
+LEASED: frozenset[JobState] = frozenset(
+    {JobState.ASSEMBLING, JobState.ASSEMBLED, JobState.INFERRING, JobState.INFERRED, JobState.ENCODING}
+)
+
+#: Final states: the job's work is over (retention counts ages from reaching one of them).
+FINISHED: frozenset[JobState] = frozenset({JobState.EXPORTED, JobState.SKIPPED, JobState.FAILED})
+
+#: Every allowed move: (from, to). The runner refuses any other, and every write is conditional on ``from``.
+TRANSITIONS: frozenset[tuple[JobState, JobState]] = frozenset(
+    {
+        (JobState.RECEIVED, JobState.ASSEMBLING),  # claim, under a lease
+        (JobState.ASSEMBLING, JobState.ASSEMBLED),
+        (JobState.ASSEMBLING, JobState.FAILED),
+        (JobState.ASSEMBLED, JobState.INFERRING),
+        (JobState.INFERRING, JobState.INFERRED),
+        (JobState.INFERRING, JobState.SKIPPED),
+        (JobState.INFERRING, JobState.FAILED),
+        (JobState.INFERRED, JobState.ENCODING),
+        (JobState.ENCODING, JobState.ENCODED),  # deliveries queued in the same transaction
+        (JobState.ENCODING, JobState.EXPORTED),  # nothing to send: no destination, or no kind it takes
+        (JobState.ENCODING, JobState.FAILED),
+        (JobState.ENCODED, JobState.EXPORTED),  # the export queue: every delivery delivered or refused
+        (JobState.ENCODED, JobState.FAILED),  # ... or some dead
+        (JobState.FAILED, JobState.ENCODED),  # an operator's retry of dead or refused deliveries
+        (JobState.EXPORTED, JobState.ENCODED),  # ... or of refused ones
+        *((state, JobState.RECEIVED) for state in LEASED),  # handed back: stop, expired lease, no space
+        *((state, JobState.FAILED) for state in LEASED),  # the supervisor's last word on an unexpected error
+    }
+)
+
+
+def allowed(current: JobState, to: JobState) -> bool:
+    """Whether the table lets a job move from ``current`` to ``to``."""
+    return (current, to) in TRANSITIONS

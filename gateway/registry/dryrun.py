@@ -3,13 +3,18 @@
 A model that cannot load, fails on its declared input shape, returns non-finite values or returns an output whose
 shape does not fit what the manifest says about it is refused before it is registered, with a reason that says
 which of these it was. The input is random, so only the output's shape and finiteness are checked, never its values.
+
+At registration the model is loaded and run in a child process (:func:`dry_run_in_child`, through
+:mod:`gateway.registry.sandbox`), within ``models.sandbox_timeout_s`` and ``models.sandbox_memory_bytes``: the
+model's code, and a MONAI bundle's config, never run in the server. The child sends back only the output's shape,
+whether it is finite and the timings; the checks against the manifest are made here, in the caller's process.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +23,9 @@ import numpy.typing as npt
 
 from gateway.errors import GatewayError, ModelError
 from gateway.registry.manifest import Manifest
+from gateway.registry.sandbox import SandboxLimits, run_in_child
 
-__all__ = ["DEFAULT_SPATIAL", "DryRunReport", "dry_run", "expected_channels", "input_shape"]
+__all__ = ["DEFAULT_SPATIAL", "DryRunReport", "dry_run", "dry_run_in_child", "expected_channels", "input_shape"]
 
 #: The spatial size (slice, row, column) used for an axis the manifest leaves open.
 DEFAULT_SPATIAL = (16, 32, 32)
@@ -88,20 +94,22 @@ def _extra(manifest: Manifest, channels: int) -> dict[str, npt.NDArray[np.float3
 
 def check_output(manifest: Manifest, shape: tuple[int, ...], output: npt.NDArray[Any]) -> None:
     """Raise :class:`ModelError` unless ``output`` fits the input ``shape`` and the manifest's outputs."""
-    if output.ndim != 5 or output.shape[0] != shape[0]:
-        raise ModelError(
-            f"dry run: output has shape {list(output.shape)} for input {list(shape)}; "
-            "expected [batch, channels, slice, row, column]"
-        )
-    if tuple(output.shape[2:]) != tuple(shape[2:]):
-        raise ModelError(
-            f"dry run: output spatial shape {list(output.shape[2:])} differs from the input's {list(shape[2:])}"
-        )
-    needed, why = expected_channels(manifest)
-    if output.shape[1] != needed:
-        raise ModelError(f"dry run: output has {output.shape[1]} channels, {why}")
+    _check_shape(manifest, shape, tuple(int(n) for n in output.shape))
     if not np.all(np.isfinite(output)):
         raise ModelError("dry run: output has NaN or infinite values")
+
+
+def _check_shape(manifest: Manifest, shape: tuple[int, ...], output: tuple[int, ...]) -> None:
+    if len(output) != 5 or output[0] != shape[0]:
+        raise ModelError(
+            f"dry run: output has shape {list(output)} for input {list(shape)}; "
+            "expected [batch, channels, slice, row, column]"
+        )
+    if output[2:] != tuple(shape[2:]):
+        raise ModelError(f"dry run: output spatial shape {list(output[2:])} differs from the input's {list(shape[2:])}")
+    needed, why = expected_channels(manifest)
+    if output[1] != needed:
+        raise ModelError(f"dry run: output has {output[1]} channels, {why}")
 
 
 def _forward(backend: Any, batch: npt.NDArray[np.float32], extra: Mapping[str, npt.NDArray[np.float32]] | None) -> Any:
@@ -117,8 +125,77 @@ def _forward(backend: Any, batch: npt.NDArray[np.float32], extra: Mapping[str, n
         ) from exc
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """What running the model once showed, before any check: where it ran, the output's shape, whether it is
+    finite, the timings. It is all a child sends back (:func:`dry_run_in_child`)."""
+
+    device: str
+    output_shape: tuple[int, ...]
+    finite: bool
+    load_seconds: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "output_shape": list(self.output_shape)}
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> _Probe:
+        """Read a child's answer; it is the model's process speaking, so every field is checked."""
+        try:
+            shape, device = answer["output_shape"], answer["device"]
+            timings = (answer["load_seconds"], answer["seconds"])
+            if not (isinstance(device, str) and 0 < len(device) <= 32 and isinstance(answer["finite"], bool)):
+                raise TypeError("device or finite")
+            if not (isinstance(shape, list) and len(shape) <= 8 and all(_count(n) for n in shape)):
+                raise TypeError("output_shape")
+            if not all(isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t < 1e9 for t in timings):
+                raise TypeError("timings")
+        except (KeyError, TypeError) as exc:
+            raise ModelError(f"dry run: the model's process sent a malformed answer ({exc})") from exc
+        return cls(device, tuple(shape), answer["finite"], float(timings[0]), float(timings[1]))
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
+
+
+def _probe(manifest: Manifest, folder: Path, device: str) -> _Probe:
+    """Load the model and run it once on the synthetic input; nothing is checked but that both work."""
+    from gateway.infer.backends import load_backend
+
+    shape = input_shape(manifest)
+    batch = np.random.default_rng(0).random(shape, dtype=np.float32)
+    started = time.perf_counter()
+    try:
+        backend = load_backend(manifest, folder, device)
+    except ModelError as exc:
+        raise ModelError(f"dry run: cannot load the model: {exc.reason}") from exc
+    except Exception as exc:  # a loader's unexpected failure is still a model that cannot be registered
+        raise ModelError(f"dry run: cannot load the model: {type(exc).__name__}: {exc}") from exc
+    loaded = time.perf_counter()
+    try:
+        output = _forward(backend, batch, _extra(manifest, shape[1]))
+        seconds = time.perf_counter() - loaded
+        finite = bool(np.all(np.isfinite(output)))
+        return _Probe(backend.device, tuple(int(n) for n in output.shape), finite, loaded - started, seconds)
+    finally:
+        backend.close()
+
+
+def _report(manifest: Manifest, probe: _Probe) -> DryRunReport:
+    """Check what the probe showed against the manifest; the report if it fits."""
+    shape = input_shape(manifest)
+    _check_shape(manifest, shape, probe.output_shape)
+    if not probe.finite:
+        raise ModelError("dry run: output has NaN or infinite values")
+    return DryRunReport(probe.device, shape, probe.output_shape, probe.load_seconds, probe.seconds)
+
+
 def dry_run(manifest: Manifest, folder: Path, device: str = "cpu") -> DryRunReport:
-    """Load the model of ``folder`` on ``device``, run it once on a synthetic input and check the output.
+    """Load the model of ``folder`` on ``device`` in this process, run it once on a synthetic input, check the output.
+
+    This runs the model's code here: at registration the registry calls :func:`dry_run_in_child` instead.
 
     Parameters
     ----------
@@ -140,22 +217,30 @@ def dry_run(manifest: Manifest, folder: Path, device: str = "cpu") -> DryRunRepo
         If the model cannot be loaded, fails on the input, or its output is not finite, has another spatial shape
         than the input, or has another channel count than the manifest's outputs need (the message says which).
     """
-    from gateway.infer.backends import load_backend
+    return _report(manifest, _probe(manifest, folder, device))
 
-    shape = input_shape(manifest)
-    batch = np.random.default_rng(0).random(shape, dtype=np.float32)
-    started = time.perf_counter()
-    try:
-        backend = load_backend(manifest, folder, device)
-    except ModelError as exc:
-        raise ModelError(f"dry run: cannot load the model: {exc.reason}") from exc
-    except Exception as exc:  # a loader's unexpected failure is still a model that cannot be registered
-        raise ModelError(f"dry run: cannot load the model: {type(exc).__name__}: {exc}") from exc
-    loaded = time.perf_counter()
-    try:
-        output = _forward(backend, batch, _extra(manifest, shape[1]))
-        seconds = time.perf_counter() - loaded
-        check_output(manifest, shape, output)
-        return DryRunReport(backend.device, shape, tuple(int(n) for n in output.shape), loaded - started, seconds)
-    finally:
-        backend.close()
+
+def _child_probe(payload: dict[str, Any]) -> dict[str, Any]:
+    """In the child process: :func:`_probe` on the request of :func:`dry_run_in_child`."""
+    manifest = Manifest.model_validate(payload["manifest"])
+    return _probe(manifest, Path(payload["folder"]), str(payload["device"])).as_dict()
+
+
+def dry_run_in_child(
+    manifest: Manifest, folder: Path, device: str = "cpu", *, limits: SandboxLimits | None = None
+) -> DryRunReport:
+    """:func:`dry_run` with the model loaded and run in a child process, within ``limits``.
+
+    The child (:mod:`gateway.registry.sandbox`) loads the model and runs it once; this process checks its output's
+    shape against the manifest. Parameters and report as for :func:`dry_run`; ``limits`` defaults to
+    :class:`~gateway.registry.sandbox.SandboxLimits`'s defaults.
+
+    Raises
+    ------
+    ModelError
+        For every reason :func:`dry_run` gives, and when the child runs past ``limits.timeout_s`` (it is stopped),
+        runs out of ``limits.memory_bytes`` (the message names the limit) or dies without an answer.
+    """
+    payload = {"manifest": manifest.model_dump(mode="json"), "folder": str(Path(folder).resolve()), "device": device}
+    answer = run_in_child("gateway.registry.dryrun:_child_probe", payload, limits or SandboxLimits(), "dry run")
+    return _report(manifest, _Probe.from_answer(answer))

@@ -335,7 +335,14 @@ class Outputs(_Strict):
 
 
 class Manifest(_Strict):
-    """A model package's ``model.yaml``. See ``docs/models.md`` for an annotated example."""
+    """A model package's ``model.yaml``. See ``docs/models.md`` for an annotated example.
+
+    ``trust_code`` (``monai-bundle`` only, default ``false``): let the bundle's config run code (MONAI's ``$``
+    expressions, ``%`` macros, any ``_target_``). Without it the gateway builds only the network classes that
+    :mod:`gateway.infer.bundle` allows, and refuses a config with code. A package that sets it is registered only
+    by an admin (an admin token over HTTP, ``gateway models register --trust-code``), and its code then runs in the
+    gateway's inference workers (at registration, in the dry run's child process).
+    """
 
     name: Annotated[str, Field(pattern=_NAME)]
     version: Annotated[str, Field(pattern=_VERSION)]
@@ -349,6 +356,7 @@ class Manifest(_Strict):
     preprocess: Preprocess = Field(default_factory=Preprocess)
     inference: Inference = Field(default_factory=Inference)
     outputs: Outputs
+    trust_code: bool = False
 
     @field_validator("weights")
     @classmethod
@@ -357,6 +365,12 @@ class Manifest(_Strict):
         if path.is_absolute() or ".." in path.parts:
             raise ValueError("weights must be a path inside the model folder")
         return value
+
+    @model_validator(mode="after")
+    def _code_only_in_bundles(self) -> Manifest:
+        if self.trust_code and self.backend != "monai-bundle":
+            raise ValueError("trust_code applies to monai-bundle packages only (ONNX and TorchScript run no Python)")
+        return self
 
     @property
     def ref(self) -> str:

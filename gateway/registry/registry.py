@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -39,8 +40,9 @@ import gateway
 from gateway.config import ModelsSettings, StoreSettings
 from gateway.errors import GatewayError, ModelConflict, ModelError, NotFound
 from gateway.registry.archive import extract_archive, is_archive, remove_tree
-from gateway.registry.dryrun import DryRunReport, dry_run
+from gateway.registry.dryrun import DryRunReport, dry_run_in_child
 from gateway.registry.manifest import MANIFEST_NAME, Manifest, load_manifest
+from gateway.registry.sandbox import SandboxLimits
 from gateway.store.files import fsync_dir
 from gateway.store.index import ModelVersion, RemovedModel, make_engine, make_sessionmaker
 from gateway.store.store import StoreIndex
@@ -97,7 +99,9 @@ class RegisteredModel:
     ``folder`` is the package in the registry (``model.yaml`` and the weights); ``sha256`` the weights' digest
     (:func:`weights_sha256`); ``active`` whether this is the version routing uses for ``name``; ``enabled``
     whether the model is enabled at all; ``dry_run`` the registration's :meth:`DryRunReport.as_dict` (empty when
-    the registry ran none).
+    the registry ran none; with ``code_allowed_by``, who allowed its code, for a ``trust_code`` package);
+    ``changed_at`` when the version was registered or its model last enabled (the inference runtime does not
+    retry a failed load until it changes).
     """
 
     name: str
@@ -109,6 +113,7 @@ class RegisteredModel:
     active: bool
     registered_at: float
     dry_run: dict[str, Any] = field(default_factory=dict)
+    changed_at: float = 0.0
 
     @property
     def ref(self) -> str:
@@ -219,6 +224,7 @@ def _record(row: ModelVersion, root: Path) -> RegisteredModel:
         active=bool(row.active),
         registered_at=row.registered_at,
         dry_run=dict(row.dry_run or {}),
+        changed_at=row.changed_at if row.changed_at is not None else row.registered_at,
     )
 
 
@@ -244,14 +250,15 @@ class Registry:
     store
         The instance store (or a :class:`RegistryIndex`): the data folder and the index.
     dry_run
-        Run on every new package before it is recorded (default: :func:`gateway.registry.dryrun.dry_run` on the
-        CPU); ``None`` registers without one.
+        Run on every new package before it is recorded (default:
+        :func:`gateway.registry.dryrun.dry_run_in_child` on the CPU, in a child process with the default
+        :class:`~gateway.registry.sandbox.SandboxLimits`); ``None`` registers without one.
     max_archive_bytes
         The largest archive accepted, and the most its content may expand to.
     """
 
     def __init__(
-        self, store: StoreIndex, dry_run: DryRun | None = dry_run, *, max_archive_bytes: int = 1 << 30
+        self, store: StoreIndex, dry_run: DryRun | None = dry_run_in_child, *, max_archive_bytes: int = 1 << 30
     ) -> None:
         self._store = store
         self._dry_run = dry_run
@@ -261,10 +268,22 @@ class Registry:
         self.staging.mkdir(parents=True, exist_ok=True)
         self._clear_stale_staging()
 
+    @classmethod
+    def from_settings(cls, store: StoreIndex, settings: ModelsSettings) -> Registry:
+        """The registry as ``settings`` configure it: the archive limit, and the dry run's time and memory limits."""
+        limits = SandboxLimits.from_settings(settings)
+        dry_run = functools.partial(dry_run_in_child, limits=limits)
+        return cls(store, dry_run, max_archive_bytes=settings.max_upload_bytes)
+
     # --- registration ---------------------------------------------------------------------------------------
 
-    def register(self, path: Path) -> RegisteredModel:
+    def register(self, path: Path, *, code_allowed_by: str | None = None) -> RegisteredModel:
         """Register the package in a folder or archive (``.zip``, ``.tar.gz``, ``.tgz``).
+
+        A package whose manifest says ``trust_code: true`` (a MONAI bundle whose code is to run) is registered
+        only with ``code_allowed_by``: who allows it, recorded with the version (``dry_run["code_allowed_by"]``).
+        Only an admin may: the HTTP route passes it for an admin token, ``gateway models register --trust-code``
+        for the operator. Without it such a package is refused before anything of it runs.
 
         Returns the version already registered when it has the same weights and manifest (registering is
         idempotent). A new model is enabled; a new version keeps its model's ``enabled``. Registering a version
@@ -277,10 +296,10 @@ class Registry:
         ModelConflict
             If ``name@version`` is already registered with other weights or another manifest.
         ModelError
-            If the path is neither, the archive is unsafe or too large, the weights are missing, or the dry run
-            fails (the message says why).
+            If the path is neither, the archive is unsafe or too large, the weights are missing, the package asks
+            for ``trust_code`` without ``code_allowed_by``, or the dry run fails (the message says why).
         """
-        return self._register(Path(path), shipped=False)
+        return self._register(Path(path), shipped=False, code_allowed_by=code_allowed_by)
 
     def register_shipped(self, folder: Path) -> builtins.list[RegisteredModel]:
         """Register each package (subfolder or archive) of ``folder`` *disabled*; registered ones are left as they are.
@@ -308,14 +327,14 @@ class Registry:
                 log.warning("shipped model package %s not registered: %s", entry.name, exc)
         return registered
 
-    def _register(self, path: Path, *, shipped: bool) -> RegisteredModel:
+    def _register(self, path: Path, *, shipped: bool, code_allowed_by: str | None = None) -> RegisteredModel:
         if path.is_dir():
-            return self._register_folder(path, shipped)
+            return self._register_folder(path, shipped, code_allowed_by)
         if path.is_file() and is_archive(path):
-            return self._register_archive(path, shipped)
+            return self._register_archive(path, shipped, code_allowed_by)
         raise ModelError(f"{path}: not a model package folder or archive (.zip, .tar.gz, .tgz)")
 
-    def _register_folder(self, source: Path, shipped: bool) -> RegisteredModel:
+    def _register_folder(self, source: Path, shipped: bool, code_allowed_by: str | None) -> RegisteredModel:
         manifest = load_manifest(source)
         _check_plain(source, str(source))
         existing = self._existing(manifest, source, shipped)
@@ -324,16 +343,17 @@ class Registry:
         staging = self._new_staging()
         try:
             shutil.copytree(source, staging / "package", symlinks=True)
-            return self._install(staging / "package", manifest, shipped)
+            return self._install(staging / "package", manifest, shipped, code_allowed_by)
         finally:
             remove_tree(staging)
 
-    def _register_archive(self, archive: Path, shipped: bool) -> RegisteredModel:
+    def _register_archive(self, archive: Path, shipped: bool, code_allowed_by: str | None) -> RegisteredModel:
         staging = self._new_staging()
         try:
             root = extract_archive(archive, staging / "package", self.max_archive_bytes)
             manifest = load_manifest(root)
-            return self._existing(manifest, root, shipped) or self._install(root, manifest, shipped)
+            existing = self._existing(manifest, root, shipped)
+            return existing or self._install(root, manifest, shipped, code_allowed_by)
         finally:
             remove_tree(staging)
 
@@ -351,15 +371,24 @@ class Registry:
             _same_or_conflict(row, manifest, weights_sha256(folder, manifest))
             return _record(row, self.root)
 
-    def _install(self, package: Path, manifest: Manifest, shipped: bool) -> RegisteredModel:
+    def _install(
+        self, package: Path, manifest: Manifest, shipped: bool, code_allowed_by: str | None
+    ) -> RegisteredModel:
         """Hash and dry-run the staged ``package``, then move it into place and record it.
 
         Under the index's write lock: a ``shipped`` package the operator removed meanwhile is not recorded; an
         explicit registration clears the version's tombstone.
         """
+        if manifest.trust_code and not code_allowed_by:
+            raise ModelError(
+                f"{manifest.ref}: the manifest says trust_code: true (the bundle's code would run in the gateway); "
+                "only an admin may register it: an admin token over HTTP, or `gateway models register --trust-code`"
+            )
         _check_plain(package, manifest.ref)
         sha256 = weights_sha256(package, manifest)
         report = {} if self._dry_run is None else self._dry_run(manifest, package).as_dict()
+        if manifest.trust_code:
+            report["code_allowed_by"] = code_allowed_by
         _flush_tree(package)
         dest = self.root / manifest.name / manifest.version
         moved = False
@@ -395,6 +424,7 @@ class Registry:
         if not pinned:
             for r in rows:
                 r.active = False
+        now = time.time()
         row = ModelVersion(
             name=manifest.name,
             version=manifest.version,
@@ -402,7 +432,8 @@ class Registry:
             enabled=rows[0].enabled if rows else enabled_if_new,
             active=not pinned,
             pinned=False,
-            registered_at=time.time(),
+            registered_at=now,
+            changed_at=now,
             manifest=manifest.model_dump(mode="json"),
             dry_run=report,
         )
@@ -454,6 +485,8 @@ class Registry:
     def enable(self, ref: str) -> RegisteredModel:
         """Enable the model; with ``name@version``, also make that version the active one (until another is chosen).
 
+        Every version's ``changed_at`` moves on: a version whose load failed is tried again.
+
         Raises
         ------
         NotFound
@@ -462,8 +495,9 @@ class Registry:
         name, version = parse_ref(ref)
         with self._store.write_sessions.begin() as session:
             target = self._find(session, name, version)
+            now = time.time()
             for row in self._rows(session, name):
-                row.enabled = True
+                row.enabled, row.changed_at = True, now
                 if version is not None:
                     row.active = row.pinned = row.id == target.id
             session.flush()

@@ -2,16 +2,21 @@
 
 Portable SQLAlchemy 2 schema (no SQLite-only types), so PostgreSQL can take over; SQLite is the embedded
 default, opened in WAL mode with ``synchronous=FULL`` and ``BEGIN IMMEDIATE`` transactions so that concurrent
-writers queue instead of failing.
+writers queue instead of failing. The schema is versioned by the Alembic revisions of
+:mod:`gateway.store.migrations`: a writer engine (:func:`make_engine`) brings the database to this gateway's schema,
+so a table or column added here needs a revision there.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    Connection,
     Engine,
     Float,
     ForeignKey,
@@ -23,6 +28,11 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from gateway.errors import IndexSchemaError
+
+log = logging.getLogger(__name__)
 
 _UID = String(64)
 
@@ -77,7 +87,7 @@ class SeriesRevision(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     series_instance_uid: Mapped[str] = mapped_column(ForeignKey("series.series_instance_uid"), index=True)
     revision: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), index=True)  # "open" | "complete"
+    state: Mapped[str] = mapped_column(String(16), index=True)  # "open" | "held" | "complete"
     first_received_at: Mapped[float] = mapped_column(Float)
     last_received_at: Mapped[float] = mapped_column(Float, index=True)
     completed_at: Mapped[float | None] = mapped_column(Float)
@@ -85,6 +95,22 @@ class SeriesRevision(Base):
     # Instances of this series refused for want of resources (0xA700) while the revision was open: the revision is
     # then ``held`` at completion, not run on a partial series, until it is complete or an operator releases it.
     refused_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class RefusedInstance(Base):
+    """An instance refused for want of resources (0xA700: low disk, inflate limit) and not received since.
+
+    Its series' revision is held at completion while any such row remains (:mod:`gateway.ingest.completion`); the
+    row goes when the instance arrives (stored or duplicate) or when an operator releases the series. No foreign
+    key: the series may not be indexed yet (its first instance refused).
+    """
+
+    __tablename__ = "refused_instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(_UID, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(_UID, index=True)
+    reason: Mapped[str] = mapped_column(String(64))
+    at: Mapped[float] = mapped_column(Float)
 
 
 class Instance(Base):
@@ -126,7 +152,7 @@ class Job(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims from a durable state
     finished_at: Mapped[float | None] = mapped_column(Float, index=True)  # reached exported, skipped or failed
-    purged_at: Mapped[float | None] = mapped_column(Float)  # its outputs were removed by retention
+    purged_at: Mapped[float | None] = mapped_column(Float)  # its series' instances were removed by retention
 
 
 class Delivery(Base):
@@ -167,7 +193,9 @@ class ModelVersion(Base):
     """A registered model version (:mod:`gateway.registry.registry`); its package is ``models/<name>/<version>``.
 
     ``enabled`` is the model's (the same on every version of a name); ``active`` marks the version routing uses;
-    ``pinned`` says it was chosen with ``enable`` (a newer registration does not replace it).
+    ``pinned`` says it was chosen with ``enable`` (a newer registration does not replace it). ``changed_at`` is
+    set when the version is registered and each time its model is enabled: a version that failed to load is not
+    loaded again until it changes (``NULL`` in an index made before it: read as ``registered_at``).
     """
 
     __tablename__ = "models"
@@ -181,6 +209,7 @@ class ModelVersion(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
     registered_at: Mapped[float] = mapped_column(Float)
+    changed_at: Mapped[float | None] = mapped_column(Float)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     dry_run: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
@@ -200,32 +229,88 @@ class RemovedModel(Base):
     removed_at: Mapped[float] = mapped_column(Float)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" hook issue BEGIN IMMEDIATE
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
+def _sqlite_pragmas(*, foreign_keys: bool) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" hook issue BEGIN IMMEDIATE
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return on_connect
+
+
+def _create_engine(url: str, *, writer: bool, foreign_keys: bool = True, **kwargs: Any) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+    event.listen(engine, "connect", _sqlite_pragmas(foreign_keys=foreign_keys))
+    begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+    return engine
 
 
 def make_engine(url: str, *, writer: bool = False) -> Engine:
-    """Create an index engine and the tables.
+    """Create an index engine; a ``writer`` engine first brings the database to this gateway's schema.
 
     SQLite gets WAL and ``synchronous=FULL``; a ``writer`` engine opens its transactions with
     ``BEGIN IMMEDIATE`` (writers queue on the lock instead of failing on upgrade), the others with a plain
     ``BEGIN`` (WAL readers never block the writer). Other databases get a plain pooled engine either way.
+
+    Raises
+    ------
+    IndexSchemaError
+        The database was made by a newer gateway, or cannot be upgraded (see :func:`upgrade_index`).
     """
-    if not url.startswith("sqlite"):
-        engine = create_engine(url, pool_pre_ping=True)
-    else:
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
-    Base.metadata.create_all(engine)
+    engine = _create_engine(url, writer=writer)
+    if writer:
+        try:
+            upgrade_index(url)
+        except BaseException:
+            engine.dispose()
+            raise
     return engine
+
+
+def upgrade_index(url: str) -> None:
+    """Bring the index at ``url`` to this gateway's schema (:mod:`gateway.store.migrations`), if it is not there.
+
+    Creates a fresh database, upgrades one made by an older gateway (0.1.0's included) in place, and refuses one
+    made by a newer gateway. One process at a time: the migration runs in a transaction that holds the database's
+    write lock (SQLite: ``BEGIN IMMEDIATE``) or its migration lock (PostgreSQL: an advisory lock), so a second
+    process starting at once waits, then finds the schema at head. SQLite migrates with foreign keys off (so that
+    a revision may copy a table, as batch operations do) and checks them all before committing.
+
+    Raises
+    ------
+    IndexSchemaError
+        The database is at a revision this gateway does not know, or a revision broke a foreign key.
+    """
+    from gateway.store.migrations import upgrade_to_head  # imports Alembic: only when a writer opens the index
+
+    engine = _create_engine(url, writer=True, foreign_keys=False, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            changed = upgrade_to_head(conn)
+            if changed is not None and conn.dialect.name == "sqlite":
+                _check_foreign_keys(conn)
+    finally:
+        engine.dispose()
+    if changed is not None:
+        before, after = changed
+        if before is None:
+            log.info("index schema created at revision %s", after)
+        else:
+            log.info("index schema upgraded from %s to %s", before, after)
+
+
+def _check_foreign_keys(conn: Connection) -> None:
+    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        tables = ", ".join(sorted({str(row[0]) for row in broken}))
+        raise IndexSchemaError(f"the index's schema upgrade would break foreign keys in {tables}; nothing changed")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:

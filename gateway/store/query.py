@@ -157,7 +157,7 @@ def search_studies(
     """
     stmt = (
         select(Study, _STUDY_SERIES, _STUDY_INSTANCES)
-        .where(*_conditions(session, "study", filters))
+        .where(*_conditions(session, "study", filters), _STUDY_INSTANCES > 0)  # not one retention emptied
         .order_by(*_STUDY_ORDER)
     )
     rows = session.execute(_page(stmt, limit, offset)).all()
@@ -180,7 +180,7 @@ def search_series(
     stmt = (
         select(Series, Study, _STUDY_SERIES, _STUDY_INSTANCES, _SERIES_INSTANCES)
         .join(Study, Series.study_instance_uid == Study.study_instance_uid)
-        .where(*_conditions(session, "series", filters))
+        .where(*_conditions(session, "series", filters), _SERIES_INSTANCES > 0)
         .order_by(*_STUDY_ORDER, *_SERIES_ORDER)
     )
     if study_instance_uid is not None:

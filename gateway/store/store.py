@@ -1,7 +1,9 @@
 """The instance store: received files in, durable files and committed index rows out.
 
 An instance is only reported as stored once its bytes are fsynced in place and its index row is committed; the
-callers (DIMSE handler, STOW-RS route) acknowledge only then.
+callers (DIMSE handler, STOW-RS route) acknowledge only then. An instance refused for want of resources (0xA700:
+low disk, a deflated data set past the inflate limit) is remembered by its UIDs, so that its series is held, not
+run on what was stored of it, until it is sent again (:mod:`gateway.ingest.completion`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,9 +19,16 @@ from typing import Protocol
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.config import StoreSettings
+from gateway.config import IngestSettings, StoreSettings
 from gateway.errors import OutOfResources, StudyMismatch
-from gateway.ingest.instance import ReceivedInstance, read_received
+from gateway.ingest.instance import (
+    DEFAULT_INFLATE_LIMIT,
+    InflateLimit,
+    ReceivedInstance,
+    check_identity,
+    peek_uids,
+    read_received,
+)
 from gateway.store.files import (
     clear_directory,
     instance_relpath,
@@ -27,8 +37,8 @@ from gateway.store.files import (
     replace_into_place,
     stage,
 )
-from gateway.store.index import Instance, make_engine, make_sessionmaker
-from gateway.store.writer import IndexWriter, PendingRow
+from gateway.store.index import Instance, RefusedInstance, make_engine, make_sessionmaker
+from gateway.store.writer import IndexWriter, PendingRow, clear_refusals, record_refusal
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +77,16 @@ class InstanceStore:
         Data folder, database URL and free-disk watermark.
     engine
         An existing index engine to share; created from ``settings`` when omitted.
+    ingest
+        The ``ingest`` settings: how far a Deflated data set may inflate (their defaults when omitted).
     """
 
-    def __init__(self, settings: StoreSettings, engine: Engine | None = None) -> None:
+    def __init__(
+        self, settings: StoreSettings, engine: Engine | None = None, *, ingest: IngestSettings | None = None
+    ) -> None:
         self.settings = settings
+        #: How far a received Deflated data set may inflate before it is refused.
+        self.inflate: InflateLimit = DEFAULT_INFLATE_LIMIT if ingest is None else InflateLimit.of(ingest)
         self.data_dir = settings.data_dir.resolve()
         self.tmp_dir = self.data_dir / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +102,9 @@ class InstanceStore:
         if removed:
             log.warning("removed %d partial file(s) left by an interrupted run", removed)
         self._writer = IndexWriter(self.write_engine)
+        #: Called with the incoming size before :meth:`check_space` refuses for want of space: retention
+        #: (:class:`gateway.store.retention.RetentionWorker`) purges what it may, then the space is measured again.
+        self.make_room: Callable[[int], None] | None = None
 
     def close(self) -> None:
         """Commit what is queued and release the index's connections."""
@@ -100,6 +119,9 @@ class InstanceStore:
     def check_space(self, incoming: int = 0) -> None:
         """Raise :class:`OutOfResources` if storing ``incoming`` bytes would cross the free-disk watermark."""
         free = shutil.disk_usage(self.data_dir).free
+        if free - incoming < self.settings.min_free_bytes and self.make_room is not None:
+            self.make_room(incoming)
+            free = shutil.disk_usage(self.data_dir).free
         if free - incoming < self.settings.min_free_bytes:
             raise OutOfResources("free disk space is below the configured watermark")
 
@@ -108,7 +130,14 @@ class InstanceStore:
         return self.data_dir / relpath
 
     def put(
-        self, src: Path, *, source: str, expected_study: str | None = None, now: float | None = None
+        self,
+        src: Path,
+        *,
+        source: str,
+        expected_study: str | None = None,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        now: float | None = None,
     ) -> StoreOutcome:
         """Validate, store durably and index the Part 10 file ``src``; ``src`` is consumed either way.
 
@@ -120,23 +149,29 @@ class InstanceStore:
             Where it came from, for the index (``"dimse:CALLING_AE"``, ``"stow"``).
         expected_study
             For STOW-RS to a study URL: the Study Instance UID every instance must have.
+        sop_class_uid, sop_instance_uid
+            For C-STORE: the request's AffectedSOPClassUID and AffectedSOPInstanceUID, which the data set must have.
         now
             Arrival time (seconds since the epoch); the wall clock when omitted.
 
         Raises
         ------
         gateway.errors.IngestError
-            Invalid instance, unsupported transfer syntax, study mismatch or out of resources; nothing is
-            stored and ``src`` is removed.
+            Invalid instance, unsupported transfer syntax, study or SOP mismatch (0xA900) or out of resources;
+            nothing is stored and ``src`` is removed. An instance refused for resources is remembered
+            (:meth:`record_refusal`) when its UIDs can be read.
         """
+        info: ReceivedInstance | None = None
         try:
-            info = read_received(src)
+            info = read_received(src, inflate=self.inflate, scratch_dir=self.tmp_dir)
+            check_identity(info, sop_class_uid, sop_instance_uid)
             if expected_study is not None and info.study_instance_uid != expected_study:
                 raise StudyMismatch("StudyInstanceUID does not match the study in the request URL")
             size = src.stat().st_size
             self.check_space(size)
             relpath = instance_relpath(info.series_instance_uid, info.sop_instance_uid)
             if not self._place(src, self.data_dir / relpath, info.sop_instance_uid):
+                self._arrived_again(info.sop_instance_uid)
                 return StoreOutcome(info, duplicate=True)
             row = PendingRow(
                 info,
@@ -147,8 +182,51 @@ class InstanceStore:
                 (self.data_dir / relpath).parent,
             )
             return StoreOutcome(info, duplicate=not self._writer.submit(row))
+        except OutOfResources as exc:
+            self._remember_refusal(src, info, exc, now)
+            raise
         finally:
             src.unlink(missing_ok=True)
+
+    def record_refusal(
+        self, series_instance_uid: str, sop_instance_uid: str, reason: str, now: float | None = None
+    ) -> bool:
+        """Remember an instance refused for want of resources: its series is held until it arrives.
+
+        Returns ``True`` if it was newly recorded (not when already indexed or already refused).
+        """
+        at = time.time() if now is None else now
+        with self.write_engine.begin() as conn:
+            return record_refusal(conn, series_instance_uid, sop_instance_uid, reason, at)
+
+    def refusal_uids(self, src: Path | bytes) -> tuple[str, str] | None:
+        """The (Series, SOP Instance) UIDs of a refused file or of its first bytes, if they can be read."""
+        uids = peek_uids(src)
+        if uids is None or uids.series_instance_uid is None or uids.sop_instance_uid is None:
+            return None
+        return uids.series_instance_uid, uids.sop_instance_uid
+
+    def _remember_refusal(
+        self, src: Path, info: ReceivedInstance | None, exc: OutOfResources, now: float | None
+    ) -> None:
+        """Record a refusal for resources; a failure to record it is logged, never hides the refusal."""
+        uids = (info.series_instance_uid, info.sop_instance_uid) if info is not None else self.refusal_uids(src)
+        if uids is None:
+            log.warning("an instance refused for resources could not be identified: its series will not be held")
+            return
+        try:
+            self.record_refusal(*uids, exc.reason, now)
+        except Exception:
+            log.exception("could not record an instance refused for resources: its series will not be held")
+
+    def _arrived_again(self, sop_instance_uid: str) -> None:
+        """A duplicate arrived: clear its refusal, if it was refused once (a read first; a write only then)."""
+        query = select(RefusedInstance.sop_instance_uid).where(RefusedInstance.sop_instance_uid == sop_instance_uid)
+        with self.engine.connect() as conn:
+            if conn.execute(query).first() is None:
+                return
+        with self.write_engine.begin() as conn:
+            clear_refusals(conn, [sop_instance_uid])
 
     def is_indexed(self, sop_instance_uid: str) -> bool:
         """Whether the index holds the instance."""

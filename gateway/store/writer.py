@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Integer, bindparam, case, insert, select, update
+from sqlalchemy import Connection, Engine, Integer, bindparam, case, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.ingest.instance import ReceivedInstance
 from gateway.store.files import fsync_dir
-from gateway.store.index import Instance, Series, SeriesRevision, Study
+from gateway.store.index import Instance, RefusedInstance, Series, SeriesRevision, Study
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,9 @@ class IndexWriter:
 class WriterCache:
     """What the writer learnt from committed transactions, to skip queries in the next ones.
 
-    Studies and series are never deleted, so a hit stays true. An open revision may have been completed since
-    (by the completion monitor): its cached id is only used by an update conditional on ``state = 'open'``.
+    Studies and series are never deleted, so a hit stays true. An open revision may have been completed or held
+    since (by the completion monitor): its cached id is only used by an update conditional on its state being
+    ``open`` or ``held`` (an arrival reopens a held revision).
     """
 
     studies: set[str] = field(default_factory=set)
@@ -167,10 +168,14 @@ class WriterCache:
         self.open_revisions.update(other.open_revisions)
 
 
+#: The states of a revision that arrivals join: ``held`` waits for instances refused earlier, so it is reopened.
+_JOINABLE = ("open", "held")
+
 _BUMP_REVISION = (
     update(SeriesRevision)
-    .where(SeriesRevision.id == bindparam("rid"), SeriesRevision.state == "open")
+    .where(SeriesRevision.id == bindparam("rid"), SeriesRevision.state.in_(_JOINABLE))
     .values(
+        state="open",
         last_received_at=case(
             (SeriesRevision.last_received_at > bindparam("last"), SeriesRevision.last_received_at),
             else_=bindparam("last"),
@@ -186,7 +191,8 @@ def write_rows(
     """Insert the rows of ``batch``, with the studies, series and revisions they need.
 
     Without ``check_existing`` an instance already indexed makes the insert fail (``IntegrityError``); the caller
-    retries with it, and such rows are then marked not inserted. Returns what the transaction established.
+    retries with it, and such rows are then marked not inserted. The instances' refusals, if they were refused
+    earlier (:func:`record_refusal`), are cleared. Returns what the transaction established.
     """
     cache = cache or WriterCache()
     learnt = WriterCache()
@@ -200,6 +206,7 @@ def write_rows(
         if row.inserted:
             seen.add(row.info.sop_instance_uid)
             fresh.append(row)
+    clear_refusals(conn, [row.info.sop_instance_uid for row in batch])
     if not fresh:
         return learnt
     learnt.studies, learnt.series = _insert_missing_parents(conn, fresh, cache)
@@ -257,7 +264,7 @@ def _series_values(uid: str, row: PendingRow) -> dict[str, Any]:
 
 
 def _record_arrivals(conn: Connection, series_uid: str, times: list[float], cached: int | None) -> int:
-    """Add arrivals to the series' open revision (opening revision n+1 after a completion); return its id."""
+    """Add arrivals to the series' open or held revision (opening revision n+1 after a completion); its id."""
     if cached is not None and _bump(conn, cached, times):
         return cached
     latest = conn.execute(
@@ -266,7 +273,7 @@ def _record_arrivals(conn: Connection, series_uid: str, times: list[float], cach
         .order_by(SeriesRevision.revision.desc())
         .limit(1)
     ).first()
-    if latest is None or latest.state != "open":
+    if latest is None or latest.state not in _JOINABLE:
         result = conn.execute(
             insert(SeriesRevision).values(
                 series_instance_uid=series_uid,
@@ -285,7 +292,7 @@ def _record_arrivals(conn: Connection, series_uid: str, times: list[float], cach
 
 
 def _bump(conn: Connection, revision_id: int, times: list[float]) -> bool:
-    """Count arrivals in a revision if it is still open; ``False`` if it has been completed."""
+    """Count arrivals in a revision if it is open or held (then reopened); ``False`` if it has been completed."""
     result = conn.execute(_BUMP_REVISION, {"rid": revision_id, "last": max(times), "n": len(times)})
     return bool(result.rowcount == 1)
 
@@ -331,3 +338,38 @@ def _as_int(value: object) -> int | None:
     except ValueError:
         return None
     return number if number is None or -(2**31) <= number < 2**31 else None
+
+
+def record_refusal(conn: Connection, series_instance_uid: str, sop_instance_uid: str, reason: str, at: float) -> bool:
+    """Remember an instance refused for want of resources, so that its series is held until it arrives.
+
+    The series' open (or held) revision counts the refusal (``refused_count``). An instance already indexed is
+    not recorded (its series lacks nothing), nor counted twice when refused again. ``True`` if newly recorded.
+    """
+    indexed = select(Instance.sop_instance_uid).where(Instance.sop_instance_uid == sop_instance_uid)
+    known = select(RefusedInstance.sop_instance_uid).where(RefusedInstance.sop_instance_uid == sop_instance_uid)
+    if conn.execute(indexed).first() is not None or conn.execute(known).first() is not None:
+        return False
+    values = {"sop_instance_uid": sop_instance_uid, "series_instance_uid": series_instance_uid}
+    conn.execute(insert(RefusedInstance).values(**values, reason=reason[:64], at=at))
+    latest = (
+        select(SeriesRevision.id)
+        .where(SeriesRevision.series_instance_uid == series_instance_uid)
+        .order_by(SeriesRevision.revision.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    conn.execute(
+        update(SeriesRevision)
+        .where(SeriesRevision.id == latest, SeriesRevision.state.in_(_JOINABLE))
+        .values(refused_count=SeriesRevision.refused_count + 1)
+    )
+    return True
+
+
+def clear_refusals(conn: Connection, sop_instance_uids: list[str]) -> int:
+    """Forget the refusals of instances that have now arrived; return how many there were."""
+    if not sop_instance_uids:
+        return 0
+    result = conn.execute(delete(RefusedInstance).where(RefusedInstance.sop_instance_uid.in_(sop_instance_uids)))
+    return int(result.rowcount)

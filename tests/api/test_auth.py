@@ -1,7 +1,9 @@
-"""Bearer tokens with scopes on every route; open on loopback without tokens; tokens never logged."""
+"""Bearer tokens with scopes on every route; reading open on loopback only without configured tokens, writing never;
+the data folder's admin token; tokens never logged, refusals logged with a rate limit."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -20,11 +22,15 @@ from requests import HTTPError
 from sqlalchemy import func, select
 from starlette.exceptions import StarletteDeprecationWarning
 
-from gateway.api.auth import granted_scopes
+from gateway.admin_token import ADMIN_TOKEN_NAME, admin_token_path, ensure_admin_token, reset_admin_token
+from gateway.api.auth import SAFE_METHODS, granted_scopes
+from gateway.api.refusals import RefusalLog
 from gateway.config import HttpSettings, Scope, Settings, TokenSettings, hash_token
+from gateway.errors import ConfigError
+from gateway.runtime import Gateway
 from gateway.store.index import Instance
 
-from conftest import LiveServer, make_settings
+from conftest import LiveServer, api_client, make_settings
 
 with warnings.catch_warnings():
     # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; not our code, and harmless here.
@@ -65,7 +71,7 @@ def secured(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def client(secured: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(secured, start_dimse=False)) as test_client:
+    with api_client(create_app(secured, start_dimse=False), headers={}) as test_client:
         yield test_client
 
 
@@ -170,15 +176,124 @@ def test_granted_scopes_follow_the_implications() -> None:
 # --- open on loopback ---------------------------------------------------------------------------------------
 
 
-def test_without_tokens_on_loopback_every_route_is_open(settings: Settings, tmp_path: Path) -> None:
-    assert settings.http.tokens == [] and settings.http.is_loopback
-    with TestClient(create_app(settings, start_dimse=False)) as client:
+LOOPBACK = ("127.0.0.1", 50123)  # a TestClient's peer address; its default ("testclient") is not loopback
+
+
+def open_settings(tmp_path: Path, **http: object) -> Settings:
+    """Loopback settings without configured tokens (the data folder gets its admin token on the first start)."""
+    return make_settings(tmp_path / "data", http=HttpSettings(host="127.0.0.1", port=0, **http))  # type: ignore[arg-type]
+
+
+def test_without_configured_tokens_loopback_reads_and_only_the_data_folder_token_writes(tmp_path: Path) -> None:
+    settings = open_settings(tmp_path)
+    body, headers = stow_body(tmp_path)
+    with api_client(create_app(settings, start_dimse=False), headers={}, client=LOOPBACK) as client:
+        token = client.app.state.gateway.new_admin_token  # type: ignore[attr-defined]
+        assert token is not None, "the first start made the data folder's admin token"
         for method, path in routes(client):
             response = client.request(method, path)
-            assert response.status_code not in (401, 403), f"{method} {path} refused without tokens"
-        assert client.get("/openapi.json").status_code == 200, "docs are public while the server is open"
-        body, headers = stow_body(tmp_path)
-        assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
+            if method in SAFE_METHODS:
+                assert response.status_code not in (401, 403), f"{method} {path} refused from loopback"
+            else:
+                assert response.status_code == 401, f"{method} {path} allowed without a token from loopback"
+        assert client.get("/openapi.json").status_code == 200, "docs are public while reading is"
+        assert client.post("/dicomweb/studies", content=body, headers=headers).status_code == 401
+        stored = client.post("/dicomweb/studies", content=body, headers={**headers, **bearer(token)})
+        assert stored.status_code == 200, stored.text
+        assert client.post("/api/jobs/999/retry", headers=bearer(token)).status_code == 404, "admin can do anything"
+    with api_client(create_app(settings, start_dimse=False), headers={}) as remote:  # a peer that is not loopback
+        assert remote.app.state.gateway.new_admin_token is None, "made once, on the first start"  # type: ignore[attr-defined]
+        assert remote.get("/api/jobs").status_code == 401
+        assert remote.get("/dicomweb/studies").status_code == 401
+        assert remote.get("/api/jobs", headers=bearer(token)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("configured", "anonymous_read", "open_"),
+    [
+        (False, None, True),
+        (True, None, False),
+        (False, False, False),
+        (True, True, True),
+    ],
+    ids=["no-tokens-default", "tokens-default", "no-tokens-closed", "tokens-opened"],
+)
+def test_anonymous_read_follows_the_setting(
+    tmp_path: Path, configured: bool, anonymous_read: bool | None, open_: bool
+) -> None:
+    tokens = tokens_http().tokens if configured else []
+    settings = open_settings(tmp_path, tokens=tokens, anonymous_read=anonymous_read)
+    with api_client(create_app(settings, start_dimse=False), headers={}, client=LOOPBACK) as client:
+        for method, path in routes(client):
+            status = client.request(method, path).status_code
+            if method in SAFE_METHODS and open_:
+                assert status not in (401, 403), f"{method} {path}"
+            else:
+                assert status == 401, f"{method} {path} answered {status} without a token"
+        assert (client.get("/openapi.json").status_code == 200) == open_
+
+
+def test_ipv6_and_mapped_loopback_peers_read_anonymously(tmp_path: Path) -> None:
+    app = create_app(open_settings(tmp_path), start_dimse=False)
+    for peer, allowed in ((("::1", 1), True), (("::ffff:127.0.0.1", 1), True), (("10.0.0.7", 1), False)):
+        with api_client(app, headers={}, client=peer) as client:
+            assert (client.get("/api/jobs").status_code == 200) == allowed, peer
+
+
+# --- the data folder's admin token --------------------------------------------------------------------------
+
+
+def test_data_folder_token_is_kept_as_a_hash_readable_by_its_owner_only(tmp_path: Path) -> None:
+    settings = open_settings(tmp_path)
+    token = ensure_admin_token(settings)
+    assert token is not None
+    path = admin_token_path(settings.store.data_dir)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text()) == {"name": ADMIN_TOKEN_NAME, "sha256": hash_token(token), "scopes": ["admin"]}
+    assert token not in path.read_text()
+    assert ensure_admin_token(settings) is None, "made once"
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no staging file left behind"
+
+    path.chmod(0o644)
+    assert ensure_admin_token(settings) is None
+    assert path.stat().st_mode & 0o777 == 0o600, "a secret's file made readable by others is closed again"
+
+
+@pytest.mark.parametrize("scopes", [["read"], ["write"], ["read", "write"]])
+def test_data_folder_token_is_made_unless_a_configured_token_can_administer(
+    tmp_path: Path, scopes: list[Scope]
+) -> None:
+    entry = TokenSettings(name="pacs", sha256=hash_token("pacs-token-value-1234567890"), scopes=scopes)
+    assert ensure_admin_token(open_settings(tmp_path / "a", tokens=[entry])) is not None
+    admin = TokenSettings(name="ops", sha256=hash_token("ops-token-value-1234567890"), scopes=["admin"])
+    settings = open_settings(tmp_path / "b", tokens=[entry, admin])
+    assert ensure_admin_token(settings) is None
+    assert not admin_token_path(settings.store.data_dir).exists()
+
+
+def test_a_reset_token_replaces_the_old_one_on_the_running_server(tmp_path: Path) -> None:
+    settings = open_settings(tmp_path)
+    with api_client(create_app(settings, start_dimse=False), headers={}) as client:
+        old = client.app.state.gateway.new_admin_token  # type: ignore[attr-defined]
+        assert client.get("/api/jobs", headers=bearer(old)).status_code == 200
+        new = reset_admin_token(settings.store.data_dir)
+        assert client.get("/api/jobs", headers=bearer(old)).status_code == 401
+        assert client.post("/api/jobs/1/retry", headers=bearer(new)).status_code == 404
+        admin_token_path(settings.store.data_dir).unlink()  # how an operator revokes it
+        assert client.get("/api/jobs", headers=bearer(new)).status_code == 401
+
+
+def test_a_damaged_token_file_stops_the_start(tmp_path: Path) -> None:
+    settings = open_settings(tmp_path)
+    path = admin_token_path(settings.store.data_dir)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"name": "admin", "sha256": "not a digest"}')
+    gateway = Gateway(settings, dimse=False)
+    try:
+        with pytest.raises(ConfigError, match=r"admin-token\.json is not a valid token entry"):
+            gateway.start()
+    finally:
+        gateway.store.close()
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gateway.example.org", ""])
@@ -246,3 +361,32 @@ def test_tokens_are_never_logged(secured: Settings, tmp_path: Path, caplog: pyte
     for token in (*TOKENS.values(), WRONG):
         assert token not in text and token not in caplog.text
         assert hash_token(token) not in text
+
+
+def test_refusals_are_logged_with_a_rate_limit(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    refusals = RefusalLog(logging.getLogger("test.refusals"), limit=3, window_s=60, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, "test.refusals")
+    for i in range(10):
+        refusals.refused("refused %d", i)
+    assert [r.getMessage() for r in caplog.records] == ["refused 0", "refused 1", "refused 2"]
+    now[0] = 59.9
+    refusals.refused("refused %d", 10)
+    assert len(caplog.records) == 3
+    now[0] = 60.0
+    refusals.refused("refused %d", 11)
+    assert [r.getMessage() for r in caplog.records[3:]] == [
+        "8 more refusal(s) in the last 60 s were not logged (rate limit)",
+        "refused 11",
+    ]
+    assert {r.levelno for r in caplog.records} == {logging.WARNING}
+
+
+def test_a_flood_of_unknown_tokens_logs_a_few_lines(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    for _ in range(100):
+        assert client.get("/api/jobs", headers=bearer(WRONG)).status_code == 401
+        assert client.post("/api/jobs/1/retry", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 401
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused")]
+    assert 0 < len(refused) <= 10, f"{len(refused)} lines for 200 refusals"
+    assert WRONG not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +12,10 @@ import pytest
 import yaml
 from starlette.exceptions import StarletteDeprecationWarning
 
-from gateway.config import ModelsSettings, Settings
+from gateway.config import ModelsSettings, Settings, StoreSettings
 from gateway.registry.registry import Registry, RegistryIndex
 
-from conftest import LiveServer, make_settings
+from conftest import ADMIN, LiveServer, api_client, make_settings
 from model_packages import manifest_dict, onnx_model, tar_folder, write_package, zip_folder
 
 with warnings.catch_warnings():
@@ -31,7 +32,7 @@ ZIP = {"Content-Type": "application/zip"}
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, start_dimse=False)) as test_client:
+    with api_client(create_app(settings, start_dimse=False)) as test_client:
         yield test_client
 
 
@@ -91,20 +92,48 @@ def test_refused_uploads(client: TestClient, tmp_path: Path) -> None:
 
     response = client.post("/api/models", content=b"just some text", headers=ZIP)
     assert response.status_code == 400 and "not a .zip or .tar.gz" in response.json()["detail"]
-    assert client.post("/api/models").status_code == 400
+    assert client.post("/api/models", headers=ZIP).status_code == 400, "empty body"
     form = client.post("/api/models", files={"file": ("m.zip", archive(tmp_path), "application/zip")})
     assert form.status_code == 415
+    for media_type in (None, "text/plain", "application/x-www-form-urlencoded", "application/octet-stream"):
+        headers = {} if media_type is None else {"Content-Type": media_type}
+        response = client.post("/api/models", content=archive(tmp_path, "4.0.0"), headers=headers)
+        assert response.status_code == 415, f"{media_type}: only archive media types are accepted"
+        assert "application/zip" in response.json()["detail"]
 
     assert [m["ref"] for m in client.get("/api/models").json()] == ["tiny-seg@1.0.0"]
     assert list((tmp_path / "data" / "tmp").iterdir()) == []
     assert list((tmp_path / "data" / "models" / ".staging").iterdir()) == []
 
 
+def test_refusals_name_no_server_path(client: TestClient, tmp_path: Path) -> None:
+    folder = write_package(tmp_path / "broken", manifest_dict())
+    (folder / "model.yaml").write_text("name: [unclosed\n", encoding="utf-8")
+    response = client.post("/api/models", content=zip_folder(folder, tmp_path / "b.zip").read_bytes(), headers=ZIP)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "model.yaml" in detail and "not valid YAML" in detail
+    data_dir = str(client.app.state.settings.store.data_dir)  # type: ignore[attr-defined]
+    assert data_dir not in detail and str(tmp_path) not in detail and "/tmp/" not in detail, detail
+
+
+def test_upload_below_the_free_space_watermark_is_507(tmp_path: Path) -> None:
+    full = make_settings(tmp_path / "data", store=StoreSettings(data_dir=tmp_path / "data", min_free_bytes=1 << 62))
+    with api_client(create_app(full, start_dimse=False)) as client:
+        response = client.post("/api/models", content=archive(tmp_path), headers=ZIP)
+        assert response.status_code == 507, response.text
+        assert "store.min_free_bytes" in response.json()["detail"]
+        chunks = iter([archive(tmp_path)])  # no Content-Length
+        assert client.post("/api/models", content=chunks, headers=ZIP).status_code == 507
+        assert client.get("/api/models").json() == []
+        assert list((tmp_path / "data" / "tmp").iterdir()) == []
+
+
 def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
     small = make_settings(tmp_path / "data", models=ModelsSettings(max_upload_bytes=500, register_shipped=False))
     body = archive(tmp_path)
     assert len(body) > 500
-    with TestClient(create_app(small, start_dimse=False)) as client:
+    with api_client(create_app(small, start_dimse=False)) as client:
         response = client.post("/api/models", content=body, headers=ZIP)
         assert response.status_code == 413 and "500 bytes" in response.json()["detail"]
         chunks = iter([body[:400], body[400:]])  # no Content-Length: counted as it arrives
@@ -136,7 +165,7 @@ def test_enable_disable_remove(client: TestClient, tmp_path: Path) -> None:
 def test_scopes(tmp_path: Path) -> None:
     secured = make_settings(tmp_path / "data", http=tokens_http())
     body = archive(tmp_path)
-    with TestClient(create_app(secured, start_dimse=False)) as client:
+    with api_client(create_app(secured, start_dimse=False), headers={}) as client:
         assert client.get("/api/models").status_code == 401
         assert client.get("/api/models", headers=bearer(TOKENS["read"])).status_code == 200
         refused = client.post("/api/models", content=body, headers={**ZIP, **bearer(TOKENS["read"])})
@@ -152,7 +181,7 @@ def test_scopes(tmp_path: Path) -> None:
 
 def test_a_model_registered_beside_the_server_is_served(settings: Settings, tmp_path: Path) -> None:
     package = write_package(tmp_path / "pkg", manifest_dict())
-    with LiveServer(settings) as server, httpx.Client(base_url=server.url) as http:
+    with LiveServer(settings) as server, httpx.Client(base_url=server.url, headers=ADMIN) as http:
         assert http.get("/api/models").json() == []
         index = RegistryIndex(settings.store)  # what `gateway models register` does while the gateway runs
         try:
@@ -172,17 +201,31 @@ def test_shipped_models_start_disabled_and_are_enabled_on_purpose(tmp_path: Path
     shipped = tmp_path / "shipped"
     write_package(shipped / "tiny-seg", manifest_dict())
     settings = make_settings(tmp_path / "data", models=ModelsSettings(shipped_dir=shipped))
-    with TestClient(create_app(settings, start_dimse=False)) as client:
+    with api_client(create_app(settings, start_dimse=False)) as client:
         (model,) = client.get("/api/models").json()
         assert model["ref"] == "tiny-seg@1.0.0" and model["active"] and not model["enabled"]
         registry = client.app.state.gateway.registry  # type: ignore[attr-defined]
         assert registry.active() == [], "a shipped demonstration model does not speak unless enabled"
         assert client.post("/api/models/tiny-seg/1.0.0/enable").json()["enabled"]
         assert [m.ref for m in registry.active()] == ["tiny-seg@1.0.0"]
-    with TestClient(create_app(settings, start_dimse=False)) as client:  # restarted: the operator's choice stands
+    with api_client(create_app(settings, start_dimse=False)) as client:  # restarted: the operator's choice stands
         assert [m["enabled"] for m in client.get("/api/models").json()] == [True]
         assert client.delete("/api/models/tiny-seg/1.0.0").status_code == 200
-    with TestClient(create_app(settings, start_dimse=False)) as client:  # and so does a removal
+    with api_client(create_app(settings, start_dimse=False)) as client:  # and so does a removal
         assert client.get("/api/models").json() == []
         upload = archive(tmp_path)  # the same package uploaded on purpose: registered (and enabled) again
         assert client.post("/api/models", content=upload, headers=ZIP).json()["enabled"]
+
+
+def test_an_admin_upload_may_trust_a_bundles_code_and_says_which_token(client: TestClient, tmp_path: Path) -> None:
+    from model_packages import UNET, bundle_package
+
+    marker = tmp_path / "ran"
+    setup = f"$__import__('pathlib').Path('{marker}').write_text(str(__import__('os').getpid()))"
+    config = {"setup": setup, "network_def": {**UNET, "_requires_": "@setup"}}
+    folder = bundle_package(tmp_path / "trusted", config, trust_code=True)
+    body = zip_folder(folder, tmp_path / "trusted.zip").read_bytes()
+    response = client.post("/api/models", content=body, headers=ZIP)
+    assert response.status_code == 201, response.text
+    assert response.json()["dry_run"]["code_allowed_by"].startswith("admin token ")
+    assert int(marker.read_text()) != os.getpid(), "the bundle's code ran in the dry run's child, not the server"

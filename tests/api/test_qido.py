@@ -24,7 +24,7 @@ from gateway.config import Settings, StoreSettings
 from gateway.store.query import InvalidQuery, search_studies
 from gateway.store.store import InstanceStore
 
-from conftest import LiveServer
+from conftest import ADMIN, LiveServer, api_client
 from dicom_files import minimal_ct
 
 with warnings.catch_warnings():
@@ -144,14 +144,14 @@ def corpus(settings: Settings, tmp_path: Path) -> Corpus:
 
 @pytest.fixture
 def client(corpus: Corpus, settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, start_dimse=False)) as test_client:
+    with api_client(create_app(settings, start_dimse=False)) as test_client:
         yield test_client
 
 
 @pytest.fixture
 def dicomweb(corpus: Corpus, settings: Settings) -> Iterator[DICOMwebClient]:
     with LiveServer(settings) as server:
-        yield DICOMwebClient(url=f"{server.url}/dicomweb")
+        yield DICOMwebClient(url=f"{server.url}/dicomweb", headers=ADMIN)
 
 
 def values(objects: list[dict[str, Any]], tag: str) -> list[Any]:

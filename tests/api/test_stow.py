@@ -25,7 +25,7 @@ from gateway.ingest.stow import StowReceiver, StowRequestError
 from gateway.store.index import Instance
 from gateway.store.store import InstanceStore
 
-from conftest import LiveServer, make_settings
+from conftest import ADMIN, LiveServer, make_settings
 from dicom_files import (
     RELABELLED,
     SAMPLES,
@@ -58,7 +58,7 @@ def post_files(server: LiveServer, *paths: Path, url: str = STOW) -> httpx.Respo
     """POST the files, byte for byte, as one STOW-RS request."""
     boundary = uuid.uuid4().hex
     body = multipart((p.read_bytes() for p in paths), boundary)
-    headers = {"Content-Type": content_type(boundary)}
+    headers = {"Content-Type": content_type(boundary), **ADMIN}
     return httpx.post(server.url + url, content=body, headers=headers, timeout=30)
 
 
@@ -159,7 +159,7 @@ def test_dicomweb_client_stores_then_retrieves_and_finds_a_study(server: LiveSer
     paths = series_files(tmp_path, 3)
     study = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
     sources = {sop_uid(p): p for p in paths}
-    client = DICOMwebClient(url=f"{server.url}/dicomweb")
+    client = DICOMwebClient(url=f"{server.url}/dicomweb", headers=ADMIN)
 
     result = client.store_instances([pydicom.dcmread(p) for p in paths])
 
@@ -189,7 +189,7 @@ def test_dicomweb_client_stores_then_retrieves_and_finds_a_study(server: LiveSer
 def test_dicomweb_client_stores_to_a_study_url(server: LiveServer, tmp_path: Path) -> None:
     paths = series_files(tmp_path, 2)
     study = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
-    client = DICOMwebClient(url=f"{server.url}/dicomweb")
+    client = DICOMwebClient(url=f"{server.url}/dicomweb", headers=ADMIN)
     result = client.store_instances([pydicom.dcmread(p) for p in paths], study_instance_uid=study)
     assert urlsplit(result.RetrieveURL).path == f"/dicomweb/studies/{study}"
     assert sorted(referenced(result)) == sorted(sop_uid(p) for p in paths)
@@ -318,7 +318,7 @@ def test_part_that_is_not_dicom_fails(server: LiveServer, tmp_path: Path) -> Non
     body = multipart([good.read_bytes()], boundary).replace(
         b"Content-Type: application/dicom", b"Content-Type: application/octet-stream"
     )
-    response = httpx.post(server.url + STOW, content=body, headers={"Content-Type": content_type(boundary)})
+    response = httpx.post(server.url + STOW, content=body, headers={"Content-Type": content_type(boundary), **ADMIN})
     assert response.status_code == 409, response.text
     assert [reason for _, reason in failures(response_dataset(response))] == [0xC000]
     assert_nothing_stored(server)
@@ -338,7 +338,7 @@ def test_duplicate_in_one_request_is_referenced_twice_stored_once(server: LiveSe
 
 def test_duplicate_across_requests_is_referenced_and_stored_once(server: LiveServer, tmp_path: Path) -> None:
     path = minimal_ct(tmp_path / "a.dcm")
-    client = DICOMwebClient(url=f"{server.url}/dicomweb")
+    client = DICOMwebClient(url=f"{server.url}/dicomweb", headers=ADMIN)
     for _ in range(2):
         result = client.store_instances([pydicom.dcmread(path)])
         assert referenced(result) == [sop_uid(path)] and "FailedSOPSequence" not in result
@@ -364,7 +364,7 @@ def test_duplicate_across_requests_is_referenced_and_stored_once(server: LiveSer
 def test_wrong_media_type_is_415(server: LiveServer, tmp_path: Path, media_type: str, reason: str) -> None:
     good = minimal_ct(tmp_path / "a.dcm")
     body = good.read_bytes() if media_type == "application/dicom" else multipart([good.read_bytes()], "B")
-    headers = {"Content-Type": media_type} if media_type else {}
+    headers = {"Content-Type": media_type, **ADMIN} if media_type else ADMIN
     response = httpx.post(server.url + STOW, content=body, headers=headers)
     assert response.status_code == 415, response.text
     assert reason in response.json()["detail"]
@@ -377,7 +377,7 @@ def test_missing_boundary_is_400(server: LiveServer, tmp_path: Path) -> None:
     response = httpx.post(
         server.url + STOW,
         content=body,
-        headers={"Content-Type": 'multipart/related; type="application/dicom"'},
+        headers={"Content-Type": 'multipart/related; type="application/dicom"', **ADMIN},
     )
     assert response.status_code == 400
     assert "boundary" in response.json()["detail"]
@@ -400,7 +400,7 @@ def test_malformed_multipart_is_400_and_stores_nothing(server: LiveServer, tmp_p
     parts = [p.read_bytes() for p in series_files(tmp_path, 2)]
     boundary = "4f1ce3e7d3a64b1c"
     body = make(parts, boundary)
-    response = httpx.post(server.url + STOW, content=body, headers={"Content-Type": content_type(boundary)})
+    response = httpx.post(server.url + STOW, content=body, headers={"Content-Type": content_type(boundary), **ADMIN})
     assert response.status_code == 400, response.text
     assert response.json()["detail"]
     assert_nothing_stored(server)
@@ -422,7 +422,7 @@ def test_body_over_the_limit_is_413_stores_nothing(custom_server: Any, tmp_path:
     body = multipart([small.read_bytes(), big.read_bytes()], boundary)
     assert limit < len(body) < 2 * limit
     content: bytes | Iterator[bytes] = _in_chunks(body) if chunked else body
-    headers = {"Content-Type": content_type(boundary)}
+    headers = {"Content-Type": content_type(boundary), **ADMIN}
     response = httpx.post(server.url + STOW, content=content, headers=headers)
     assert response.status_code == 413, response.text
     assert str(limit) in response.json()["detail"]
@@ -463,7 +463,7 @@ def test_large_body_is_streamed_not_buffered(server: LiveServer, tmp_path: Path)
     tracemalloc.start()
     try:
         response = httpx.post(
-            server.url + STOW, content=body(), headers={"Content-Type": content_type(boundary)}, timeout=120
+            server.url + STOW, content=body(), headers={"Content-Type": content_type(boundary), **ADMIN}, timeout=120
         )
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -516,7 +516,7 @@ def _disconnect_mid_body(server: LiveServer, tmp_path: Path) -> None:
     body = multipart(parts, boundary)
     head = (
         f"POST {STOW} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type(boundary)}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Authorization: {ADMIN['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head + body[: len(parts[0]) + 200])  # the whole first part, the start of the second

@@ -24,7 +24,7 @@ from gateway.config import Settings
 from gateway.store.query import InstanceFile, instance_files
 from gateway.store.store import InstanceStore
 
-from conftest import LiveServer
+from conftest import ADMIN, LiveServer, api_client
 
 with warnings.catch_warnings():
     # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; not our code, and harmless here.
@@ -59,14 +59,14 @@ def corpus(settings: Settings, tmp_path: Path) -> Corpus:
 
 @pytest.fixture
 def client(corpus: Corpus, settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, start_dimse=False)) as test_client:
+    with api_client(create_app(settings, start_dimse=False)) as test_client:
         yield test_client
 
 
 @pytest.fixture
 def dicomweb(corpus: Corpus, settings: Settings) -> Iterator[DICOMwebClient]:
     with LiveServer(settings) as server:
-        yield DICOMwebClient(url=f"{server.url}/dicomweb")
+        yield DICOMwebClient(url=f"{server.url}/dicomweb", headers=ADMIN)
 
 
 def parts(content_type: str, body: bytes) -> list[tuple[dict[str, str], bytes]]:

@@ -23,7 +23,7 @@ import pytest
 from gateway.config import DicomSettings, ExportSettings, JobsSettings, Settings
 from gateway.synth.ct import SynthCT, VolumeGeometry, place_nodules, write_synthetic_ct
 
-from conftest import LiveServer, make_settings, require_tool
+from conftest import ADMIN, LiveServer, make_settings, require_tool
 from peers import Orthanc, dicomweb_plugin, free_port, orthanc_binary
 
 pytestmark = pytest.mark.slow
@@ -203,7 +203,8 @@ def test_stow_in_stow_back(study: tuple[Path, SynthCT], orthanc: Orthanc, tmp_pa
     settings.export.default.append("pacs-web")  # STOW-received series have no calling AE: the fixed route
     register_nodule_model(settings)
     with LiveServer(settings, start_dimse=True) as server:
-        orthanc.rest("PUT", "/dicom-web/servers/gateway", {"Url": f"{server.url}/dicomweb"})
+        gateway = {"Url": f"{server.url}/dicomweb", "HttpHeaders": ADMIN}  # STOW-RS needs a token, also on loopback
+        orthanc.rest("PUT", "/dicom-web/servers/gateway", gateway)
         study_id = upload(orthanc, folder)
         orthanc.rest("POST", "/dicom-web/servers/gateway/stow", {"Resources": [study_id], "Synchronous": True})
         check_results(wait_for_results(orthanc), synth)

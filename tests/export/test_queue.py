@@ -1,5 +1,5 @@
 """The durable queue on its own: enqueue (each destination the kinds it takes), claim, record with backoff, settle
-the job (refused deliveries do not fail it), resume, retry."""
+the job (refused deliveries do not fail it), resume, retry; on SQLite and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ from gateway.store.store import InstanceStore
 
 POLICY = RetryPolicy(max_attempts=3, backoff_initial_s=10, backoff_max_s=100)
 T0 = 1_000_000.0
+
+
+@pytest.fixture
+def instance_store(index_store: InstanceStore) -> InstanceStore:
+    """The store of these tests: its index on SQLite, then on a real PostgreSQL server."""
+    return index_store
 
 
 def test_enqueue_one_delivery_per_file_and_destination(instance_store: InstanceStore, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from gateway.export.outcome import Kind, Outcome, RetryPolicy
 from gateway.jobs.states import JobState
 from gateway.store.store import InstanceStore
 
-from conftest import make_settings
+from conftest import api_client, make_settings
 
 with warnings.catch_warnings():
     # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; not our code, and harmless here.
@@ -52,7 +52,7 @@ def client(tmp_path: Path, scp: StatusSCP) -> Iterator[TestClient]:
         http=HttpSettings(host="127.0.0.1", port=0, tokens=tokens),
         export=fast_export(destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": scp.port}}),
     )
-    with TestClient(create_app(settings, start_dimse=False)) as test_client:
+    with api_client(create_app(settings, start_dimse=False), headers={}) as test_client:
         yield test_client
 
 

@@ -22,15 +22,13 @@ from gateway.runtime import Gateway
 from gateway.store.index import Instance, Job, SeriesRevision
 from gateway.store.store import InstanceStore
 
-from conftest import make_settings
+from conftest import api_client, make_settings
 from dicom_files import minimal_ct
 from peers import wait_until
 
 with warnings.catch_warnings():
     # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; not our code, and harmless here.
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
-
     from gateway.api.app import create_app
 
 T0 = 1_700_000_000.0  # arrival times are explicit: completion is a function of them and of `now`
@@ -308,7 +306,7 @@ def test_jobs_and_studies_api(settings: Settings, tmp_path: Path) -> None:
     finally:
         before.close()
     app = create_app(settings, start_dimse=False)
-    with TestClient(app) as client:
+    with api_client(app) as client:
         wait_until(lambda: len(client.get("/api/jobs").json()) == 1, timeout_s=15, what="first job")
         series.put(app.state.store, 3, now=past + 1)
         wait_until(lambda: len(client.get("/api/jobs").json()) == 2, timeout_s=15, what="second job")

@@ -11,7 +11,8 @@ from sqlalchemy import select, update
 from gateway.config import IngestSettings, JobsSettings
 from gateway.export.scu import Peer, SendReport, scan, send
 from gateway.ingest.completion import complete_quiet_series
-from gateway.jobs.assembly import assemble_job, claim_job, resume_interrupted
+from gateway.jobs import lifecycle
+from gateway.jobs.assembly import assemble_job
 from gateway.jobs.states import JobState
 from gateway.runtime import Gateway
 from gateway.store.index import Job
@@ -41,6 +42,18 @@ def put_copies(store: InstanceStore, files: list[Path], tmp: Path, now: float) -
         copy = tmp / f"copy-{f.name}"
         copy.write_bytes(f.read_bytes())
         store.put(copy, source="test", now=now)
+
+
+def claim(store: InstanceStore) -> lifecycle.Lease | None:
+    return lifecycle.claim(store, "test/1/a", 60.0, max_attempts=3)
+
+
+def record_assembly(store: InstanceStore, lease: lifecycle.Lease) -> None:
+    """Assemble a claimed job and record the outcome as the runner does."""
+    done = assemble_job(store, lease.job_id)
+    state = JobState.FAILED if done.failure else JobState.ASSEMBLED
+    failure = {"stage": "assemble", "reason": done.failure} if done.failure else None
+    lifecycle.move(store, lease, JobState.ASSEMBLING, state, lease_s=60.0, assembly=done.summary, failure=failure)
 
 
 def test_a_received_series_is_assembled_by_the_running_gateway(tmp_path: Path) -> None:
@@ -75,9 +88,9 @@ def test_a_series_that_cannot_be_assembled_fails_its_job_with_the_reason(tmp_pat
         ds.save_as(files[3])
         put_copies(store, files, tmp_path, now=1000.0)
         complete_quiet_series(store.write_sessions, 10, now=2000.0)
-        job_id = claim_job(store)
-        assert job_id is not None and claim_job(store) is None, "a job is claimed once"
-        assemble_job(store, job_id)
+        lease = claim(store)
+        assert lease is not None and claim(store) is None, "a job is claimed once"
+        record_assembly(store, lease)
         (job,) = jobs(store)
     finally:
         store.close()
@@ -98,12 +111,13 @@ def test_interrupted_assembly_resumes_and_revision_two_uses_the_whole_series(tmp
         complete_quiet_series(store.write_sessions, 10, now=1300.0)
         first, second = (j.id for j in jobs(store))
         with store.write_sessions.begin() as session:  # as a crash in the middle of assembly would leave it
-            session.execute(update(Job).where(Job.id == first).values(state=JobState.ASSEMBLING))
-        assert resume_interrupted(store) == 1
-        assert claim_job(store) == first
-        assemble_job(store, first)
-        assert claim_job(store) == second
-        assemble_job(store, second)
+            values = {"state": JobState.ASSEMBLING, "lease_owner": "gone/1/x", "lease_expires_at": 0.0}
+            session.execute(update(Job).where(Job.id == first).values(**values))
+        assert lifecycle.reclaim_expired(store) == [first]
+        for expected in (first, second):
+            lease = claim(store)
+            assert lease is not None and lease.job_id == expected
+            record_assembly(store, lease)
         done = {j.id: j for j in jobs(store)}
     finally:
         store.close()

@@ -16,11 +16,13 @@ from onnx import TensorProto, helper
 from sqlalchemy import select
 from test_assembly import jobs, wait_for_state
 
-from gateway.assemble.assemble import assemble_series
-from gateway.config import JobsSettings, ModelsSettings
+from gateway.config import ExportSettings, JobsSettings, ModelsSettings
 from gateway.export.scu import Peer, SendReport, scan, send
 from gateway.infer.runtime import InferenceRuntime
+from gateway.jobs import lifecycle
+from gateway.jobs.encoding import EncodeStage
 from gateway.jobs.inference import InferenceStage
+from gateway.jobs.runner import JobRunner, Pipeline
 from gateway.jobs.states import JobState
 from gateway.registry.registry import Registry
 from gateway.runtime import Gateway
@@ -113,30 +115,24 @@ def assembled_job(tmp_path: Path) -> Iterator[tuple[InstanceStore, int]]:
     from gateway.ingest.completion import complete_quiet_series
 
     complete_quiet_series(store.write_sessions, 0.0, now=10.0)
-    with store.write_sessions.begin() as session:
-        job = session.scalars(select(Job)).one()
-        job.state = JobState.ASSEMBLED
-        job_id = job.id
+    with store.sessions() as session:
+        job_id = session.scalars(select(Job.id)).one()
     yield store, job_id
     store.close()
 
 
 def run_stage(store: InstanceStore, job_id: int, registry: Registry, tmp_path: Path) -> Job:
-    paths = [store.path_of(p) for p in store_paths(store)]
+    """Take the received job through the runner's stages, in this thread."""
     runtime = InferenceRuntime("cpu")
+    infer = InferenceStage(store, registry, runtime, tmp_path / "results")
+    encode = EncodeStage(store, ExportSettings(), tmp_path / "outputs")
     try:
-        InferenceStage(store, registry, runtime, tmp_path / "results")(job_id, assemble_series(paths))
+        assert JobRunner(store, JobsSettings(workers=0), Pipeline(infer, encode)).run_once()
     finally:
         runtime.close()
     (job,) = jobs(store)
+    assert job.id == job_id
     return job
-
-
-def store_paths(store: InstanceStore) -> list[str]:
-    from gateway.store.index import Instance
-
-    with store.sessions() as session:
-        return list(session.scalars(select(Instance.path)))
 
 
 def test_a_model_failing_on_the_input_fails_the_job_with_the_model_and_reason(
@@ -179,10 +175,11 @@ def test_an_interrupted_inference_is_assembled_again_after_a_restart(
     assembled_job: tuple[InstanceStore, int], tmp_path: Path
 ) -> None:
     store, job_id = assembled_job
-    from gateway.jobs.assembly import resume_interrupted
-
-    with store.write_sessions.begin() as session:
-        session.get(Job, job_id).state = JobState.INFERRING  # type: ignore[union-attr]
-    assert resume_interrupted(store, (JobState.ASSEMBLING, JobState.ASSEMBLED, JobState.INFERRING)) == 1
+    with store.write_sessions.begin() as session:  # as a process killed during inference leaves it
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state, job.lease_owner, job.lease_expires_at, job.attempts = JobState.INFERRING, "gone/1/x", 0.0, 1
+    assert lifecycle.reclaim_expired(store) == [job_id]
     (job,) = jobs(store)
     assert job.state == JobState.RECEIVED, "volumes live in memory only: the job is assembled again"
+    assert job.lease_owner is None and job.attempts == 1, "the lost attempt counts"

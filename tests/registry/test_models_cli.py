@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 
-from model_packages import manifest_dict, onnx_model, write_package, zip_folder
+from model_packages import UNET, bundle_package, manifest_dict, onnx_model, write_package, zip_folder
 
 GATEWAY_SCRIPT = Path(sys.executable).with_name("gateway")
 #: The environment of most tests here: without the shipped models (list, show, enable and disable register them).
@@ -141,3 +141,20 @@ def test_registering_a_version_of_a_disabled_model_says_so(data_dir: Path, tmp_p
     code, out, _ = models(data_dir, "register", write_package(tmp_path / "v2", manifest_dict(version="2.0.0")))
     assert code == 0
     assert out.startswith("tiny-seg@2.0.0: active, disabled (`gateway models enable tiny-seg` to use it), sha256 ")
+
+
+def test_a_package_with_trusted_code_needs_the_flag(data_dir: Path, tmp_path: Path) -> None:
+    package = bundle_package(tmp_path / "trusted", {"network_def": {**UNET, "channels": "$[4, 8]"}}, trust_code=True)
+    assert_error(models(data_dir, "register", package), 2, "trust_code: true", "--trust-code")
+    code, out, _ = models(data_dir, "register", package, "--trust-code")
+    assert code == 0 and out.startswith("tiny-bundle@1.0.0: active, sha256 "), out
+    allowed = json.loads(models(data_dir, "show", "tiny-bundle")[1])["dry_run"]["code_allowed_by"]
+    assert allowed.startswith("operator ") and allowed.endswith(" (gateway models register --trust-code)")
+    untrusted = bundle_package(tmp_path / "untrusted", {"network_def": {**UNET, "channels": "$[4, 8]"}}, version="2")
+    assert_error(models(data_dir, "register", untrusted, "--trust-code"), 2, "network_def::channels = '$[4, 8]'")
+
+
+def test_the_dry_run_limits_come_from_the_settings(data_dir: Path, tmp_path: Path) -> None:
+    env = {**NO_SHIPPED, "GATEWAY_MODELS__SANDBOX_TIMEOUT_S": "0.001"}
+    package = write_package(tmp_path / "pkg", manifest_dict())
+    assert_error(models(data_dir, "register", package, env=env), 2, "time limit of 0.001 s (models.sandbox_timeout_s)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,14 +27,12 @@ from gateway.runtime import Gateway
 from gateway.store.index import Instance
 from gateway.synth.ct import write_synthetic_ct
 
-from conftest import free_port
+from conftest import api_client, free_port
 from peers import DCMTK_ENV, PeerProcess, dcmtk_tool
 
 with warnings.catch_warnings():
     # Starlette 1.x warns that its TestClient prefers httpx2 over httpx; not our code, and harmless here.
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
-
     from gateway.api.app import create_app
 
 GATEWAY_SCRIPT = Path(sys.executable).with_name("gateway")
@@ -175,7 +174,7 @@ def test_token(tmp_path: Path) -> None:
     settings = get_settings(config)  # the printed entry, pasted under http.tokens, is valid configuration
     ((name, scopes),) = [(t.name, t.scopes) for t in settings.http.tokens]
     assert (name, scopes) == ("x", ["write"])
-    with TestClient(create_app(settings, start_dimse=False)) as client:
+    with api_client(create_app(settings, start_dimse=False), headers={}) as client:
         assert client.get("/api/jobs").status_code == 401
         assert client.get("/api/jobs", headers={"Authorization": "Bearer not-the-token"}).status_code == 401
         assert client.get("/api/jobs", headers={"Authorization": f"Bearer {token[1]}"}).status_code == 200
@@ -293,6 +292,43 @@ def test_serve_with_flags(served: ServedByFlags, tmp_path: Path) -> None:
     wado = served.get(f"/dicomweb/studies/{ct.study_instance_uid}/series/{ct.series_instance_uid}/metadata")
     assert wado.status_code == 200
     assert sorted(item["00080018"]["Value"][0] for item in wado.json()) == sorted(ct.sop_instance_uids)
+
+
+ANNOUNCEMENT = "This data folder's admin token"
+
+
+def test_serve_prints_the_data_folder_admin_token_once(served: ServedByFlags, tmp_path: Path) -> None:
+    log = served.log_path.read_text()
+    assert log.count(ANNOUNCEMENT) == 1, log
+    found = re.search(r"^    (\S+)$", log.split(ANNOUNCEMENT, 1)[1], re.MULTILINE)
+    assert found is not None, log
+    token = found[1]
+    path = served.data_dir / "admin-token.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    entry = json.loads(path.read_text())
+    assert entry == {"name": "admin (data folder)", "sha256": hash_token(token), "scopes": ["admin"]}
+
+    def retry(token: str | None) -> int:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        url = f"http://127.0.0.1:{served.http_port}/api/jobs/999999/retry"
+        return httpx.post(url, headers=headers, timeout=10).status_code
+
+    assert served.get("/api/jobs").status_code == 200, "reading from loopback is open while http.tokens is empty"
+    assert retry(None) == 401, "changes need a token, also from loopback"
+    assert retry(token) == 404, "the printed token is an admin token"
+
+    reset = gateway_cli("token", "--reset-admin", "--data-dir", served.data_dir, cwd=tmp_path)
+    assert reset.returncode == 0, reset.stderr
+    new = re.search(r"^admin token \(.*\): (\S+)$", reset.stdout, re.MULTILINE)
+    assert new is not None and new[1] != token, reset.stdout
+    assert path.stat().st_mode & 0o777 == 0o600 and new[1] not in path.read_text()
+    assert retry(token) == 401, "the running gateway no longer takes the old token"
+    assert retry(new[1]) == 404, "and takes the new one without a restart"
+
+    served.stop()
+    served.start()
+    assert served.log_path.read_text().count(ANNOUNCEMENT) == 1, "printed on the first start only"
+    assert retry(new[1]) == 404
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

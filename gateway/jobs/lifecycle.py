@@ -1,0 +1,326 @@
+"""Every write of a job's state: claims under a lease, conditional moves, renewals, hand-backs and reclaims.
+
+The transition table is :data:`gateway.jobs.states.TRANSITIONS`. Each write here is one conditional statement (or
+a row read ``FOR UPDATE`` and written in the same transaction): ``UPDATE jobs ... WHERE id = :id AND state =
+:from AND lease_owner = :me``. A worker whose lease was taken from it gets :class:`~gateway.errors.LeaseLost`
+and drops the job, so two workers (threads, processes, or hosts on one PostgreSQL index) never both move a job,
+and a detail merge never loses another's update.
+
+A lease is (owner, expiry). The owner names the process (``host/pid/token``), so that at start a process can
+take back at once the jobs of a process on its own host that is gone (kill -9) instead of waiting for their
+leases to expire; jobs of other hosts are reclaimed by anyone once their lease has expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from gateway.errors import LeaseLost
+from gateway.jobs.states import FINISHED, LEASED, JobState, allowed
+from gateway.store.index import Job
+from gateway.store.store import StoreIndex
+
+__all__ = [
+    "Lease",
+    "claim",
+    "hand_back",
+    "move",
+    "note",
+    "owner_identity",
+    "reclaim_expired",
+    "reclaim_orphans",
+    "renew",
+]
+
+log = logging.getLogger(__name__)
+
+_REASON_MAX = 500  # characters of a failure reason kept on the job (one line)
+
+
+def owner_identity() -> str:
+    """A lease owner name for this process: ``host/pid/token`` (the token tells a reused pid apart)."""
+    return f"{socket.gethostname()[:40]}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A job held by a worker: its id and the owner its lease names."""
+
+    job_id: int
+    owner: str
+
+
+def one_line(reason: str) -> str:
+    """A failure reason as the job records it: one line, bounded."""
+    text = " ".join(reason.split())
+    return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 1] + "…"
+
+
+def claim(
+    store: StoreIndex,
+    owner: str,
+    lease_s: float,
+    *,
+    max_attempts: int,
+    job_id: int | None = None,
+    now: float | None = None,
+) -> Lease | None:
+    """Take the oldest claimable ``received`` job (or ``job_id``) to ``assembling`` under a lease; ``None`` if none.
+
+    A job is claimable when it is ``received`` and not held back (its ``lease_expires_at``, on a job handed back
+    for want of space, is a not-before time). Each claim counts an attempt; a job claimed ``max_attempts`` times
+    without finishing (each time its worker died with it) fails with that reason instead of being claimed again.
+    """
+    now = time.time() if now is None else now
+    while True:
+        with store.write_sessions.begin() as session:
+            job = _next_claimable(session, now, job_id)
+            if job is None:
+                return None
+            if job.attempts >= max_attempts:
+                _exhausted(job, max_attempts, now)
+                if job_id is not None:
+                    return None
+                continue
+            job.state = JobState.ASSEMBLING
+            job.lease_owner, job.lease_expires_at = owner, now + lease_s
+            job.attempts += 1
+            job.updated_at = now
+            return Lease(int(job.id), owner)
+
+
+def _next_claimable(session: Session, now: float, job_id: int | None) -> Job | None:
+    due = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now)
+    query = select(Job).where(Job.state == JobState.RECEIVED, due)
+    query = query.where(Job.id == job_id) if job_id is not None else query.order_by(Job.id)
+    return session.scalars(query.limit(1).with_for_update(skip_locked=True)).first()
+
+
+def _exhausted(job: Job, max_attempts: int, now: float) -> None:
+    reason = (
+        f"interrupted {job.attempts} times while being processed (each time the gateway process ended with it); "
+        f"not tried again after jobs.max_attempts={max_attempts}"
+    )
+    job.detail = {**(job.detail or {}), "failure": {"stage": "run", "reason": reason}}
+    job.state, job.finished_at, job.updated_at = JobState.FAILED, now, now
+    job.lease_owner = job.lease_expires_at = None
+    log.warning("job %d failed: %s", job.id, reason)
+
+
+@contextmanager
+def _held(store: StoreIndex, lease: Lease, current: JobState) -> Iterator[tuple[Session, Job]]:
+    """The job's row, locked, if it is in ``current`` under ``lease``; else :class:`LeaseLost`."""
+    with store.write_sessions.begin() as session:
+        job = session.scalars(
+            select(Job)
+            .where(Job.id == lease.job_id, Job.state == current, Job.lease_owner == lease.owner)
+            .with_for_update()
+        ).first()
+        if job is None:
+            raise LeaseLost(f"job {lease.job_id} is no longer {current.value} under this worker's lease")
+        yield session, job
+
+
+def move(
+    store: StoreIndex,
+    lease: Lease,
+    current: JobState,
+    to: JobState,
+    *,
+    lease_s: float = 0.0,
+    timing: tuple[str, float] | None = None,
+    now: float | None = None,
+    **entries: Any,
+) -> None:
+    """Move a leased job from ``current`` to ``to``, merging ``entries`` (and a stage ``timing``) into its detail.
+
+    The lease is renewed by ``lease_s`` while the job stays in a leased state, and released when it reaches a
+    durable or final one. An entry whose value is ``None`` is left out.
+
+    Raises
+    ------
+    ValueError
+        If the transition table does not allow the move.
+    gateway.errors.LeaseLost
+        If the job is not in ``current`` under ``lease`` any more (nothing is written).
+    """
+    if not allowed(current, to):
+        raise ValueError(f"job transition {current.value} -> {to.value} is not in the table")
+    now = time.time() if now is None else now
+    with _held(store, lease, current) as (_session, job):
+        job.detail = merged_detail(job.detail, entries, timing)
+        job.state, job.updated_at = to, now
+        if to in LEASED:
+            job.lease_expires_at = now + lease_s
+        else:
+            job.lease_owner = job.lease_expires_at = None
+        if to in FINISHED:
+            job.finished_at = now
+
+
+def note(
+    store: StoreIndex,
+    lease: Lease,
+    current: JobState,
+    *,
+    timing: tuple[str, float] | None = None,
+    now: float | None = None,
+    **entries: Any,
+) -> None:
+    """Merge ``entries`` into a leased job's detail without moving it (raises :class:`LeaseLost` like :func:`move`)."""
+    now = time.time() if now is None else now
+    with _held(store, lease, current) as (_session, job):
+        job.detail = merged_detail(job.detail, entries, timing)
+        job.updated_at = now
+
+
+def merged_detail(
+    detail: dict[str, Any] | None, entries: dict[str, Any], timing: tuple[str, float] | None
+) -> dict[str, Any]:
+    """``detail`` with ``entries`` (those not ``None``) merged in and a stage ``timing`` (name, seconds) added."""
+    merged: dict[str, Any] = dict(detail or {})
+    merged.update({key: value for key, value in entries.items() if value is not None})
+    if timing is not None:
+        merged["timings"] = {**merged.get("timings", {}), timing[0]: round(timing[1], 3)}
+    return merged
+
+
+def check(store: StoreIndex, lease: Lease, current: JobState) -> None:
+    """Raise :class:`LeaseLost` unless the job is still in ``current`` under ``lease`` (before costly work)."""
+    with _held(store, lease, current):
+        pass
+
+
+def renew(store: StoreIndex, owner: str, lease_s: float, *, now: float | None = None) -> int:
+    """Extend every lease ``owner`` holds by ``lease_s`` from now; return how many (the worker's heartbeat)."""
+    now = time.time() if now is None else now
+    with store.write_sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.lease_owner == owner, Job.state.in_(LEASED))
+            .values(lease_expires_at=now + lease_s)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def hand_back(
+    store: StoreIndex,
+    owner: str,
+    *,
+    job_ids: Collection[int] | None = None,
+    not_before: float | None = None,
+    refund: bool = True,
+    reason: str,
+    now: float | None = None,
+) -> list[int]:
+    """Put jobs ``owner`` holds (all, or ``job_ids``) back to ``received``: their work so far was in memory.
+
+    ``refund`` gives back the attempt their claim counted (a stop or a wait for space is not the job's fault);
+    ``not_before`` keeps them from being claimed again before that time. Returns the ids handed back.
+    """
+    now = time.time() if now is None else now
+    with store.write_sessions.begin() as session:
+        query = select(Job).where(Job.lease_owner == owner, Job.state.in_(LEASED)).with_for_update()
+        if job_ids is not None:
+            query = query.where(Job.id.in_(job_ids))
+        jobs = session.scalars(query).all()
+        for job in jobs:
+            _to_received(job, now, not_before, reason)
+            if refund:
+                job.attempts = max(0, job.attempts - 1)
+        ids = [int(job.id) for job in jobs]
+    if ids:
+        log.info("jobs %s handed back to received: %s", ids, reason)
+    return ids
+
+
+def _to_received(job: Job, now: float, not_before: float | None, reason: str) -> None:
+    returns = [*(job.detail or {}).get("handed_back", []), {"at": round(now, 3), "from": job.state, "why": reason}]
+    job.detail = {**(job.detail or {}), "handed_back": returns[-10:]}
+    job.state, job.updated_at = JobState.RECEIVED, now
+    job.lease_owner, job.lease_expires_at = None, not_before
+
+
+def reclaim_expired(store: StoreIndex, *, now: float | None = None) -> list[int]:
+    """Send jobs whose lease expired (their worker or process is gone) back to ``received``; return their ids.
+
+    Jobs left in a leased state with no lease at all (by a gateway older than leases) are taken back too.
+    """
+    now = time.time() if now is None else now
+    expired = or_(Job.lease_owner.is_(None), Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
+    return _reclaim(store, and_(Job.state.in_(LEASED), expired), now, "its lease expired")
+
+
+def reclaim_orphans(store: StoreIndex, owner: str, *, now: float | None = None) -> list[int]:
+    """At start: take back at once the jobs leased by processes of this host that are no longer running."""
+    now = time.time() if now is None else now
+    host = owner.split("/", 1)[0]
+    with store.sessions() as session:
+        owners = session.scalars(
+            select(Job.lease_owner).where(Job.state.in_(LEASED), Job.lease_owner.like(f"{host}/%")).distinct()
+        ).all()
+    gone = [o for o in owners if o is not None and o != owner and not _running(o)]
+    if not gone:
+        return reclaim_expired(store, now=now)
+    ids = _reclaim(store, and_(Job.state.in_(LEASED), Job.lease_owner.in_(gone)), now, "its process is gone")
+    return ids + reclaim_expired(store, now=now)
+
+
+def _running(owner: str) -> bool:
+    """Whether the process an owner name of this host names is alive (a pid reused by another process counts)."""
+    try:
+        pid = int(owner.split("/")[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # this process's earlier life: its token differs, so the lease is from before a restart
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reclaim(store: StoreIndex, where: Any, now: float, reason: str) -> list[int]:
+    with store.write_sessions.begin() as session:
+        jobs = session.scalars(select(Job).where(where).with_for_update(skip_locked=True)).all()
+        for job in jobs:
+            _to_received(job, now, None, reason)
+        ids = [int(job.id) for job in jobs]
+    if ids:
+        log.warning("jobs %s taken back to received: %s", ids, reason)
+    return ids
+
+
+def fail(store: StoreIndex, lease: Lease, stage: str, reason: str, *, now: float | None = None) -> bool:
+    """The supervisor's last word: fail a leased job in whatever leased state it is, with a one-line reason.
+
+    Returns whether it was failed (``False`` if the lease was lost meanwhile: someone else holds the job).
+    """
+    now = time.time() if now is None else now
+    with store.write_sessions.begin() as session:
+        job = session.scalars(
+            select(Job)
+            .where(Job.id == lease.job_id, Job.lease_owner == lease.owner, Job.state.in_(LEASED))
+            .with_for_update()
+        ).first()
+        if job is None:
+            return False
+        job.detail = {**(job.detail or {}), "failure": {"stage": stage, "reason": one_line(reason)}}
+        job.state, job.finished_at, job.updated_at = JobState.FAILED, now, now
+        job.lease_owner = job.lease_expires_at = None
+    return True

@@ -124,3 +124,22 @@ def test_mutual_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
         with warnings.catch_warnings():  # pynetdicom's requestor leaves its socket to the GC after a failed
             warnings.simplefilter("ignore", ResourceWarning)  # handshake: collect it here, not in a later test
             gc.collect()
+
+
+def test_stopping_the_gateway_aborts_associations_in_progress_and_waits_for_them(tmp_path: Path) -> None:
+    gw = Gateway(make_settings(tmp_path / "data"))
+    gw.start()
+    assert gw.scp is not None
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gw.scp.port, ae_title="GATEWAY")
+    assert assoc.is_established
+    server = gw.scp._server
+    assert server is not None and len(server.active_associations) == 1
+    (held,) = server.active_associations
+    gw.stop()  # as SIGTERM does: the peer is told (A-ABORT), not left waiting
+    assert not held.is_alive(), "the association's thread was joined"
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted

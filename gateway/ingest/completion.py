@@ -224,11 +224,18 @@ class CompletionMonitor:
         self._quiet = quiet_period_s
         self._poll = poll_s
         self._on_complete = on_complete
+        self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="completion-monitor", daemon=True)
 
     def start(self) -> None:
-        """Start polling."""
+        """Start polling; nothing completes before a quiet period has passed since this start.
+
+        A series that was arriving when the gateway stopped (or was killed) has had no instance for a while, but its
+        sender was cut off, not done: it re-sends what was not acknowledged once the gateway is back. Completing the
+        revision at once would run the models on a partial series and then again on the whole one.
+        """
+        self._started = time.monotonic()
         self._thread.start()
 
     def stop(self) -> None:
@@ -239,6 +246,8 @@ class CompletionMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll):
+            if time.monotonic() - self._started < self._quiet:
+                continue
             try:
                 if complete_quiet_series(self._sessions, self._quiet) and self._on_complete is not None:
                     self._on_complete()

@@ -46,8 +46,9 @@ __all__ = ["JobRunner", "MemoryBudget", "Pipeline", "estimate_job_bytes"]
 log = logging.getLogger(__name__)
 
 #: Bytes a job takes per source voxel while assembled and inferred: the volume (float32), its resampled copy, the
-#: model input and output, probabilities and masks. Measured: a 140-slice 512x512 CT job peaks near 1 GiB.
-BYTES_PER_VOXEL = 28
+#: model input and output, probabilities and masks. Measured (bench/memory.py): each concurrent 140-slice 512x512 CT
+#: job adds about 1.5 GiB to the peak.
+BYTES_PER_VOXEL = 44
 _SPACE_RETRY_S = 60.0  # a job handed back for want of disk space waits this long before it is claimed again
 _INDEX_RETRY_S = 10.0  # ... and one whose index write failed (database locked or unreachable)
 _DOING = {"assemble": "assembly", "infer": "inference", "encode": "encoding"}

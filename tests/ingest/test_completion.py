@@ -354,3 +354,35 @@ def test_a_failed_start_leaves_nothing_running(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             gw.start()
     assert running() == before
+
+
+def test_after_a_restart_a_series_cut_off_mid_transfer_waits_a_quiet_period_for_its_resend(tmp_path: Path) -> None:
+    """Instances stored long before a (re)start are not completed at once: the sender, cut off by the stop or a
+    kill -9, re-sends within a quiet period and the series completes once, whole (found by the soak)."""
+    from gateway.ingest.completion import CompletionMonitor
+
+    store = InstanceStore(make_settings(tmp_path / "data").store)
+    try:
+        same = {"StudyInstanceUID": STUDY, "SeriesInstanceUID": SERIES_A}
+        files = [minimal_ct(tmp_path / f"{k}.dcm", InstanceNumber=k + 1, **same) for k in range(4)]
+        long_ago = time.time() - 3600
+        for path in files[:2]:  # what the gateway stored before it was killed
+            store.put(path, source="test", now=long_ago)
+        monitor = CompletionMonitor(store.write_sessions, quiet_period_s=1.5, poll_s=0.05)
+        monitor.start()
+        try:
+            time.sleep(0.5)
+            for path in files[2:]:  # the resend, within a quiet period of the start
+                store.put(path, source="test")
+            wait_until(lambda: bool(jobs_of(store)), timeout_s=30, what="the series to complete")
+        finally:
+            monitor.stop()
+        (job,) = jobs_of(store)
+        assert job.detail["instances"] == 4, "one job, on the whole series"
+    finally:
+        store.close()
+
+
+def jobs_of(store: InstanceStore) -> list[Job]:
+    with store.sessions() as session:
+        return list(session.scalars(select(Job)))

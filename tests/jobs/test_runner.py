@@ -28,7 +28,7 @@ from gateway.ingest.completion import complete_quiet_series
 from gateway.jobs import lifecycle
 from gateway.jobs.encoding import Encoded, EncodeStage
 from gateway.jobs.inference import InferenceStage, Inferred
-from gateway.jobs.runner import JobRunner, MemoryBudget, Pipeline, estimate_job_bytes
+from gateway.jobs.runner import BYTES_PER_VOXEL, JobRunner, MemoryBudget, Pipeline, estimate_job_bytes
 from gateway.jobs.states import LEASED, TRANSITIONS, JobState
 from gateway.registry.registry import Registry
 from gateway.store.index import Job
@@ -302,7 +302,7 @@ def test_the_memory_budget_keeps_jobs_that_do_not_fit_together_apart(
 ) -> None:
     ids = [add_series(instance_store, tmp_path / f"ct{k}", seed=k, now=10.0 * k) for k in range(3)]
     share = estimate_job_bytes(instance_store, ids[0])
-    assert share == 8 * 32 * 32 * 28
+    assert share == 8 * 32 * 32 * BYTES_PER_VOXEL
     settings = JobsSettings(workers=3, poll_s=0.05, memory_budget_bytes=int(share * 1.5))
     runner = JobRunner(instance_store, settings, stages.pipeline())
     runner.start()

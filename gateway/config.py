@@ -129,6 +129,9 @@ class IngestSettings(_Section):
     quiet_period_s: float = Field(default=10.0, ge=0)
     completion_poll_s: float = Field(default=1.0, gt=0)
     stow_max_bytes: int = Field(default=8 << 30, gt=0)
+    # After a (re)start, a series left arriving by the previous run waits this long for its sender to re-send
+    # what was not acknowledged, instead of completing at once on a partial series.
+    resend_wait_s: float = Field(default=60.0, ge=0)
     # A Deflated data set is inflated up to max(inflate_floor_bytes, inflate_max_ratio x its wire size), and never
     # beyond inflate_max_bytes; a larger one is refused (0xA700 / STOW failure) before it costs the memory.
     inflate_max_ratio: float = Field(default=100.0, ge=1)

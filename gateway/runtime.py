@@ -73,6 +73,7 @@ class Gateway:
             settings.ingest.quiet_period_s,
             settings.ingest.completion_poll_s,
             on_complete=self.jobs.wake,
+            resend_wait_s=settings.ingest.resend_wait_s,
         )
         self.export = ExportWorkers(self.store, settings.export)
         self.retention = RetentionWorker(self.store, settings.retention)
@@ -87,7 +88,6 @@ class Gateway:
         self.library.apply()
         if self.settings.models.register_shipped:  # each broken package is logged and skipped
             _log_shipped(self.registry.register_shipped(shipped_models_dir(self.settings.models)))
-        self.monitor.start()
         self.jobs.start()
         self.export.start()
         self.retention.start()
@@ -97,6 +97,7 @@ class Gateway:
             except BaseException:  # e.g. the port is taken: leave no monitor thread or index open behind
                 self._stop_stages()
                 raise
+        self.monitor.start()  # last: its quiet period after a restart counts from when senders can reach us again
 
     def stop(self) -> None:
         """Stop accepting (associations in progress are aborted), then the stages: running jobs get the grace

@@ -66,7 +66,7 @@ def make_settings(data_dir: Path, **sections: object) -> Settings:
         "store": StoreSettings(data_dir=data_dir, min_free_bytes=0),
         "dicom": DicomSettings(host="127.0.0.1", port=0),
         "http": http_settings(),
-        "ingest": IngestSettings(quiet_period_s=0.5, completion_poll_s=0.1),
+        "ingest": IngestSettings(quiet_period_s=0.5, completion_poll_s=0.1, resend_wait_s=0),
         "jobs": JobsSettings(workers=0, poll_s=0.1),
         "models": ModelsSettings(register_shipped=False),  # tests register the models they need
         # No purge by disk use: a developer's disk may be over 90 % full (tests/store/test_purge*.py set their own).

@@ -55,7 +55,11 @@ class Release:
 
 
 def complete_quiet_series(
-    write_sessions: sessionmaker[Session], quiet_period_s: float, now: float | None = None
+    write_sessions: sessionmaker[Session],
+    quiet_period_s: float,
+    now: float | None = None,
+    *,
+    not_last_before: float | None = None,
 ) -> list[Completion]:
     """Complete every open revision quiet for ``quiet_period_s``; create a ``received`` job for each.
 
@@ -72,6 +76,9 @@ def complete_quiet_series(
         Seconds without a new instance after which a revision is complete.
     now
         The current time (seconds since the epoch); the wall clock when omitted.
+    not_last_before
+        Leave open the revisions whose last instance came before this time (after a restart: their sender was cut
+        off and has not re-sent yet).
     """
     now = time.time() if now is None else now
     cutoff = now - quiet_period_s
@@ -79,7 +86,11 @@ def complete_quiet_series(
     held: list[tuple[SeriesRevision, int]] = []
     with write_sessions.begin() as session:
         candidates = session.scalars(
-            select(SeriesRevision).where(SeriesRevision.state == "open", SeriesRevision.last_received_at <= cutoff)
+            select(SeriesRevision).where(
+                SeriesRevision.state == "open",
+                SeriesRevision.last_received_at <= cutoff,
+                SeriesRevision.last_received_at >= (not_last_before or 0.0),
+            )
         ).all()
         missing = _outstanding(session, {rev.series_instance_uid for rev in candidates})
         for rev in candidates:
@@ -219,23 +230,29 @@ class CompletionMonitor:
         quiet_period_s: float,
         poll_s: float,
         on_complete: Callable[[], None] | None = None,
+        *,
+        resend_wait_s: float = 0.0,
     ) -> None:
         self._sessions = sessions
         self._quiet = quiet_period_s
         self._poll = poll_s
         self._on_complete = on_complete
+        self._resend_wait = resend_wait_s
         self._started = time.monotonic()
+        self._started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="completion-monitor", daemon=True)
 
     def start(self) -> None:
-        """Start polling; nothing completes before a quiet period has passed since this start.
+        """Start polling; a revision left open by the previous run waits ``resend_wait_s`` (at least a quiet period)
+        from this start.
 
         A series that was arriving when the gateway stopped (or was killed) has had no instance for a while, but its
-        sender was cut off, not done: it re-sends what was not acknowledged once the gateway is back. Completing the
-        revision at once would run the models on a partial series and then again on the whole one.
+        sender was cut off, not done: it re-sends what was not acknowledged once the gateway is back, after its own
+        retry delay. Completing the revision at once would run the models on a partial series, and again on the
+        whole one in a second revision.
         """
-        self._started = time.monotonic()
+        self._started, self._started_at = time.monotonic(), time.time()
         self._thread.start()
 
     def stop(self) -> None:
@@ -246,10 +263,12 @@ class CompletionMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll):
-            if time.monotonic() - self._started < self._quiet:
-                continue
+            waiting = time.monotonic() - self._started < max(self._quiet, self._resend_wait)
             try:
-                if complete_quiet_series(self._sessions, self._quiet) and self._on_complete is not None:
+                made = complete_quiet_series(
+                    self._sessions, self._quiet, not_last_before=self._started_at if waiting else None
+                )
+                if made and self._on_complete is not None:
                     self._on_complete()
             except Exception:
                 log.exception("completion check failed; retrying at the next poll")

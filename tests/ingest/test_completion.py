@@ -263,7 +263,8 @@ def test_series_sent_over_dimse_completes_once(gateway: Gateway, tmp_path: Path)
 
 def test_restart_in_the_quiet_period_completes_once(tmp_path: Path) -> None:
     quiet = 1.5
-    settings = make_settings(tmp_path / "data", ingest=IngestSettings(quiet_period_s=quiet, completion_poll_s=0.05))
+    ingest = IngestSettings(quiet_period_s=quiet, completion_poll_s=0.05, resend_wait_s=0)
+    settings = make_settings(tmp_path / "data", ingest=ingest)
     series = SeriesFiles(tmp_path / "a", SERIES_A, 4)
 
     first = Gateway(settings, dimse=False)

@@ -47,6 +47,7 @@ bench: $(VENV)/.installed-test system-deps
 	$(PY) bench/volume.py
 	$(PY) bench/inference.py
 	$(PY) bench/e2e.py
+	$(PY) bench/memory.py
 
 # What people see, rendered as they see it (dsr2html in Chromium, dcmp2pgm, a key image), kept for the README.
 pictures: $(VENV)/.installed-test system-deps

@@ -214,16 +214,6 @@ def test_gateway_series_release_command(stores: tuple[InstanceStore, InstanceSto
 # -- over the wire: C-STORE and STOW-RS under a full disk ---------------------------------------------------------
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    gw = Gateway(make_settings(tmp_path / "data"))
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
-
-
 def c_store(gw: Gateway, paths: list[Path]) -> list[int]:
     assert gw.scp is not None
     ae = AE(ae_title="PACS")

@@ -7,7 +7,6 @@ import shutil
 import threading
 import tracemalloc
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -140,20 +139,10 @@ def c_store(port: int, path: Path) -> int:
         assoc.release()
 
 
-@pytest.fixture
-def gateway_with_bombs(tmp_path: Path) -> Iterator[Gateway]:
-    gw = Gateway(make_settings(tmp_path / "data"))
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
-
-
 def test_bombs_over_c_store_are_refused_with_0xa700_at_a_bounded_cost(
-    gateway_with_bombs: Gateway, tmp_path: Path
+    gateway: Gateway, tmp_path: Path
 ) -> None:
-    gw = gateway_with_bombs
+    gw = gateway
     assert gw.scp is not None
     bombs = [bomb(tmp_path / f"bomb{k}.dcm") for k in range(4)]  # four at once, as in the issue
     statuses: list[int] = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -43,16 +42,6 @@ def nothing_left(store: InstanceStore) -> bool:
     with store.sessions() as session:
         refused = list(session.scalars(select(RefusedInstance)))
     return stored(store) == [] and files == [] and list(store.tmp_dir.iterdir()) == [] and refused == []
-
-
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    gw = Gateway(make_settings(tmp_path / "data"))
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
 
 
 def associate(gw: Gateway, *contexts: str) -> Association:

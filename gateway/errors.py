@@ -9,6 +9,7 @@
      |    +-- InvalidInstance         unparseable, truncated, missing or malformed UIDs   (0xC000 range)
      |    +-- UnsupportedTransferSyntax                                                  (0xC122)
      |    +-- StudyMismatch           STOW-RS instance outside the study in the URL       (0xA900)
+     |    +-- DataSetMismatch         SOP Class/Instance other than the context's, request's or file meta's (0xA900)
      |    +-- OutOfResources          free disk below the watermark, disk full            (0xA700)
      +-- AssemblyError                a series cannot become a volume with trustworthy geometry (the reason says why)
      |    +-- DecodeError             a frame's pixel data cannot be decoded (names the transfer syntax)
@@ -78,6 +79,13 @@ class UnsupportedTransferSyntax(IngestError):
 
 class StudyMismatch(IngestError):
     """A STOW-RS instance belongs to another study than the one in the request URL (0xA900)."""
+
+    default_status = 0xA900
+
+
+class DataSetMismatch(IngestError):
+    """The data set's SOP Class or Instance UID is not the one declared for it: by the presentation context, the
+    C-STORE request or the file meta information (0xA900, "Data Set does not match SOP Class")."""
 
     default_status = 0xA900
 

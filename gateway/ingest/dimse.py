@@ -28,8 +28,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts, build_contex
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.config import AllowedCaller, DicomSettings, TLSSettings
-from gateway.errors import IngestError
-from gateway.ingest.instance import ACCEPTED_TRANSFER_SYNTAXES, DataSetMismatch
+from gateway.errors import DataSetMismatch, IngestError
+from gateway.ingest.instance import ACCEPTED_TRANSFER_SYNTAXES
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from gateway.config import IngestSettings
-from gateway.errors import IngestError, InvalidInstance, OutOfResources, UnsupportedTransferSyntax
+from gateway.errors import DataSetMismatch, InvalidInstance, OutOfResources, UnsupportedTransferSyntax
 
 #: Transfer syntaxes the gateway stores as received (PS3.5 and PS3.6 Table A-1).
 ACCEPTED_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
@@ -94,13 +94,6 @@ INDEX_KEYWORDS: tuple[str, ...] = (
 )
 _WANTED: frozenset[BaseTag] = frozenset(Tag(kw) for kw in ("SpecificCharacterSet", *INDEX_KEYWORDS))
 _FILING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-
-class DataSetMismatch(IngestError):
-    """The data set's SOP Class or Instance UID is not the one declared for it: by the presentation context, the
-    C-STORE request or the file meta information (0xA900, "Data Set does not match SOP Class")."""
-
-    default_status = 0xA900
 
 
 @dataclass(frozen=True)

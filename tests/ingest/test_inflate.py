@@ -139,9 +139,7 @@ def c_store(port: int, path: Path) -> int:
         assoc.release()
 
 
-def test_bombs_over_c_store_are_refused_with_0xa700_at_a_bounded_cost(
-    gateway: Gateway, tmp_path: Path
-) -> None:
+def test_bombs_over_c_store_are_refused_with_0xa700_at_a_bounded_cost(gateway: Gateway, tmp_path: Path) -> None:
     gw = gateway
     assert gw.scp is not None
     bombs = [bomb(tmp_path / f"bomb{k}.dcm") for k in range(4)]  # four at once, as in the issue

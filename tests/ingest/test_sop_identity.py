@@ -22,7 +22,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from requests.exceptions import HTTPError
 from sqlalchemy import select
 
-from gateway.ingest.instance import DataSetMismatch, read_received
+from gateway.errors import DataSetMismatch
+from gateway.ingest.instance import read_received
 from gateway.runtime import Gateway
 from gateway.store.index import Instance, RefusedInstance
 from gateway.store.store import InstanceStore

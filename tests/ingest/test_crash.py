@@ -41,7 +41,9 @@ class ServedGateway(GatewayServer):
     """The gateway served over ``data_dir``, with a short quiet period and no job workers."""
 
     def __init__(self, tmpdir: Path, data_dir: Path) -> None:
-        ingest = {"quiet_period_s": QUIET_S, "completion_poll_s": 0.1}
+        # No wait for a re-send after a restart (ingest.resend_wait_s): these tests restart without re-sending and
+        # check each phase's revision on its own; tests/e2e/test_soak.py re-sends after a kill mid-transfer.
+        ingest = {"quiet_period_s": QUIET_S, "completion_poll_s": 0.1, "resend_wait_s": 0}
         super().__init__(
             tmpdir, data_dir, {"ingest": ingest, "jobs": {"workers": 0}}
         )  # about ingest: jobs stay "received"

@@ -99,6 +99,13 @@ class Gateway:
                 raise
         self.monitor.start()  # last: its quiet period after a restart counts from when senders can reach us again
 
+    def problems(self) -> list[str]:
+        """Why the gateway cannot do its work now (a stage's workers dead, the DICOM listener down); empty if none."""
+        found = [*self.jobs.problems(), *self.export.problems()]
+        if self.scp is not None and not self.scp.running:
+            found.append("the DICOM listener is not running")
+        return found
+
     def stop(self) -> None:
         """Stop accepting (associations in progress are aborted), then the stages: running jobs get the grace
         period and the rest go back to ``received``; close the index, undo the library settings."""

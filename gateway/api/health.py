@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
 from gateway import __version__
 from gateway.api.auth import require_scope
 from gateway.api.deps import get_settings_dep, get_store
 from gateway.config import Settings
+from gateway.runtime import Gateway
 from gateway.store.index import Instance
 from gateway.store.retention import DiskUsage, RetentionWorker
 from gateway.store.store import InstanceStore
@@ -33,19 +35,38 @@ def _worker(request: Request) -> RetentionWorker | None:
     return worker if isinstance(worker, RetentionWorker) else None
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=None)
 def healthz(
-    store: InstanceStore = Depends(get_store), settings: Settings = Depends(get_settings_dep)
-) -> dict[str, object]:
-    """Version, and disk use against the watermarks; ``accepting`` is false while ingest refuses for space."""
+    request: Request, store: InstanceStore = Depends(get_store), settings: Settings = Depends(get_settings_dep)
+) -> dict[str, object] | JSONResponse:
+    """Version, and disk use against the watermarks; ``accepting`` is false while ingest refuses for space.
+
+    503 with the ``reasons`` when the gateway cannot do its work: ingest refused for want of space, a stage's
+    workers dead, the DICOM listener down (a load balancer or a container's health check then sees it).
+    """
     disk = _disk(store, settings)
-    return {
-        "status": "ok",
+    reasons = [] if disk.accepting else [_refusing(disk)]
+    gateway = getattr(request.app.state, "gateway", None)
+    if isinstance(gateway, Gateway):
+        reasons.extend(gateway.problems())
+    body: dict[str, object] = {
+        "status": "unavailable" if reasons else "ok",
         "version": __version__,
         "free_bytes": disk.free_bytes,
         "accepting": disk.accepting,
         "disk": disk.as_dict(),
     }
+    if reasons:
+        body["reasons"] = reasons
+        return JSONResponse(body, status_code=503)
+    return body
+
+
+def _refusing(disk: DiskUsage) -> str:
+    return (
+        f"low disk: {disk.free_bytes} bytes free, below store.min_free_bytes {disk.min_free_bytes}; "
+        "instances get 0xA700 unless retention can purge enough"
+    )
 
 
 @router.get("/api/storage")

@@ -90,6 +90,14 @@ class ExportWorkers:
         for sender in self._senders.values():
             sender.close()
 
+    def problems(self) -> list[str]:
+        """What keeps the export from working, for ``/healthz`` (empty when all is well, or when stopped)."""
+        started = [thread for thread in self._threads if thread.ident is not None]
+        dead = sum(not thread.is_alive() for thread in started)
+        if self._stop.is_set() or not dead:
+            return []
+        return [f"{dead} of {len(self._threads)} export workers stopped"]
+
     def run_once(self) -> bool:
         """Claim one batch for one destination and send it; whether there was one (the threads loop on this)."""
         claimed = queue.claim(self._store, list(self._senders), self._settings.batch_size, now=self._clock())

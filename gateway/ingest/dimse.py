@@ -146,6 +146,11 @@ class StorageSCP:
             " (TLS)" if self.settings.tls else "",
         )
 
+    @property
+    def running(self) -> bool:
+        """Whether the listener is serving."""
+        return self._server is not None
+
     def stop(self, join_s: float = 10.0) -> None:
         """Stop accepting, close the server, abort the associations in progress and wait for their threads.
 

@@ -179,6 +179,18 @@ class JobRunner:
         if held:
             log.warning("stopped with %d job(s) running: back to received, they run again at the next start", len(held))
 
+    def problems(self) -> list[str]:
+        """What keeps the pool from working, for ``/healthz`` (empty when all is well, or when it is not started)."""
+        if not self._workers or self._stop.is_set():
+            return []
+        found = []
+        dead = sum(not thread.is_alive() for thread in self._workers)
+        if dead:
+            found.append(f"{dead} of {len(self._workers)} job workers stopped")
+        if self._keeper is not None and not self._keeper.is_alive():
+            found.append("the job lease heartbeat stopped")
+        return found
+
     @property
     def running(self) -> dict[int, int]:
         """Job id -> worker index, for the jobs being worked on now."""

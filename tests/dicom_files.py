@@ -65,15 +65,15 @@ def prepared(ts: str, dest: Path) -> Path:
     return dest
 
 
-def minimal_ct(dest: Path, *, patient_name: str = "DOE^JANE", drop: tuple[str, ...] = (), **attrs: object) -> Path:
-    """Write a small valid CT instance (8x8 pixels), optionally without some attributes."""
+def minimal_ct_header(*, patient_name: str = "DOE^JANE", patient_id: str = "PID-12345") -> Dataset:
+    """The attributes of a small CT image (8x8, 16 bits) before its pixel data, with fresh UIDs."""
     ds = Dataset()
     ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.PatientName = patient_name
-    ds.PatientID = "PID-12345"
+    ds.PatientID = patient_id
     ds.Modality = "CT"
     ds.Rows = ds.Columns = 8
     ds.BitsAllocated = ds.BitsStored = 16
@@ -81,6 +81,12 @@ def minimal_ct(dest: Path, *, patient_name: str = "DOE^JANE", drop: tuple[str, .
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
+    return ds
+
+
+def minimal_ct(dest: Path, *, patient_name: str = "DOE^JANE", drop: tuple[str, ...] = (), **attrs: object) -> Path:
+    """Write a small valid CT instance (8x8 pixels), optionally without some attributes."""
+    ds = minimal_ct_header(patient_name=patient_name)
     ds.PixelData = bytes(range(128))
     with warnings.catch_warnings():  # values may be deliberately invalid
         warnings.simplefilter("ignore")

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
 
 from gateway.assemble.assemble import AssemblyResult, assemble_series
 from gateway.errors import AssemblyError, GatewayError
@@ -34,17 +35,17 @@ def series_paths(store: InstanceStore, job_id: int) -> list[Path]:
             raise GatewayError(f"no job {job_id}")
         if job.purged_at is not None:
             raise AssemblyError("the series' instances were purged by retention; send the series again to rerun it")
-        revision = session.get(SeriesRevision, job.revision_id)
-        assert revision is not None, "a job always has its revision"
-        rows = session.scalars(
-            select(Instance.path)
-            .join(SeriesRevision, Instance.revision_id == SeriesRevision.id)
-            .where(
-                Instance.series_instance_uid == job.series_instance_uid,
-                SeriesRevision.revision <= revision.revision,
-            )
-        ).all()
+        rows = session.scalars(of_job_series(select(Instance.path), session, job)).all()
     return [store.path_of(p) for p in rows]
+
+
+def of_job_series(query: Select[Any], session: Session, job: Job) -> Select[Any]:
+    """``query`` over ``instances`` narrowed to the job's series as it stood then: every revision up to its own."""
+    revision = session.get(SeriesRevision, job.revision_id)
+    assert revision is not None, "a job always has its revision"
+    return query.join(SeriesRevision, Instance.revision_id == SeriesRevision.id).where(
+        Instance.series_instance_uid == job.series_instance_uid, SeriesRevision.revision <= revision.revision
+    )
 
 
 def assembly_summary(result: AssemblyResult) -> dict[str, Any]:

@@ -36,6 +36,7 @@ __all__ = [
     "claim",
     "hand_back",
     "move",
+    "next_claimable",
     "note",
     "owner_identity",
     "reclaim_expired",
@@ -100,9 +101,21 @@ def claim(
             return Lease(int(job.id), owner)
 
 
+def _claimable(now: float) -> Any:
+    """``received`` and not held back: the condition every claim and every peek at the next job shares."""
+    return and_(Job.state == JobState.RECEIVED, or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now))
+
+
+def next_claimable(store: StoreIndex, *, now: float | None = None) -> int | None:
+    """The id of the job :func:`claim` would take next, without taking it (a worker sizes it up first)."""
+    now = time.time() if now is None else now
+    with store.sessions() as session:
+        job_id = session.scalar(select(Job.id).where(_claimable(now)).order_by(Job.id).limit(1))
+    return None if job_id is None else int(job_id)
+
+
 def _next_claimable(session: Session, now: float, job_id: int | None) -> Job | None:
-    due = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now)
-    query = select(Job).where(Job.state == JobState.RECEIVED, due)
+    query = select(Job).where(_claimable(now))
     query = query.where(Job.id == job_id) if job_id is not None else query.order_by(Job.id)
     return session.scalars(query.limit(1).with_for_update(skip_locked=True)).first()
 
@@ -194,12 +207,6 @@ def merged_detail(
     if timing is not None:
         merged["timings"] = {**merged.get("timings", {}), timing[0]: round(timing[1], 3)}
     return merged
-
-
-def check(store: StoreIndex, lease: Lease, current: JobState) -> None:
-    """Raise :class:`LeaseLost` unless the job is still in ``current`` under ``lease`` (before costly work)."""
-    with _held(store, lease, current):
-        pass
 
 
 def renew(store: StoreIndex, owner: str, lease_s: float, *, now: float | None = None) -> int:

@@ -32,13 +32,13 @@ from gateway.errors import LeaseLost, OutOfResources
 from gateway.export.queue import enqueue
 from gateway.infer.results import ModelResult
 from gateway.jobs import lifecycle
-from gateway.jobs.assembly import assemble_job
+from gateway.jobs.assembly import assemble_job, of_job_series
 from gateway.jobs.encoding import Encoded
 from gateway.jobs.inference import Inferred
 from gateway.jobs.lifecycle import Lease
 from gateway.jobs.states import JobState
 from gateway.process import release_memory
-from gateway.store.index import Instance, Job, SeriesRevision
+from gateway.store.index import Instance, Job
 from gateway.store.store import InstanceStore
 
 __all__ = ["JobRunner", "MemoryBudget", "Pipeline", "estimate_job_bytes"]
@@ -65,18 +65,13 @@ class Pipeline:
 
 def estimate_job_bytes(store: InstanceStore, job_id: int) -> int:
     """Memory a job is expected to take: its series' voxels (every revision up to its own) x :data:`BYTES_PER_VOXEL`."""
+    voxels = func.sum(Instance.rows * Instance.columns * func.coalesce(Instance.number_of_frames, 1))
     with store.sessions() as session:
         job = session.get(Job, job_id)
         if job is None:
             return 0
-        revision = session.get(SeriesRevision, job.revision_id)
-        upto = revision.revision if revision is not None else 0
-        voxels = session.scalar(
-            select(func.sum(Instance.rows * Instance.columns * func.coalesce(Instance.number_of_frames, 1)))
-            .join(SeriesRevision, Instance.revision_id == SeriesRevision.id)
-            .where(Instance.series_instance_uid == job.series_instance_uid, SeriesRevision.revision <= upto)
-        )
-    return int(voxels or 0) * BYTES_PER_VOXEL
+        total = session.scalar(of_job_series(select(voxels), session, job))
+    return int(total or 0) * BYTES_PER_VOXEL
 
 
 def default_memory_budget() -> int:
@@ -239,7 +234,7 @@ class JobRunner:
             self._store.check_space()
         except OutOfResources:
             return False  # outputs could not be written: jobs stay received until space is back (retention purges)
-        candidate = self._next_candidate()
+        candidate = lifecycle.next_claimable(self._store)
         if candidate is None:
             return False
         share = estimate_job_bytes(self._store, candidate)
@@ -260,13 +255,6 @@ class JobRunner:
         finally:
             self.budget.release(share)
             release_memory()
-
-    def _next_candidate(self) -> int | None:
-        now = time.time()
-        with self._store.sessions() as session:
-            due = (Job.lease_expires_at.is_(None)) | (Job.lease_expires_at <= now)
-            job_id = session.scalar(select(Job.id).where(Job.state == JobState.RECEIVED, due).order_by(Job.id).limit(1))
-        return None if job_id is None else int(job_id)
 
     def _supervised(self, lease: Lease, index: int) -> None:
         with self._lock:

@@ -9,7 +9,9 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from dicom_files import minimal_ct_header
 
 CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 MR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.4")
@@ -24,20 +26,11 @@ def header(
     series: str | None = None,
 ) -> Dataset:
     """The attributes of a small CT image before its pixel data (8x8, 16 bits)."""
-    ds = Dataset()
+    ds = minimal_ct_header(patient_name="BOMB^TEST", patient_id="PID-BOMB")
     ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_instance or generate_uid()
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID = series or generate_uid()
-    ds.PatientName = "BOMB^TEST"
-    ds.PatientID = "PID-BOMB"
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = 8
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.SOPInstanceUID = sop_instance or ds.SOPInstanceUID
+    ds.StudyInstanceUID = study or ds.StudyInstanceUID
+    ds.SeriesInstanceUID = series or ds.SeriesInstanceUID
     return ds
 
 

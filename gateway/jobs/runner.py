@@ -135,8 +135,6 @@ class JobRunner:
         self.budget = MemoryBudget(settings.memory_budget_bytes or default_memory_budget())
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._busy: dict[int, int] = {}  # job id -> worker index, while a worker holds it
         self._workers: list[threading.Thread] = []
         self._keeper: threading.Thread | None = None
 
@@ -186,14 +184,8 @@ class JobRunner:
             found.append("the job lease heartbeat stopped")
         return found
 
-    @property
-    def running(self) -> dict[int, int]:
-        """Job id -> worker index, for the jobs being worked on now."""
-        with self._lock:
-            return dict(self._busy)
-
     def _spawn(self, index: int) -> threading.Thread:
-        thread = threading.Thread(target=self._work, args=(index,), name=f"job-worker-{index}", daemon=True)
+        thread = threading.Thread(target=self._work, name=f"job-worker-{index}", daemon=True)
         thread.start()
         return thread
 
@@ -217,10 +209,10 @@ class JobRunner:
 
     # -- one worker --------------------------------------------------------------------------------------------
 
-    def _work(self, index: int) -> None:
+    def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                worked = self.run_once(index)
+                worked = self.run_once()
             except Exception:  # claiming failed (index unreachable): never let the thread die for it
                 log.exception("claiming a job failed; retrying")
                 worked = False
@@ -228,7 +220,7 @@ class JobRunner:
                 self._wake.wait(self._settings.poll_s)
                 self._wake.clear()
 
-    def run_once(self, index: int = 0) -> bool:
+    def run_once(self) -> bool:
         """Claim one job and take it as far as it goes; whether there was one (the workers loop on this)."""
         try:
             self._store.check_space()
@@ -250,15 +242,13 @@ class JobRunner:
             )
             if lease is None:
                 return True  # another worker took it first (or it ran out of attempts): look again at once
-            self._supervised(lease, index)
+            self._supervised(lease)
             return True
         finally:
             self.budget.release(share)
             release_memory()
 
-    def _supervised(self, lease: Lease, index: int) -> None:
-        with self._lock:
-            self._busy[lease.job_id] = index
+    def _supervised(self, lease: Lease) -> None:
         stage = ["assemble"]
         try:
             self._run(lease, stage)
@@ -275,9 +265,6 @@ class JobRunner:
         except BaseException as exc:  # the thread dies (the supervisor starts another): the job must not stay held
             self._fail(lease, stage[0], f"{_DOING[stage[0]]} ended its worker: {type(exc).__name__}")
             raise
-        finally:
-            with self._lock:
-                self._busy.pop(lease.job_id, None)
 
     def _hand_back(self, lease: Lease, delay_s: float, reason: str, refund: bool = True) -> None:
         try:

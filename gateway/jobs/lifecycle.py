@@ -279,8 +279,6 @@ def reclaim_orphans(store: StoreIndex, owner: str, *, now: float | None = None) 
             select(Job.lease_owner).where(Job.state.in_(LEASED), Job.lease_owner.like(f"{host}/%")).distinct()
         ).all()
     gone = [o for o in owners if o is not None and o != owner and not _running(o)]
-    if not gone:
-        return reclaim_expired(store, now=now)
     ids = _reclaim(store, and_(Job.state.in_(LEASED), Job.lease_owner.in_(gone)), now, "its process is gone")
     return ids + reclaim_expired(store, now=now)
 

@@ -1,4 +1,8 @@
-"""The ``gateway`` command: argument parsing only; each command calls one function of a stage."""
+"""The ``gateway`` command: argument parsing only; each command calls one function of a stage.
+
+The jobs, studies and series commands are in :mod:`gateway.cli_jobs`; what every command shares (settings, the data
+folder, errors, exit statuses) in :mod:`gateway.cli_common`.
+"""
 
 from __future__ import annotations
 
@@ -12,58 +16,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
-from gateway.config import Settings, get_settings, hash_token
+from gateway.cli_common import (
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_NOT_STARTED,
+    ConfigOpt,
+    DataDirOpt,
+    DataFolder,
+    fail,
+    load_settings,
+)
+from gateway.cli_jobs import jobs_app, series_app, studies_app
+from gateway.config import Settings, hash_token
 
 if TYPE_CHECKING:
     from gateway.registry.registry import RegisteredModel, Registry
 
-app = typer.Typer(help="DICOM AI inference gateway.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="DICOM AI inference gateway.", epilog=EXIT_CODES_HELP, no_args_is_help=True, add_completion=False
+)
 synth_app = typer.Typer(help="Synthetic data for demos, tests and benchmarks.", no_args_is_help=True)
 app.add_typer(synth_app, name="synth")
 models_app = typer.Typer(help="Model packages: register, list, show, enable, disable, remove.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-jobs_app = typer.Typer(help="Jobs: retry a job's failed exports.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
-series_app = typer.Typer(help="Series: release one held for instances refused (0xA700).", no_args_is_help=True)
+app.add_typer(studies_app, name="studies")
 app.add_typer(series_app, name="series")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _load(config: Path | None, **overrides: Any) -> Settings:
-    if config is not None and config.is_file():
-        _check_yaml(config)
-    try:
-        return get_settings(config, **overrides)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        _fail(f"invalid settings: {problems}")
-    raise AssertionError("unreachable")
-
-
-def _check_yaml(config: Path) -> None:
-    """Fail with a readable message unless ``config`` is a YAML mapping (the settings loader would raise)."""
-    import yaml
-
-    try:
-        content = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"cannot read config file {config}: {exc}")
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        _fail(f"config file {config} is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}")
-    if content is not None and not isinstance(content, dict):
-        _fail(f"config file {config} must hold a mapping of sections (dicom:, http:, store:, ingest:)")
+_fail = fail
 
 
 def _setup_logging(level: str) -> None:
@@ -89,18 +70,17 @@ def serve(
     from gateway.api.limits import server_config
     from gateway.errors import ConfigError
 
-    overrides: dict[str, dict[str, Any]] = {"dicom": {}, "http": {}, "store": {}}
-    if data_dir is not None:
-        overrides["store"]["data_dir"] = data_dir
+    overrides: dict[str, dict[str, Any]] = {"dicom": {}, "http": {}}
     if dicom_port is not None:
         overrides["dicom"]["port"] = dicom_port
     if ae_title is not None:
         overrides["dicom"]["ae_title"] = ae_title
     if http_port is not None:
         overrides["http"]["port"] = http_port
-    settings = _load(config, **{k: v for k, v in overrides.items() if v})
-    _setup_logging(settings.log_level)
+    settings = load_settings(config, data_dir, **{k: v for k, v in overrides.items() if v})
     _check_ports_free(settings)
+    DataFolder(settings).announce()
+    _setup_logging(settings.log_level)
     try:
         app = create_app(settings)
         new_token = ensure_admin_token(settings)
@@ -112,7 +92,7 @@ def serve(
     with suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is how a foreground server is stopped
         server.run()
     if not server.started:
-        raise typer.Exit(3)  # as uvicorn.run: the server did not start (the log says why)
+        raise typer.Exit(EXIT_NOT_STARTED)  # as uvicorn.run: the server did not start (the log says why)
 
 
 def _announce_admin_token(token: str, settings: Settings) -> None:
@@ -237,7 +217,8 @@ def token(
 def _reset_admin_token(config: Path | None, data_dir: Path | None) -> None:
     from gateway.admin_token import admin_token_path, reset_admin_token
 
-    settings = _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+    settings = load_settings(config, data_dir)
+    DataFolder(settings).announce()
     try:
         value = reset_admin_token(settings.store.data_dir)
     except OSError as exc:
@@ -293,11 +274,8 @@ def synth_ct(
     typer.echo(f"wrote {len(ct.sop_instance_uids)} slices to {outdir} ({len(ct.nodules)} nodules)")
 
 
-DataDirOpt = Annotated[Path | None, typer.Option(help="Where instances, models and the index live.")]
-
-
 def _data_settings(config: Path | None, data_dir: Path | None) -> Settings:
-    return _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
+    return load_settings(config, data_dir)
 
 
 def _register_shipped(registry: Registry, settings: Settings) -> list[RegisteredModel]:
@@ -310,8 +288,11 @@ def _register_shipped(registry: Registry, settings: Settings) -> list[Registered
 
 
 @contextmanager
-def _registry(config: Path | None, data_dir: Path | None, *, shipped: bool = False) -> Iterator[Registry]:
-    """The registry over the configured index; model errors become one ``error:`` line (exit 1 or 2).
+def _registry(
+    config: Path | None, data_dir: Path | None, *, shipped: bool = False, folder: DataFolder | None = None
+) -> Iterator[Registry]:
+    """The registry over the configured index; model errors become one ``error:`` line that names the data folder
+    (exit 1 or 2), or the folder is named on stderr once the commands' work is done.
 
     With ``shipped``, the shipped packages are registered first (disabled, as ``gateway serve`` does), so that an
     operator can list and enable them before the first start.
@@ -319,17 +300,22 @@ def _registry(config: Path | None, data_dir: Path | None, *, shipped: bool = Fal
     from gateway.errors import ModelConflict, ModelError, NotFound
     from gateway.registry.registry import Registry, RegistryIndex
 
-    settings = _data_settings(config, data_dir)
+    settings = folder.settings if folder is not None else _data_settings(config, data_dir)
+    folder = folder or DataFolder(settings)
     index = RegistryIndex(settings.store)
     try:
         registry = Registry.from_settings(index, settings.models)
         if shipped:
             _register_shipped(registry, settings)
         yield registry
-    except (NotFound, ModelConflict) as exc:
-        _fail(str(exc), 1)
+    except NotFound as exc:
+        folder.not_found(str(exc))
+    except ModelConflict as exc:
+        folder.fail(str(exc), EXIT_FAILED)
     except ModelError as exc:
-        _fail(str(exc), 2)
+        folder.fail(str(exc), 2)
+    else:
+        folder.announce()
     finally:
         index.close()
 
@@ -471,8 +457,9 @@ def run(
     if missing:
         _fail(f"no such file or folder: {', '.join(missing)}")
     settings = _data_settings(config, data_dir)
-    with _registry(config, data_dir) as registry:
-        models = _models_to_run(registry, model or [], _register_shipped(registry, settings))
+    folder = DataFolder(settings)
+    with _registry(config, data_dir, folder=folder) as registry:
+        models = _models_to_run(registry, model or [], _register_shipped(registry, settings), folder)
         runtime = InferenceRuntime(device or settings.models.device, batching=settings.models.batching)
         try:
             report = run_files(inputs, outdir, models, runtime, write_volumes=write_volumes, write_dicom=dicom)
@@ -504,49 +491,26 @@ def run(
         raise typer.Exit(1)
 
 
-def _models_to_run(registry: Registry, refs: list[str], shipped: list[RegisteredModel]) -> list[RegisteredModel]:
+def _models_to_run(
+    registry: Registry, refs: list[str], shipped: list[RegisteredModel], folder: DataFolder
+) -> list[RegisteredModel]:
     """What ``gateway run`` runs: the models named (enabled or not), else the enabled ones, else the shipped examples
-    (said on stderr; nothing is enabled in the data folder)."""
-    if refs:
-        return [registry.get(ref) for ref in refs]
-    enabled = registry.active()
-    if enabled:
-        return enabled
-    if not shipped:
-        _fail(
+    (said on stderr; nothing is enabled in the data folder). The data folder is named once they are known."""
+    chosen = [registry.get(ref) for ref in refs] or registry.active()
+    if not chosen and not shipped:
+        folder.fail(
             "no model to run: enable one with `gateway models enable NAME`, register one with "
-            "`gateway models register PATH`, or name one with --model",
-            1,
+            "`gateway models register PATH`, or name one with --model"
         )
+    folder.announce()
+    if chosen:
+        return chosen
     examples = ", ".join(m.ref for m in shipped)
     typer.echo(
         f"no model enabled: running the shipped examples (demonstrations trained or built on phantoms): {examples}",
         err=True,
     )
     return shipped
-
-
-@jobs_app.command("retry")
-def jobs_retry(
-    job_id: Annotated[int, typer.Argument(metavar="ID", help="The job's id (GET /api/jobs).")],
-    config: ConfigOpt = None,
-    data_dir: DataDirOpt = None,
-) -> None:
-    """Send a job's dead and refused deliveries again (attempts reset); exit 1 if there is no such job or nothing
-    to retry."""
-    from gateway.errors import ExportError, NotFound
-    from gateway.export.queue import retry_job
-    from gateway.registry.registry import RegistryIndex
-
-    settings = _load(config, **({"store": {"data_dir": data_dir}} if data_dir is not None else {}))
-    index = RegistryIndex(settings.store)  # the index alone: a running gateway's files are left alone
-    try:
-        requeued = retry_job(index, job_id)
-    except (NotFound, ExportError) as exc:
-        _fail(str(exc), 1)
-    finally:
-        index.close()
-    typer.echo(f"job {job_id}: {requeued} deliveries requeued; the running gateway sends them")
 
 
 @app.command()
@@ -561,8 +525,9 @@ def purge(
     from gateway.store.retention import Retention
 
     settings = _data_settings(config, data_dir)
-    if not settings.store.data_dir.is_dir():
-        _fail(f"no data folder at {settings.store.data_dir}")
+    folder = DataFolder(settings)
+    folder.require_index()
+    folder.announce()
     index = RegistryIndex(settings.store)  # the index alone: a running gateway's temporary files are left alone
     try:
         report = Retention(index, settings.retention, settings.store.min_free_bytes).run(dry_run=dry_run)
@@ -577,34 +542,6 @@ def purge(
     typer.echo(report.summary())
     if report.starved:
         typer.echo("the disk is above the watermark and nothing more may be purged", err=True)
-
-
-@series_app.command("release")
-def series_release(
-    series_uid: Annotated[str, typer.Argument(metavar="SERIES_UID", help="The series' SeriesInstanceUID.")],
-    config: ConfigOpt = None,
-    data_dir: DataDirOpt = None,
-) -> None:
-    """Run a held series on what was stored of it, its refused instances given up; exit 1 if it is unknown."""
-    from gateway.errors import NotFound
-    from gateway.ingest.completion import release_series
-    from gateway.registry.registry import RegistryIndex
-
-    settings = _data_settings(config, data_dir)
-    index = RegistryIndex(settings.store)  # the index alone: a running gateway's monitor and workers carry on
-    try:
-        release = release_series(index.write_sessions, series_uid)
-    except NotFound as exc:
-        _fail(str(exc), 1)
-    finally:
-        index.close()
-    if release.completion is not None:
-        done = release.completion
-        typer.echo(f"released: job {done.job_id} on {done.instance_count} instance(s); the running gateway runs it")
-    elif release.refusals_dropped:
-        typer.echo(f"{release.refusals_dropped} refused instance(s) given up; the series completes when quiet")
-    else:
-        typer.echo("nothing held: the series has no held revision and no refused instance")
 
 
 def main() -> None:

@@ -221,9 +221,18 @@ class ExportSettings(_Section):
     destinations: dict[str, DimseDestination | StowDestination] = Field(default_factory=dict)
     return_to_sender: dict[str, str] = Field(default_factory=dict)  # calling AE title -> destination name
     default: list[str] = Field(default_factory=list)  # destinations of every result (and of STOW-RS input)
-    max_attempts: int = Field(default=8, ge=1)
+    # Retries are sized for real PACS downtime: exponential backoff capped at backoff_max_s, and a delivery is
+    # given up (dead) once give_up_after_s have passed since its first attempt; max_attempts, when set, also caps
+    # the count. A dead delivery is resent by itself once its destination answers a check again.
+    give_up_after_s: float = Field(default=86400.0, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
     backoff_initial_s: float = Field(default=2.0, gt=0)
-    backoff_max_s: float = Field(default=300.0, gt=0)
+    backoff_max_s: float = Field(default=600.0, gt=0)
+    check_interval_s: float = Field(default=60.0, gt=0)  # how often destinations with dead deliveries are checked
+    # Results of a C-STORE caller that return_to_sender does not map: "default" sends them to `default`; "drop"
+    # sends them nowhere; "hold" keeps them for an operator. Either way a job with results and no destination is
+    # flagged undelivered (logged at WARNING, shown in the UI, counted in the metrics).
+    unmapped: Literal["default", "drop", "hold"] = "default"
     workers: int = Field(default=2, ge=0)
     poll_s: float = Field(default=1.0, gt=0)
     calling_ae_title: str = Field(default="GATEWAY", min_length=1, max_length=16)
@@ -242,6 +251,15 @@ class ExportSettings(_Section):
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must not be below backoff_initial_s")
         return self
+
+
+class UiSettings(_Section):
+    """The web UI at ``/ui`` (:mod:`gateway.ui`)."""
+
+    # A DICOMweb viewer to open a study in, e.g. OHIF pointed at this gateway's DICOMweb:
+    # "http://viewer.example:3000/viewer?StudyInstanceUIDs={study}" ({study}: the StudyInstanceUID). None: no link.
+    viewer_url: str | None = None
+    session_hours: float = Field(default=12.0, gt=0)  # how long a sign-in lasts
 
 
 class RetentionSettings(_Section):
@@ -278,6 +296,7 @@ class Settings(BaseSettings):
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

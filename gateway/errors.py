@@ -20,6 +20,7 @@
      |    +-- OutOfMemory             the device ran out of memory (the batcher splits the batch and retries)
      +-- EncodeError                  results cannot become DICOM objects: SEG, SR, Parametric Map (the reason says why)
      +-- ExportError                  results cannot be queued for export, or a job has nothing to retry (HTTP 409)
+     +-- JobConflict                  a job cannot be re-run or cancelled in its state (HTTP 409; the reason says why)
      +-- InvalidQuery                 a QIDO-RS search the index cannot answer (HTTP 400)
      +-- NotFound                     a study, series, instance, job or model the gateway does not hold
      +-- LeaseLost                    a worker's job was reclaimed or handed back: the worker drops it
@@ -27,6 +28,13 @@
 """
 
 from __future__ import annotations
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` as a reason is recorded (a job's failure, a delivery's error): one line, at most ``limit``
+    characters (whitespace runs, newlines included, become one space). Tracebacks go to the log, never here."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 class GatewayError(Exception):
@@ -138,6 +146,10 @@ class InferenceError(_Reasoned):
 
 class ExportError(_Reasoned):
     """Results cannot be queued for export (an unreadable output file), or a job has no dead delivery to retry."""
+
+
+class JobConflict(_Reasoned):
+    """An operator's re-run, cancel or reprocess cannot be done in the job's (or series') current state."""
 
 
 class OutOfMemory(InferenceError):

@@ -9,7 +9,10 @@ runs.
   over-long ID), which would put patient data in the log; the gateway checks what it depends on itself.
 - **tempfile**: temporary files go to the data folder's ``tmp/``, on the store's file system, so that a received
   data set is renamed into place rather than copied across file systems.
-- **loggers**: highdicom's INFO messages name instance UIDs; they are raised to WARNING.
+- **loggers**: the INFO chatter of highdicom (which names instance UIDs) and of pynetdicom (a line per
+  association request, acceptance and release) is off: their loggers are raised to WARNING (a level set higher
+  is kept), and put back at stop. The gateway's own INFO lines name jobs, destinations and counts, never patients
+  or UIDs.
 - **descriptors**: the soft limit on open files is raised to the hard limit (up to 65536): every association,
   HTTP connection and index connection takes one.
 """
@@ -40,7 +43,7 @@ _PYNETDICOM: dict[str, Any] = {
     "LOG_REQUEST_IDENTIFIERS": False,
     "LOG_RESPONSE_IDENTIFIERS": False,
 }
-_QUIET_LOGGERS = ("highdicom",)
+_QUIET_LOGGERS = ("highdicom", "pynetdicom")
 _MAX_OPEN_FILES = 65536
 
 

@@ -17,9 +17,11 @@ from gateway.ingest.dimse import StorageSCP
 from gateway.jobs.encoding import EncodeStage
 from gateway.jobs.inference import InferenceStage
 from gateway.jobs.runner import JobRunner, Pipeline
+from gateway.jobs.states import JobState
+from gateway.metrics import GatewayMetrics, IngestState
 from gateway.process import LibrarySettings
 from gateway.registry.registry import RegisteredModel, Registry, shipped_models_dir
-from gateway.store.retention import RetentionWorker
+from gateway.store.retention import DiskUsage, RetentionWorker
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -57,17 +59,22 @@ class Gateway:
         self.settings = settings
         self.store = InstanceStore(settings.store, ingest=settings.ingest)
         self.registry = Registry.from_settings(self.store, settings.models)
-        self.scp = StorageSCP(settings.dicom, self.store) if dimse else None
+        #: The gateway's metrics (``GET /metrics``), fed by every stage below.
+        self.metrics = GatewayMetrics(
+            sessions=self.store.sessions, ingest=self.ingest_state, job_states=[state.value for state in JobState]
+        )
+        self.scp = StorageSCP(settings.dicom, self.store, metrics=self.metrics) if dimse else None
         self.inference = InferenceRuntime(
             settings.models.device,
             batching=settings.models.batching,
             memory_budget_bytes=settings.models.memory_budget_bytes,
+            metrics=self.metrics,
         )
         data = settings.store.data_dir
         encode = EncodeStage(self.store, settings.export, data / "outputs")
         results = data / "results" if settings.models.keep_nifti else None
         infer = InferenceStage(self.store, self.registry, self.inference, results)
-        self.jobs = JobRunner(self.store, settings.jobs, Pipeline(infer, encode))
+        self.jobs = JobRunner(self.store, settings.jobs, Pipeline(infer, encode), metrics=self.metrics)
         self.monitor = CompletionMonitor(
             self.store.write_sessions,
             settings.ingest.quiet_period_s,
@@ -75,7 +82,7 @@ class Gateway:
             on_complete=self.jobs.wake,
             resend_wait_s=settings.ingest.resend_wait_s,
         )
-        self.export = ExportWorkers(self.store, settings.export)
+        self.export = ExportWorkers(self.store, settings.export, metrics=self.metrics)
         self.retention = RetentionWorker(self.store, settings.retention)
         self.library = LibrarySettings(data / "tmp")
         #: The data folder's admin token if this start made it (the only time it is known), else None.
@@ -105,6 +112,16 @@ class Gateway:
         if self.scp is not None and not self.scp.running:
             found.append("the DICOM listener is not running")
         return found
+
+    def disk_usage(self) -> DiskUsage:
+        """The data folder's file system against the retention watermarks and the ingest floor, measured now."""
+        return DiskUsage.measure(self.store.data_dir, self.settings.retention, self.store.settings.min_free_bytes)
+
+    def ingest_state(self) -> IngestState:
+        """Free disk, and whether ingest accepts instances now: free space at or above ``store.min_free_bytes``
+        and, where this gateway runs one, the DICOM listener serving (``gateway_accepting``)."""
+        disk = self.disk_usage()
+        return IngestState(disk.free_bytes, disk.accepting and (self.scp is None or self.scp.running))
 
     def stop(self) -> None:
         """Stop accepting (associations in progress are aborted), then the stages: running jobs get the grace

@@ -137,13 +137,14 @@ def to_dicom_json(ds: Dataset) -> dict[str, Any]:
 def read_header(path: Path, keywords: Collection[str] | None = None) -> Dataset | None:
     """Read the header of a stored instance (no pixel data); only ``keywords`` when given.
 
-    Returns ``None``, with a logged warning naming only the store path, if the file cannot be read.
+    Returns ``None``, with a logged warning (no file name: result files are named by their UIDs), if the file
+    cannot be read.
     """
     tags = None if keywords is None else [kw for kw in keywords if tag_for_keyword(kw) is not None]
     try:
         return dcmread(path, stop_before_pixels=True, specific_tags=tags)
     except Exception as exc:  # a damaged file must not fail the whole response
-        log.warning("cannot read the header of %s: %s", path.name, type(exc).__name__)
+        log.warning("cannot read the header of a stored file (%s)", type(exc).__name__)  # names carry UIDs
         return None
 
 

@@ -1,29 +1,44 @@
-"""The JSON API over studies and jobs: ``GET /api/studies``, ``GET /api/jobs``, ``GET /api/jobs/{id}`` (with its
-export deliveries), ``POST /api/jobs/{id}/retry`` (``write`` scope: dead and refused deliveries back to the
-queue; 409 when the job has none) and ``POST /api/series/{uid}/release`` (``write`` scope: a series held for
-instances refused for want of resources goes on without them; 409 when it is not held)."""
+"""The JSON API over studies and jobs.
+
+Reading (``read`` scope): ``GET /api/studies``; ``GET /api/jobs`` (compact summaries, newest first, filtered by
+``state``, ``modality`` and ``problems``, paged by ``limit`` and ``offset``, the total in the ``X-Total-Count``
+header: :func:`gateway.jobs.views.job_summaries`); ``GET /api/jobs/{id}`` (the whole job, with its export
+deliveries and every attempt).
+
+Changing (``write`` scope; 409 with the reason when the job or series is not in a state that allows it, 404 when
+there is no such job or series): ``POST /api/jobs/{id}/retry`` (dead and refused deliveries back to the queue),
+``POST /api/jobs/{id}/rerun?from=assemble|export``, ``POST /api/jobs/{id}/cancel``,
+``POST /api/series/{uid}/reprocess`` (a new job on the series as stored, with the models registered now) and
+``POST /api/series/{uid}/release`` (a series held for instances refused for want of resources goes on without
+them).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
 from gateway.api.auth import require_scope
 from gateway.api.deps import get_store
-from gateway.errors import ExportError, NotFound
+from gateway.errors import ExportError, JobConflict, NotFound
 from gateway.export.queue import deliveries_of, retry_job
 from gateway.ingest.completion import release_series
+from gateway.jobs import operations, views
 from gateway.store.index import Instance, Job, Series, SeriesRevision, Study
 from gateway.store.store import InstanceStore
 
 router = APIRouter(prefix="/api", tags=["jobs"], dependencies=[Depends(require_scope("read"))])
+_write = [Depends(require_scope("write"))]
+
+#: The response header of ``GET /api/jobs`` that says how many jobs match the filters in all (every page).
+TOTAL_HEADER = "X-Total-Count"
 
 
 def job_view(job: Job) -> dict[str, Any]:
-    """A job as the API shows it."""
+    """A job as the API shows it in full."""
     return {
         "id": job.id,
         "state": job.state,
@@ -31,47 +46,116 @@ def job_view(job: Job) -> dict[str, Any]:
         "series_instance_uid": job.series_instance_uid,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+        "attempts": job.attempts,
         "detail": job.detail,
     }
 
 
 @router.get("/jobs")
 def list_jobs(
+    response: Response,
     state: str | None = None,
-    limit: int = Query(100, ge=1, le=1000),
+    modality: str | None = None,
+    problems: bool = Query(False, description="Only failed jobs and jobs whose results reached no destination."),
+    limit: int = Query(50, ge=1, le=1000),
     offset: int = Query(0, ge=0),
     store: InstanceStore = Depends(get_store),
 ) -> list[dict[str, Any]]:
-    """Jobs, newest first, optionally of one state."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
-    if state is not None:
-        query = query.where(Job.state == state)
-    with store.sessions() as session:
-        return [job_view(job) for job in session.scalars(query)]
+    """Job summaries, newest first; how many match in all is in the ``X-Total-Count`` header."""
+    page, total = views.job_summaries(
+        store, state=state, modality=modality, problems=problems, limit=limit, offset=offset
+    )
+    response.headers[TOTAL_HEADER] = str(total)
+    return [s.as_dict() for s in page]
 
 
 @router.get("/jobs/{job_id}")
 def get_job(job_id: int, store: InstanceStore = Depends(get_store)) -> dict[str, Any]:
-    """One job."""
+    """One job in full: its detail (routing, assembly QC, results, outputs, timings) and its deliveries."""
     with store.sessions() as session:
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id}")
         view = job_view(job)
-    return {**view, "deliveries": deliveries_of(store, job_id)}
+    summary = views.job_summary(store, job_id)
+    extra = {"models_run": list(summary.models_run), "undelivered": summary.undelivered, "failure": summary.failure}
+    return {**view, **extra, "stages": summary.stages.as_dict(), "deliveries": deliveries_of(store, job_id)}
 
 
-@router.post("/jobs/{job_id}/retry", dependencies=[Depends(require_scope("write"))], response_model=None)
+def _conflict(exc: JobConflict | ExportError) -> JSONResponse:
+    return JSONResponse({"detail": exc.reason}, status_code=409)
+
+
+def _who(request: Request) -> str | None:
+    """The name of the token (or signed-in session) that asked, for the job's record."""
+    name = getattr(request.state, "token_name", None)
+    return name if isinstance(name, str) else None
+
+
+def _wake_runner(request: Request) -> None:
+    """A job is ``received``: the running gateway's idle workers look now rather than at their next poll."""
+    gateway = getattr(request.app.state, "gateway", None)
+    runner = getattr(gateway, "jobs", None)
+    if runner is not None:
+        runner.wake()
+
+
+@router.post("/jobs/{job_id}/rerun", dependencies=_write, response_model=None)
+def rerun_job(
+    job_id: int,
+    request: Request,
+    from_stage: Literal["assemble", "export"] = Query(
+        ..., alias="from", description="assemble: run the job afresh; export: send its outputs again."
+    ),
+    store: InstanceStore = Depends(get_store),
+) -> dict[str, Any] | JSONResponse:
+    """Run a finished job again from assembly (with the models registered now), or send its outputs again."""
+    try:
+        operations.rerun(store, job_id, from_stage=from_stage, by=_who(request))
+    except JobConflict as exc:
+        return _conflict(exc)
+    if from_stage == "assemble":
+        _wake_runner(request)
+    return get_job(job_id, store)
+
+
+@router.post("/jobs/{job_id}/cancel", dependencies=_write, response_model=None)
+def cancel_job(
+    job_id: int, request: Request, store: InstanceStore = Depends(get_store)
+) -> dict[str, Any] | JSONResponse:
+    """Cancel a job that has not finished; its deliveries not yet sent are not sent."""
+    try:
+        operations.cancel(store, job_id, by=_who(request))
+    except JobConflict as exc:
+        return _conflict(exc)
+    return get_job(job_id, store)
+
+
+@router.post("/series/{series_uid}/reprocess", dependencies=_write, response_model=None)
+def reprocess(
+    series_uid: str, request: Request, store: InstanceStore = Depends(get_store)
+) -> dict[str, Any] | JSONResponse:
+    """Run a series again, as stored, with the models registered now (a new revision and its job)."""
+    try:
+        job_id = operations.reprocess_series(store, series_uid, by=_who(request))
+    except JobConflict as exc:
+        return _conflict(exc)
+    _wake_runner(request)
+    return {"job_id": job_id, "job": views.job_summary(store, job_id).as_dict()}
+
+
+@router.post("/jobs/{job_id}/retry", dependencies=_write, response_model=None)
 def retry_export(job_id: int, store: InstanceStore = Depends(get_store)) -> dict[str, Any] | JSONResponse:
     """Requeue a job's dead and refused deliveries (attempts reset) and put the job back to ``encoded``."""
     try:
         requeued = retry_job(store, job_id)
     except ExportError as exc:
-        return JSONResponse({"detail": exc.reason}, status_code=409)
+        return _conflict(exc)
     return {"requeued": requeued, **get_job(job_id, store)}
 
 
-@router.post("/series/{series_uid}/release", dependencies=[Depends(require_scope("write"))], response_model=None)
+@router.post("/series/{series_uid}/release", dependencies=_write, response_model=None)
 def release_held_series(series_uid: str, store: InstanceStore = Depends(get_store)) -> dict[str, Any] | JSONResponse:
     """Give up the instances of a held series that were refused for want of resources; its job runs without them."""
     released = release_series(store.write_sessions, series_uid)  # NotFound -> 404

@@ -1,4 +1,9 @@
-"""QIDO-RS: search for studies, series and instances (PS3.18 10.6).
+"""QIDO-RS: search for studies, series and instances (PS3.18 10.6), received ones and the gateway's own outputs.
+
+The gateway's outputs (SEG, SR, presentation states, KO, Parametric Maps: :mod:`gateway.store.outputs`) are
+listed with the series and instances of their study, before the received ones, and counted in its
+NumberOfStudyRelatedSeries/Instances and ModalitiesInStudy (which also matches on them: ``ModalitiesInStudy=SEG``
+finds the studies the gateway segmented), so that a viewer pointed at the gateway finds them.
 
 Each route parses its query (:func:`parse_search`) and calls :func:`search`, which the tests call directly.
 A search with no matches answers 200 with an empty array: CP-2473 moves PS3.18 8.3.4.4.1 from 204 to 200,
@@ -7,7 +12,8 @@ and dicomweb-client reads an empty array and an empty body alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -30,6 +36,14 @@ from gateway.api.dicomjson import (
 )
 from gateway.errors import InvalidQuery
 from gateway.ingest.instance import is_valid_uid
+from gateway.store.outputs import (
+    count_output_instances,
+    count_output_series,
+    search_output_instances,
+    search_output_series,
+    studies_with_modalities,
+    with_outputs,
+)
 from gateway.store.query import (
     Level,
     Match,
@@ -108,10 +122,12 @@ _CONTROL_KEYS = {
     "emptyvaluematching",
     "multiplevaluematching",
 }
+_MODALITIES_IN_STUDY = "ModalitiesInStudy"
 _MAX_DIGITS = 18  # limit and offset stay within a 64-bit SQL integer
 _ACCEPTABLE = {"application/dicom+json", "application/json", "application/*", "*/*"}
 
 Store = Annotated[InstanceStore, Depends(get_store)]
+_Page = Callable[[int, int], list[Match]]  # (limit, offset) -> matches
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_scope("read"))])
 
@@ -285,19 +301,58 @@ def _find(
     study: str | None,
     series: str | None,
 ) -> list[Match]:
+    """The matches of one page: at the series and instance levels the gateway's outputs first, then what it
+    received; every match's study-level counts and modalities include the outputs."""
     level = _LEVEL[resource]
+    filters, offset = params.filters, params.offset
     if level == "study":
-        return search_studies(session, params.filters, limit=limit, offset=params.offset)
-    if level == "series":
-        return search_series(session, params.filters, study_instance_uid=study, limit=limit, offset=params.offset)
-    return search_instances(
-        session,
-        params.filters,
-        study_instance_uid=study,
-        series_instance_uid=series,
-        limit=limit,
-        offset=params.offset,
-    )
+        matched = _with_output_modalities(session, filters)
+        found = [] if matched is None else search_studies(session, matched, limit=limit, offset=offset)
+    elif level == "series":
+        found = _outputs_first(
+            count_output_series(session, filters, study_instance_uid=study),
+            lambda n, skip: search_output_series(session, filters, study_instance_uid=study, limit=n, offset=skip),
+            lambda n, skip: search_series(session, filters, study_instance_uid=study, limit=n, offset=skip),
+            limit,
+            offset,
+        )
+    else:
+        uids = {"study_instance_uid": study, "series_instance_uid": series}
+        found = _outputs_first(
+            count_output_instances(session, filters, **uids),
+            lambda n, skip: search_output_instances(session, filters, **uids, limit=n, offset=skip),
+            lambda n, skip: search_instances(session, filters, **uids, limit=n, offset=skip),
+            limit,
+            offset,
+        )
+    return with_outputs(session, found)
+
+
+def _with_output_modalities(session: Session, filters: dict[str, str]) -> dict[str, str] | None:
+    """Study filters whose ModalitiesInStudy also matches the outputs' modalities (``ModalitiesInStudy=SEG``):
+    the studies it selects, as a StudyInstanceUID list; ``None`` when no study can match."""
+    value = filters.get(_MODALITIES_IN_STUDY, "")
+    if value in ("", "*"):
+        return filters
+    studies = studies_with_modalities(session, value)
+    if studies is None:
+        return filters  # no output has the modality: the received series' own matching is the whole answer
+    rest = {key: v for key, v in filters.items() if key != _MODALITIES_IN_STUDY}
+    asked = rest.get("StudyInstanceUID")
+    if asked:
+        studies &= {uid.strip() for uid in re.split(r"[,\\]", asked)}
+    if not studies:
+        return None
+    rest["StudyInstanceUID"] = ",".join(sorted(studies))
+    return rest
+
+
+def _outputs_first(outputs: int, output_page: _Page, received_page: _Page, limit: int, offset: int) -> list[Match]:
+    """One page of the outputs (``outputs`` of them in all) followed by the received matches."""
+    found = output_page(limit, offset) if offset < outputs else []
+    if len(found) < limit:
+        found += received_page(limit - len(found), max(0, offset - outputs))
+    return found
 
 
 def _render(

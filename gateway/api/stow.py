@@ -11,9 +11,12 @@ from starlette.requests import ClientDisconnect
 
 from gateway.api.auth import require_scope
 from gateway.api.deps import get_settings_dep, get_store
+from gateway.api.metrics import metrics_of
 from gateway.config import Settings
+from gateway.errors import OutOfResources
 from gateway.ingest.instance import is_valid_uid
-from gateway.ingest.stow import StowReceiver, StowRequestError, StowResult, boundary_of
+from gateway.ingest.stow import StowItem, StowReceiver, StowRequestError, StowResult, boundary_of
+from gateway.metrics import GatewayMetrics
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_scope("write"))])
 
 _DICOM_JSON = "application/dicom+json"
+_OUT_OF_RESOURCES = OutOfResources.default_status & 0xFF00
 
 
 @router.post("/studies")
@@ -61,6 +65,7 @@ async def _stow(request: Request, store: InstanceStore, settings: Settings, stud
     except ClientDisconnect:
         log.info("STOW-RS client disconnected before the end of the body; nothing stored")
         return _error(400, "client disconnected before the end of the body")
+    _count(metrics_of(request), result)
     base = str(request.base_url).rstrip("/") + "/dicomweb"
     body = result.to_dataset(base, study).to_json_dict()
     return JSONResponse(body, status_code=result.http_status, media_type=_DICOM_JSON)
@@ -75,6 +80,20 @@ async def _receive(request: Request, receiver: StowReceiver) -> StowResult:
         receiver.abort()
         raise
     return await run_in_threadpool(receiver.finish)
+
+
+def _count(metrics: GatewayMetrics | None, result: StowResult) -> None:
+    """Count each part's outcome (the time to store is measured per C-STORE only: here parts are stored as a
+    batch once the body has arrived)."""
+    if metrics is not None:
+        for item in result.items:
+            metrics.instance_received("stow", _outcome(item))
+
+
+def _outcome(item: StowItem) -> str:
+    if item.failure_reason is None:
+        return "duplicate" if item.duplicate else "stored"
+    return "refused" if item.failure_reason & 0xFF00 == _OUT_OF_RESOURCES else "invalid"  # A7xx: out of resources
 
 
 def _error(status: int, reason: str) -> Response:

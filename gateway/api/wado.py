@@ -1,5 +1,8 @@
 """WADO-RS: retrieve studies, series and instances, and their metadata (PS3.18 10.4).
 
+The gateway's own outputs (:mod:`gateway.store.outputs`) are retrieved as the received instances are, and a
+study's retrieval includes them.
+
 Instances are sent as ``multipart/related; type="application/dicom"``, each part holding a stored file's
 bytes exactly as received, streamed from disk in chunks. The gateway does not transcode: it serves the
 transfer syntax each instance was stored in, whether the Accept header names no transfer syntax, ``*`` or
@@ -27,6 +30,7 @@ from gateway.api.deps import get_store
 from gateway.api.dicomjson import attributes_dataset, merge_json, read_header, to_dicom_json
 from gateway.errors import NotFound
 from gateway.ingest.instance import is_valid_uid
+from gateway.store.outputs import output_files
 from gateway.store.query import InstanceFile, instance_files
 from gateway.store.store import InstanceStore
 
@@ -175,13 +179,19 @@ def _metadata(
 
 
 def _files(store: InstanceStore, study: str, series: str | None, instance: str | None) -> list[InstanceFile]:
+    """The received files, then the gateway's outputs, under the UIDs; 404 when neither holds any."""
     if not all(is_valid_uid(uid) for uid in (study, series, instance) if uid is not None):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="a UID in the path is not a valid UID")
-    try:
-        with store.sessions() as session:
-            return instance_files(session, study, series, instance)
-    except NotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
+    with store.sessions() as session:
+        try:
+            received = instance_files(session, study, series, instance)
+        except NotFound:
+            received = []
+        outputs = output_files(session, study, series, instance)
+    if not (received or outputs):
+        what = "instance" if instance else "series" if series else "study"
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no {what} with the requested UIDs is held")
+    return received + outputs
 
 
 def _split_accept(accept: str) -> list[tuple[str, dict[str, str]]]:

@@ -5,6 +5,20 @@ Each destination takes the kinds of result its ``send`` setting lists (:data:`ga
 output file's kind comes from its SOP Class UID (:func:`output_kind`), and a file of no known kind goes to every
 destination.
 
+The results of a C-STORE caller go to ``return_to_sender[<calling AE title>]`` and to ``default``; those of a
+caller that ``return_to_sender`` does not map go where ``export.unmapped`` says (:func:`destinations_for`):
+
+- ``default`` (the default): to ``default`` only;
+- ``drop``: nowhere, on purpose;
+- ``hold``: nowhere for now. The job ends ``exported``, flagged undelivered with the reason "held: caller X is
+  not mapped ...", and its output files are remembered (``detail.export.held``). Once the operator maps the
+  caller in ``return_to_sender`` (or sets ``unmapped: default``) and restarts the gateway, the export workers'
+  start queues the held results to where they now go (:func:`gateway.export.requeue.release_held`); a re-run
+  of the job from assembly routes it afresh too.
+
+Whichever way, a job whose results reach no destination is never silent: it is flagged ``undelivered`` with a
+one-line reason, logged at WARNING and counted (:func:`gateway.export.queue.enqueue`).
+
 A sender takes a batch of claimed deliveries for one destination and reports an :class:`Outcome` for each item
 it attempted, as soon as that item's answer is in (so that a success is committed before the next item is
 sent). Items it never reports were not attempted (the worker is stopping, or the association was lost first):
@@ -14,7 +28,7 @@ they go back to the queue without counting an attempt.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from pydicom.uid import (
@@ -35,6 +49,9 @@ from pydicom.uid import (
 
 from gateway.config import ClientTLSSettings, ExportSettings, OutputKind
 from gateway.export.outcome import Item, Outcome
+
+#: Why a job's results went nowhere when no destination is configured for them.
+NO_DESTINATION = "no destination configured"
 
 #: The callback a sender reports each attempted item's outcome to.
 Report = Callable[[Item, Outcome], None]
@@ -83,30 +100,77 @@ def output_kind(sop_class_uid: str) -> OutputKind | None:
     return _KINDS.get(sop_class_uid.strip("\0 "))
 
 
-def destinations_for(settings: ExportSettings, source: str) -> dict[str, frozenset[OutputKind]]:
+class Routing(dict[str, frozenset[OutputKind]]):
+    """Destination name -> the kinds of result it takes, in the order the results go out (what
+    :func:`gateway.export.queue.enqueue` takes), and, when it is empty, why.
+
+    Parameters
+    ----------
+    destinations
+        Name -> kinds, in order.
+    reason
+        Why there is no destination (one line; empty when there is one).
+    held_caller
+        The calling AE title whose results are held (``export.unmapped: hold``), else ``None``.
+    """
+
+    def __init__(
+        self,
+        destinations: Mapping[str, frozenset[OutputKind]] | None = None,
+        *,
+        reason: str = "",
+        held_caller: str | None = None,
+    ) -> None:
+        super().__init__(destinations or {})
+        self.reason = reason
+        self.held_caller = held_caller
+
+
+def destinations_for(settings: ExportSettings, source: str) -> Routing:
     """Where the results of a series received from ``source`` go, in order, each once, with the kinds each takes.
+
+    The results of a C-STORE caller go to ``return_to_sender[<calling AE title>]`` and to ``default``. For a
+    caller that ``return_to_sender`` does not map, ``export.unmapped`` decides: ``default`` sends them to
+    ``default``; ``drop`` sends them nowhere; ``hold`` sends them nowhere for now and says so (the job ends
+    ``exported`` flagged undelivered; once the caller is mapped, or ``unmapped`` is ``default``, the next start
+    of the gateway sends them: :func:`gateway.export.requeue.release_held`). STOW-RS input goes to ``default``.
 
     Parameters
     ----------
     settings
         The ``export`` settings.
     source
-        :attr:`gateway.store.index.Instance.source` of the series: ``dimse:<calling AE title>`` (its results
-        also go to ``return_to_sender[<calling AE title>]`` when configured) or ``stow`` (only the defaults).
+        :attr:`gateway.store.index.Instance.source` of the series: ``dimse:<calling AE title>`` or ``stow``.
 
     Returns
     -------
-    dict[str, frozenset[OutputKind]]
-        Destination name -> the kinds it takes, in the order the results go out (what
-        :func:`gateway.export.queue.enqueue` takes).
+    Routing
+        Destination name -> the kinds it takes, in the order the results go out; when empty, its ``reason``
+        says why (and ``held_caller`` names a held caller).
     """
+    caller = source[len(_DIMSE_SOURCE) :].strip() if source.startswith(_DIMSE_SOURCE) else None
     names: list[str] = []
-    if source.startswith(_DIMSE_SOURCE):
-        back = settings.return_to_sender.get(source[len(_DIMSE_SOURCE) :].strip())
-        if back is not None:
-            names.append(back)
+    if caller is not None and caller in settings.return_to_sender:
+        names.append(settings.return_to_sender[caller])
+    elif caller is not None and settings.unmapped == "drop":
+        return Routing(reason=f"dropped: caller {caller!r} is not mapped in export.return_to_sender (unmapped: drop)")
+    elif caller is not None and settings.unmapped == "hold":
+        return Routing(reason=held_reason(caller), held_caller=caller)
     names.extend(settings.default)
-    return {name: frozenset(settings.destinations[name].send) for name in dict.fromkeys(names)}
+    routing = {name: frozenset(settings.destinations[name].send) for name in dict.fromkeys(names)}
+    if routing:
+        return Routing(routing)
+    if caller is not None and settings.destinations:
+        return Routing(reason=f"{NO_DESTINATION}: caller {caller!r} is not mapped and export.default is empty")
+    return Routing(reason=NO_DESTINATION)
+
+
+def held_reason(caller: str) -> str:
+    """Why the results of an unmapped ``caller`` are held, and what sends them."""
+    return (
+        f"held: caller {caller!r} is not mapped in export.return_to_sender; map it (or set export.unmapped: "
+        "default) and restart the gateway to send them"
+    )
 
 
 def client_ssl_context(tls: ClientTLSSettings) -> ssl.SSLContext:

@@ -75,7 +75,12 @@ class DimseSender:
         return ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=self._tls)
 
     def _send_batch(self, items: list[Item], report: Report, stopping: Callable[[], bool]) -> None:
-        assoc = self._associate({_context(item) for item in items})
+        try:
+            assoc = self._associate({_context(item) for item in items})
+        except OSError as exc:  # the host name does not resolve: a network fault like any other (retried)
+            for item in items:
+                report(item, Outcome(Kind.RETRY, f"association failed: {type(exc).__name__}: {exc}"))
+            return
         if not assoc.is_established:
             close_socket(assoc)
             for item in items:

@@ -1,9 +1,12 @@
-"""What one delivery attempt came to, how a DIMSE status is read, and the retry policy (exponential backoff).
+"""What one delivery attempt came to, how a DIMSE status is read, and the retry policy (exponential backoff,
+given up after a duration rather than a count).
 
 A status either delivers the instance (success, or a warning that is recorded), asks for a later attempt (the
 destination is short of resources, or unreachable), records that the destination does not take objects of that
 SOP class at all (refused: its configuration says so, not a fault of the result), or dead-letters it (the
 destination will never take it as it is: retrying would only repeat the refusal).
+
+Every reason is recorded as one line (:func:`gateway.errors.one_line`); tracebacks go to the log only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from gateway.config import ExportSettings
 _GENERAL_WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 #: "Resource limitation" (PS3.7 C.5.15): transient, like the C-STORE "Refused: Out of Resources" (0xA7xx).
 _RESOURCE_LIMITATION = 0x0213
+#: How the reason of a delivery given up after retrying begins (:meth:`RetryPolicy.gives_up`): such a delivery is
+#: resent once its destination answers again (:func:`gateway.export.requeue.revive_destination`).
+GAVE_UP = "gave up after"
 #: "Refused: SOP Class not supported" (PS3.7 C.5.x, PS3.4 B.2.3); also a STOW-RS FailureReason (PS3.18 10.5.3).
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 
@@ -100,27 +106,52 @@ def dimse_outcome(status: int, comment: str = "", *, sop_class_uid: str = "") ->
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how late a transiently failing delivery is tried again.
+    """How often and for how long a transiently failing delivery is tried again, sized for real PACS downtime.
 
     The wait before attempt ``n + 1`` is ``backoff_initial_s * 2 ** (n - 1)``, capped at ``backoff_max_s``, then
     scaled by a factor in [0.5, 1) drawn at random ("equal jitter"), so that batches failing at the same time do
-    not all come back at the same time. After ``max_attempts`` attempts the delivery is dead.
+    not all come back at the same time. A delivery is given up (dead) once ``give_up_after_s`` have passed since
+    the first attempt of its round (its first attempt, or the first since an operator's retry or a revival): the
+    last wait is shortened so that one attempt falls on that deadline. With ``max_attempts`` set, it is also
+    given up after that many attempts, whichever comes first.
     """
 
-    max_attempts: int = 8
+    max_attempts: int | None = None
     backoff_initial_s: float = 2.0
-    backoff_max_s: float = 300.0
+    backoff_max_s: float = 600.0
+    give_up_after_s: float = 86400.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1 (or None), got {self.max_attempts}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError("backoff_initial_s must be positive and not above backoff_max_s")
+        if not self.give_up_after_s > 0:
+            raise ValueError(f"give_up_after_s must be positive, got {self.give_up_after_s}")
 
     @classmethod
     def from_settings(cls, settings: ExportSettings) -> RetryPolicy:
         """The policy of the ``export`` settings."""
-        return cls(settings.max_attempts, settings.backoff_initial_s, settings.backoff_max_s)
+        return cls(
+            max_attempts=settings.max_attempts,
+            backoff_initial_s=settings.backoff_initial_s,
+            backoff_max_s=settings.backoff_max_s,
+            give_up_after_s=settings.give_up_after_s,
+        )
+
+    def gives_up(self, attempts: int, first_attempt_at: float, now: float) -> str | None:
+        """Why a delivery is given up after its ``attempts``-th failed attempt of a round begun at
+        ``first_attempt_at``, at ``now``; ``None`` while it is tried again."""
+        if self.max_attempts is not None and attempts >= self.max_attempts:
+            return f"{GAVE_UP} {attempts} attempts"
+        if now - first_attempt_at >= self.give_up_after_s:
+            return f"{GAVE_UP} {_duration(now - first_attempt_at)} and {attempts} attempts"
+        return None
+
+    def next_attempt_at(self, attempts: int, jitter: float, first_attempt_at: float, start: float) -> float:
+        """When to try again after the ``attempts``-th failed attempt, waiting from ``start``: the backoff, but
+        never later than the round's deadline (``first_attempt_at + give_up_after_s``)."""
+        return min(start + self.delay_s(attempts, jitter), first_attempt_at + self.give_up_after_s)
 
     def delay_s(self, attempts: int, jitter: float) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (``attempts`` >= 1).
@@ -133,3 +164,12 @@ class RetryPolicy:
         exponent = min(max(attempts - 1, 0), 62)
         capped = min(self.backoff_max_s, self.backoff_initial_s * 2.0**exponent)
         return capped * (0.5 + 0.5 * jitter)
+
+
+def _duration(seconds: float) -> str:
+    """``90 s``, ``2.5 min``, ``24.0 h``: a duration for people."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

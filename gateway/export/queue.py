@@ -1,8 +1,7 @@
 """The durable export queue: one ``deliveries`` row per (output file, destination), driven to a final state.
 
-Each destination gets only the kinds of result it takes (its ``send`` setting: :func:`enqueue` queues a file for
-a destination only when the file's kind, read from its SOP class, is one of them; a file of no known kind goes
-everywhere); the kinds left out are listed in the job's ``detail.export.not_sent``.
+:func:`enqueue` (:mod:`gateway.export.enqueue`) queues a run of a job's outputs, each file to each destination
+that takes its kind; the kinds left out are listed in the job's ``detail.export.not_sent``.
 
 A delivery is ``pending`` until a worker claims it (``sending``, under a claim token, by a conditional update),
 then each attempt's outcome is committed as soon as it is known: ``delivered``; ``pending`` again with a later
@@ -13,10 +12,22 @@ crashes leaves ``sending`` rows behind; the next start puts them back to ``pendi
 was committed is never sent again; one whose answer was lost in the crash may be, under the same SOP Instance
 UID).
 
+A transient failure (unreachable, busy, timed out) is tried again with exponential backoff until the policy gives
+up (by default after 24 hours: :class:`~gateway.export.outcome.RetryPolicy`); a delivery given up that way is
+resent by itself once its destination answers a check again (:mod:`gateway.export.requeue`). Only deliveries of
+an ``encoded`` job are sent: a cancelled job, or one being run again, sends nothing.
+
 When every delivery of a job is delivered or refused the job is ``exported`` (``detail.export`` counts the refused
 ones and lists their reasons); when none is left to send and some are dead, it is ``failed`` with ``{"stage":
-"export", "reason": ...}``. :func:`retry_job` requeues the dead and the refused ones (the destination may have
-been reconfigured since).
+"export", "reason": ...}`` (one line). The job's ``detail.encoded_at`` is when its deliveries were queued, and
+``detail.timings.export_s`` the seconds from then to the end. :func:`retry_job`, :func:`resend_job` and
+:func:`revive_destination` (:mod:`gateway.export.requeue`) put final deliveries back.
+
+A job with results and no destination for them is never silent: it ends ``exported`` flagged
+``detail.export.undelivered`` (:mod:`gateway.export.enqueue`).
+
+:func:`enqueue`, :func:`release_held` and the requeueing functions live in their own modules and are re-exported
+here: this module is the queue's one entry point.
 """
 
 from __future__ import annotations
@@ -25,226 +36,61 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple, get_args
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from gateway.config import OutputKind
-from gateway.errors import ExportError, LeaseLost, NotFound
-from gateway.export.destinations import output_kind
+from gateway.errors import one_line
+from gateway.export.destinations import NO_DESTINATION, output_kind
+from gateway.export.enqueue import NO_KIND_TAKEN, NO_OUTPUT, enqueue, release_held
 from gateway.export.outcome import Item, Kind, Outcome, RetryPolicy
+from gateway.export.requeue import resend_job, retry_job, revivable_destinations, revive_destination
+from gateway.export.rows import (
+    DEAD,
+    DELIVERED,
+    PENDING,
+    REFUSED,
+    SENDING,
+    appended,
+)
 from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Job
 from gateway.store.store import StoreIndex
 
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
+
 __all__ = [
+    "DEAD",
+    "DELIVERED",
+    "NO_DESTINATION",
+    "NO_KIND_TAKEN",
+    "NO_OUTPUT",
+    "PENDING",
+    "REFUSED",
+    "SENDING",
     "StoreIndex",
     "claim",
     "deliveries_of",
+    "depth",
     "enqueue",
     "record",
     "release",
+    "release_held",
+    "resend_job",
     "resume",
     "retry_job",
+    "revivable_destinations",
+    "revive_destination",
     "settle",
 ]
 
 log = logging.getLogger(__name__)
 
-PENDING, SENDING, DELIVERED, REFUSED, DEAD = "pending", "sending", "delivered", "refused", "dead"
-NO_DESTINATION = "no destination configured"
-NO_KIND_TAKEN = "no output is of a kind its destinations take (see not_sent)"
-_HISTORY_MAX = 100  # attempts kept per delivery (the oldest are dropped after many manual retries)
 _REASONS_LISTED = 5  # distinct reasons quoted in a job's failure or refused_reasons
-_KINDS: tuple[str, ...] = get_args(OutputKind)
-
-#: Destination name -> the kinds of result it takes; ``None``: every file, whatever its kind.
-_Plan = dict[str, frozenset[str] | None]
-
-
-class _Header(NamedTuple):
-    path: str  # relative to the data folder when inside it
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-
-
-def enqueue(
-    store: StoreIndex,
-    job_id: int,
-    files: Sequence[Path],
-    destinations: Mapping[str, Collection[str]] | Sequence[str],
-    *,
-    owner: str | None = None,
-    now: float | None = None,
-) -> int:
-    """Queue each file of a job for each destination that takes its kind (one transaction); the job is ``encoded``.
-
-    A file's kind comes from its SOP class (:func:`gateway.export.destinations.output_kind`); a file of no known
-    kind goes to every destination. The kinds a destination is not sent are listed in the job's
-    ``detail.export.not_sent`` (``{"pacs": ["sc"]}``). With nothing to send (no destination, no file, or no file
-    of a kind any destination takes) the job goes straight to ``exported``, its detail saying why. Calling it
-    again for the same job adds only the (file, destination) pairs not queued yet.
-
-    Parameters
-    ----------
-    store
-        The instance store (or any :class:`StoreIndex`).
-    job_id
-        The job whose outputs these are.
-    files
-        The output files, already written durably (DICOM Part 10).
-    destinations
-        Destination name -> the kinds of result it takes (:data:`gateway.config.OutputKind` values), as
-        :func:`gateway.export.destinations.destinations_for` gives them; or just names, each taking every file.
-    owner
-        The lease owner of a job the runner holds (:mod:`gateway.jobs.lifecycle`): then the job must be
-        ``encoding`` under that lease, or nothing is queued (:class:`~gateway.errors.LeaseLost`); the lease ends
-        with the move.
-    now
-        The time recorded (seconds since the epoch); the wall clock when omitted.
-
-    Returns
-    -------
-    int
-        How many deliveries were added.
-
-    Raises
-    ------
-    ValueError
-        If ``destinations`` names a kind that is not an :data:`~gateway.config.OutputKind`.
-    gateway.errors.NotFound
-        If there is no job ``job_id``.
-    gateway.errors.ExportError
-        If a file is not a readable DICOM file with SOP Class and SOP Instance UIDs (nothing is queued).
-    gateway.errors.LeaseLost
-        If ``owner`` is given and the job is not ``encoding`` under that lease.
-    """
-    now = time.time() if now is None else now
-    plan = _plan(destinations)
-    headers = [_header(store, Path(f)) for f in files]
-    pairs, not_sent = _routed(headers, plan)
-    with store.write_sessions.begin() as session:
-        job = _job(session, job_id)
-        if owner is not None and (job.state != JobState.ENCODING or job.lease_owner != owner):
-            raise LeaseLost(f"job {job_id} is no longer encoding under this worker's lease")
-        rows = session.execute(select(Delivery.sop_instance_uid, Delivery.destination).where(Delivery.job_id == job_id))
-        queued = {(uid, name) for uid, name in rows}
-        added = 0
-        for header, name in pairs:
-            if (header.sop_instance_uid, name) in queued:
-                continue
-            queued.add((header.sop_instance_uid, name))
-            session.add(_new_delivery(job_id, header, name, now))
-            added += 1
-        _mark_queued(job, len(queued), list(plan), _why_nothing(plan, headers), not_sent, now)
-    log.info("job %d: %d deliveries queued for %d destination(s)", job_id, added, len(plan))
-    if not_sent:
-        log.info("job %d: kinds not sent, by destination (their send setting): %s", job_id, not_sent)
-    return added
-
-
-def _plan(destinations: Mapping[str, Collection[str]] | Sequence[str]) -> _Plan:
-    """Destination name -> the kinds it takes (``None``: everything), checked against the known kinds."""
-    if not isinstance(destinations, Mapping):
-        return dict.fromkeys(destinations)
-    plan: _Plan = {}
-    for name, kinds in destinations.items():
-        unknown = sorted(set(kinds).difference(_KINDS))
-        if unknown:
-            raise ValueError(f"destinations[{name!r}] names unknown kind(s) {unknown}; known: {list(_KINDS)}")
-        plan[name] = frozenset(kinds)
-    return plan
-
-
-def _routed(headers: Iterable[_Header], plan: _Plan) -> tuple[list[tuple[_Header, str]], dict[str, list[str]]]:
-    """The (file, destination) pairs to queue, and for each destination the kinds of file it does not take."""
-    pairs: list[tuple[_Header, str]] = []
-    skipped: dict[str, set[str]] = {}
-    for header in headers:
-        kind = output_kind(header.sop_class_uid)
-        for name, kinds in plan.items():
-            if kinds is None or kind is None or kind in kinds:
-                pairs.append((header, name))
-            else:
-                skipped.setdefault(name, set()).add(kind)
-    return pairs, {name: _in_order(kinds) for name, kinds in skipped.items()}
-
-
-def _in_order(kinds: Iterable[str]) -> list[str]:
-    return sorted(set(kinds), key=_KINDS.index)
-
-
-def _why_nothing(plan: _Plan, headers: Sequence[_Header]) -> str:
-    """What the job's detail says when no delivery is queued."""
-    if not plan:
-        return NO_DESTINATION
-    return NO_KIND_TAKEN if headers else "no output file to send"
-
-
-def _header(store: StoreIndex, path: Path) -> _Header:
-    """Stored path, SOP Class UID, SOP Instance UID and transfer syntax of an output file."""
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        values = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
-    except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError) as exc:
-        raise ExportError(f"output file {path.name} cannot be queued: {type(exc).__name__}") from None
-    absolute = path.resolve()
-    stored = absolute.relative_to(store.data_dir) if absolute.is_relative_to(store.data_dir) else absolute
-    return _Header(str(stored), *values)
-
-
-def _new_delivery(job_id: int, header: _Header, destination: str, now: float) -> Delivery:
-    return Delivery(
-        job_id=job_id,
-        path=header.path,
-        sop_class_uid=header.sop_class_uid,
-        sop_instance_uid=header.sop_instance_uid,
-        transfer_syntax_uid=header.transfer_syntax_uid,
-        destination=destination,
-        state=PENDING,
-        attempts=0,
-        next_attempt_at=now,
-        history=[],
-        created_at=now,
-        updated_at=now,
-    )
-
-
-def _job(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    return job
-
-
-def _mark_queued(
-    job: Job, total: int, names: list[str], nothing: str, not_sent: dict[str, list[str]], now: float
-) -> None:
-    detail = dict(job.detail or {})
-    export: dict[str, Any] = {"deliveries": total, "destinations": names}
-    merged = _merged(detail.get("export", {}).get("not_sent", {}), not_sent)
-    if merged:
-        export["not_sent"] = merged
-    if total:
-        job.state, job.finished_at = JobState.ENCODED, None
-    else:
-        export["reason"] = nothing
-        job.state, job.finished_at = JobState.EXPORTED, now
-    detail["export"] = export
-    job.detail = detail
-    job.updated_at = now
-    job.lease_owner = job.lease_expires_at = None
-
-
-def _merged(before: dict[str, list[str]], now: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The kinds not sent to each destination, over every :func:`enqueue` of the job."""
-    return {name: _in_order([*before.get(name, []), *now.get(name, [])]) for name in {**before, **now}}
+_REASON_MAX = 1024  # characters of a delivery's last_error (the column's size)
 
 
 def claim(
@@ -255,14 +101,19 @@ def claim(
     Returns the destination and the claimed items (``sending`` under one claim token), or ``None``.
     """
     now = time.time() if now is None else now
-    due = (Delivery.state == PENDING, Delivery.next_attempt_at <= now, Delivery.destination.in_(destinations))
+    due = (
+        Delivery.state == PENDING,
+        Delivery.next_attempt_at <= now,
+        Delivery.destination.in_(destinations),
+        Job.state == JobState.ENCODED,  # a cancelled job, or one being run again, sends nothing
+    )
     order = (Delivery.next_attempt_at, Delivery.id)
     with store.write_sessions.begin() as session:
-        name = session.scalar(select(Delivery.destination).where(*due).order_by(*order).limit(1))
+        name = session.scalar(_joined(select(Delivery.destination)).where(*due).order_by(*order).limit(1))
         if name is None:
             return None
         ids = session.scalars(
-            select(Delivery.id).where(*due, Delivery.destination == name).order_by(*order).limit(limit)
+            _joined(select(Delivery.id)).where(*due, Delivery.destination == name).order_by(*order).limit(limit)
         ).all()
         token = uuid.uuid4().hex
         session.execute(
@@ -272,6 +123,10 @@ def claim(
         )
         rows = session.scalars(select(Delivery).where(Delivery.claim == token).order_by(*order)).all()
         return name, [_item(store, row) for row in rows]
+
+
+def _joined(query: Any) -> Any:
+    return query.join(Job, Job.id == Delivery.job_id)
 
 
 def _item(store: StoreIndex, row: Delivery) -> Item:
@@ -298,9 +153,11 @@ def record(
     """Commit one attempt's outcome for a claimed delivery; return its new state (``None`` if it was not claimed).
 
     A retryable outcome puts the delivery back to ``pending`` after the policy's backoff (scaled by ``jitter``, a
-    draw in [0, 1): :meth:`RetryPolicy.delay_s`) counted from ``retry_from`` (default ``now``; the workers pass
-    the batch's start, so that a batch that failed together is due again together), or makes it ``dead`` once it
-    has had ``max_attempts`` attempts.
+    draw in [0, 1): :meth:`RetryPolicy.next_attempt_at`) counted from ``retry_from`` (default ``now``; the
+    workers pass the batch's start, so that a batch that failed together is due again together), or makes it
+    ``dead`` once the policy gives up (``give_up_after_s`` since the first attempt of its round, or
+    ``max_attempts``). The first attempt's time is kept in each retry's history entry (``first_attempt_at``).
+    Reasons are recorded as one line.
     """
     now = time.time() if now is None else now
     with store.write_sessions.begin() as session:
@@ -308,37 +165,45 @@ def record(
         if row is None or row.state != SENDING:
             return None
         row.attempts += 1
-        state, reason = _next_state(row.attempts, outcome, policy)
+        start = now if retry_from is None else retry_from
+        first = start if row.attempts == 1 else _first_attempt_at(row)
+        state, reason = _next_state(row.attempts, outcome, policy, first, now)
         row.state = state
         row.claim = None
         row.last_status = outcome.status
-        row.last_error = reason[:1024] or None
+        row.last_error = one_line(reason, _REASON_MAX) or None
         row.updated_at = now
+        extra: dict[str, Any] = {}
         if state == PENDING:
-            row.next_attempt_at = (now if retry_from is None else retry_from) + policy.delay_s(row.attempts, jitter)
+            row.next_attempt_at = policy.next_attempt_at(row.attempts, jitter, first, start)
+            extra["first_attempt_at"] = round(first, 3)
         if state == DELIVERED:
             row.delivered_at = now
-        row.history = _appended(row.history, now, outcome.kind.value, outcome.status, outcome.reason)
+        text = one_line(outcome.reason, _REASON_MAX)
+        row.history = appended(row.history, now, outcome.kind.value, outcome.status, text, **extra)
         return state
 
 
-def _next_state(attempts: int, outcome: Outcome, policy: RetryPolicy) -> tuple[str, str]:
+def _first_attempt_at(row: Delivery) -> float:
+    """When the round of attempts of a delivery that was tried before began (its last retry entry says)."""
+    last = (row.history or [{}])[-1]
+    first = last.get("first_attempt_at")
+    return float(first) if isinstance(first, int | float) else float(row.created_at)
+
+
+def _next_state(
+    attempts: int, outcome: Outcome, policy: RetryPolicy, first_attempt_at: float, now: float
+) -> tuple[str, str]:
     if outcome.delivered:
         return DELIVERED, outcome.reason
     if outcome.kind is Kind.REFUSED:
         return REFUSED, outcome.reason
     if outcome.kind is Kind.DEAD:
         return DEAD, outcome.reason
-    if attempts >= policy.max_attempts:
-        return DEAD, f"gave up after {attempts} attempts; last: {outcome.reason}"
+    why = policy.gives_up(attempts, first_attempt_at, now)
+    if why is not None:
+        return DEAD, f"{why}; last: {outcome.reason}"
     return PENDING, outcome.reason
-
-
-def _appended(
-    history: list[dict[str, Any]] | None, now: float, outcome: str, status: int | None, reason: str
-) -> list[dict[str, Any]]:
-    entry = {"at": round(now, 3), "outcome": outcome, "status": status, "reason": reason}
-    return [*(history or []), entry][-_HISTORY_MAX:]
 
 
 def release(store: StoreIndex, ids: Collection[int], *, at: float, now: float | None = None) -> int:
@@ -372,7 +237,7 @@ def resume(store: StoreIndex, configured: Collection[str], *, now: float | None 
         for row in orphans:
             reason = f"destination {row.destination!r} is no longer configured"
             row.state, row.last_error, row.updated_at = DEAD, reason, now
-            row.history = _appended(row.history, now, Kind.DEAD.value, None, reason)
+            row.history = appended(row.history, now, Kind.DEAD.value, None, reason)
         jobs = session.scalars(
             select(Job.id).join(Delivery, Delivery.job_id == Job.id).where(Job.state == JobState.ENCODED).distinct()
         ).all()
@@ -381,11 +246,14 @@ def resume(store: StoreIndex, configured: Collection[str], *, now: float | None 
     return int(resumed.rowcount), len(orphans)  # type: ignore[attr-defined]
 
 
-def settle(store: StoreIndex, job_id: int, *, now: float | None = None) -> JobState | None:
+def settle(
+    store: StoreIndex, job_id: int, *, metrics: GatewayMetrics | None = None, now: float | None = None
+) -> JobState | None:
     """Move an ``encoded`` job on once none of its deliveries is left to send; return its new state, if any.
 
     ``exported`` when every delivery was delivered or refused (``detail.export.refused_reasons`` says why for
-    the refused ones), ``failed`` when any is dead.
+    the refused ones), ``failed`` when any is dead (with a one-line reason). ``detail.timings.export_s`` is the
+    time since ``detail.encoded_at``, also observed in ``metrics`` (stage ``export``).
     """
     now = time.time() if now is None else now
     with store.write_sessions.begin() as session:
@@ -401,12 +269,21 @@ def settle(store: StoreIndex, job_id: int, *, now: float | None = None) -> JobSt
         detail = dict(job.detail or {})
         detail["export"] = _summary(session, job_id, counts, detail.get("export", {}))
         if counts[DEAD]:
-            detail["failure"] = {"stage": "export", "reason": _failure_reason(session, job_id, counts)}
+            detail["failure"] = {"stage": "export", "reason": one_line(_failure_reason(session, job_id, counts))}
+        encoded_at = detail.get("encoded_at")
+        seconds = max(0.0, now - float(encoded_at)) if isinstance(encoded_at, int | float) else None
+        if seconds is not None:
+            detail["timings"] = {**detail.get("timings", {}), "export_s": round(seconds, 3)}
         job.state = JobState.FAILED if counts[DEAD] else JobState.EXPORTED
         job.detail = detail
         job.updated_at = job.finished_at = now
         state = JobState(job.state)
-    log.info("job %d %s", job_id, state.value)
+    if state is JobState.FAILED:
+        log.warning("job %d failed at export: %d of %d deliveries dead", job_id, counts[DEAD], sum(counts.values()))
+    else:
+        log.info("job %d exported", job_id)
+    if metrics is not None and seconds is not None:
+        metrics.job_stage("export", "", seconds)
     return state
 
 
@@ -451,47 +328,6 @@ def _failure_reason(session: Session, job_id: int, counts: Counter[str]) -> str:
     return f"{counts[DEAD]} of {total} deliveries dead: " + "; ".join(reasons[:_REASONS_LISTED]) + more
 
 
-def retry_job(store: StoreIndex, job_id: int, *, now: float | None = None) -> int:
-    """Requeue a job's dead and refused deliveries (attempts reset, history kept); the job goes to ``encoded``.
-
-    Refused ones are sent again too: the destination may have been configured since to take their SOP class
-    (if not, they end refused again, and the job ``exported``).
-
-    Returns
-    -------
-    int
-        How many deliveries were requeued.
-
-    Raises
-    ------
-    gateway.errors.NotFound
-        If there is no job ``job_id``.
-    gateway.errors.ExportError
-        If the job has no dead or refused delivery (nothing to retry); nothing changes.
-    """
-    now = time.time() if now is None else now
-    with store.write_sessions.begin() as session:
-        job = _job(session, job_id)
-        ended = session.scalars(
-            select(Delivery).where(Delivery.job_id == job_id, Delivery.state.in_((DEAD, REFUSED)))
-        ).all()
-        if not ended:
-            raise ExportError(f"job {job_id} has no dead or refused delivery to retry (state {job.state})")
-        if (job.detail or {}).get("retention", {}).get("outputs_purged_at"):
-            raise ExportError(f"job {job_id}'s outputs were purged by retention: there is nothing left to resend")
-        for row in ended:
-            row.state, row.attempts, row.next_attempt_at, row.updated_at = PENDING, 0, now, now
-            row.history = _appended(row.history, now, "requeued", None, "retry requested")
-        detail = dict(job.detail or {})
-        if detail.get("failure", {}).get("stage") == "export":
-            detail["previous_failures"] = [*detail.get("previous_failures", []), detail.pop("failure")]
-        job.detail = detail
-        job.state, job.finished_at = JobState.ENCODED, None
-        job.updated_at = now
-    log.info("job %d: %d dead or refused deliveries requeued", job_id, len(ended))
-    return len(ended)
-
-
 def deliveries_of(store: StoreIndex, job_id: int) -> list[dict[str, Any]]:
     """A job's deliveries as the API shows them: instance, kind, destination, state, attempts and their history.
 
@@ -516,3 +352,15 @@ def deliveries_of(store: StoreIndex, job_id: int) -> list[dict[str, Any]]:
             }
             for row in rows
         ]
+
+
+def depth(store: StoreIndex) -> dict[str, dict[str, int]]:
+    """How many deliveries each destination has in each state: ``{"pacs": {"pending": 3, "dead": 1}}``."""
+    with store.sessions() as session:
+        rows = session.execute(
+            select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)
+        ).all()
+    found: dict[str, dict[str, int]] = {}
+    for name, state, count in rows:
+        found.setdefault(str(name), {})[str(state)] = int(count)
+    return found

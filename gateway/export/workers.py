@@ -1,4 +1,12 @@
-"""The export workers: threads that claim due deliveries, send them and record every attempt, until stopped."""
+"""The export workers: threads that claim due deliveries, send them and record every attempt, until stopped; and a
+checker that watches whether each destination answers, resending what an outage killed once it does.
+
+The checker (:mod:`gateway.export.checks`) checks every destination once at start (so that the UI shows each
+one's reachability), then every ``export.check_interval_s`` the destinations that have deliveries given up after
+retrying; when one answers, those deliveries go back in the queue and their jobs back to ``encoded``
+(:func:`gateway.export.queue.revive_destination`). Results held for an unmapped caller that now has a
+destination are queued at start (:func:`gateway.export.queue.release_held`).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +15,28 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from gateway.config import DimseDestination, ExportSettings
+from gateway.errors import NotFound
 from gateway.export import queue
+from gateway.export.checks import DestinationCheck, check_destination
 from gateway.export.destinations import Sender
 from gateway.export.dimse import DimseSender
 from gateway.export.outcome import Item, Kind, Outcome, RetryPolicy
 from gateway.export.stow import StowSender
 from gateway.store.store import StoreIndex
 
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
+
 __all__ = ["ExportWorkers", "make_sender"]
 
 log = logging.getLogger(__name__)
+
+#: The log level of an attempt's outcome: a delivery is routine (DEBUG), a retry worth a line, an end a warning.
+_LEVELS = {"delivered": logging.DEBUG, "warning": logging.INFO, "retry": logging.INFO}
+_ENDED = logging.WARNING
 
 
 def make_sender(settings: ExportSettings, name: str) -> Sender:
@@ -36,18 +54,21 @@ def make_sender(settings: ExportSettings, name: str) -> Sender:
 
 
 class ExportWorkers:
-    """Threads that drive the export queue (:mod:`gateway.export.queue`).
+    """Threads that drive the export queue (:mod:`gateway.export.queue`), and the destination checker.
 
     Parameters
     ----------
     store
         The instance store (the queue lives in its index; relative paths are under its data folder).
     settings
-        The ``export`` settings: destinations, retry policy, number of workers, poll interval, batch size.
+        The ``export`` settings: destinations, retry policy, number of workers, poll interval, batch size, check
+        interval.
     senders
         A sender per destination name; made from ``settings`` when omitted.
     clock
         Seconds since the epoch (tests may pass their own).
+    metrics
+        The gateway's metrics: each attempt's outcome per destination, each job's export time.
     """
 
     def __init__(
@@ -57,6 +78,7 @@ class ExportWorkers:
         *,
         senders: Mapping[str, Sender] | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
@@ -65,38 +87,106 @@ class ExportWorkers:
             dict(senders) if senders is not None else {n: make_sender(settings, n) for n in settings.destinations}
         )
         self._clock = clock
+        self._metrics = metrics
         self._rng = random.SystemRandom()  # jitter only; SystemRandom needs no seeding
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, name=f"export-{k}", daemon=True) for k in range(settings.workers)
         ]
+        self._checker = threading.Thread(target=self._check_loop, name="export-checker", daemon=True)
+        self._checks: dict[str, DestinationCheck] = {}
+        self._checks_lock = threading.Lock()
 
     def start(self) -> None:
-        """Resume what a previous run left ``sending``, then start the threads."""
+        """Resume what a previous run left ``sending``, queue held results that now have a destination, then
+        start the threads and the checker."""
         resumed, orphaned = queue.resume(self._store, list(self._senders), now=self._clock())
         if resumed or orphaned:
             log.warning(
                 "export: %d interrupted deliveries resumed, %d to unconfigured destinations dead", resumed, orphaned
             )
+        queue.release_held(self._store, self._settings, now=self._clock())
         for thread in self._threads:
             thread.start()
+        if self._settings.destinations:
+            self._checker.start()
 
     def stop(self) -> None:
-        """Stop after the file being sent; what was claimed and not sent goes back to the queue."""
+        """Stop after the file being sent (and the check under way); what was claimed and not sent goes back to
+        the queue."""
         self._stop.set()
-        for thread in self._threads:
+        for thread in [*self._threads, self._checker]:
             if thread.is_alive():
                 thread.join(timeout=self._settings.timeout_s + 10)
         for sender in self._senders.values():
             sender.close()
 
+    def last_checks(self) -> dict[str, DestinationCheck]:
+        """The latest check of each destination checked so far, by name."""
+        with self._checks_lock:
+            return dict(self._checks)
+
+    def check_now(self, name: str) -> DestinationCheck:
+        """Check destination ``name`` now and record the result; if it answers, its given-up deliveries are
+        requeued (:func:`gateway.export.queue.revive_destination`).
+
+        Raises
+        ------
+        gateway.errors.NotFound
+            If ``name`` is not a configured destination.
+        """
+        if name not in self._settings.destinations:
+            raise NotFound(f"no export destination {name!r}")
+        check = check_destination(self._settings, name)
+        before = self._record_check(check)
+        if check.ok and before is not None and not before.ok:
+            log.info("export: destination %s answers again: %s", name, check.detail)
+        elif not check.ok and (before is None or before.ok):
+            log.warning("export: destination %s does not answer: %s", name, check.detail)
+        if check.ok:
+            queue.revive_destination(self._store, name, now=self._clock())
+        return check
+
+    def _record_check(self, check: DestinationCheck) -> DestinationCheck | None:
+        """Keep ``check`` as its destination's latest; return the one it replaces."""
+        with self._checks_lock:
+            before = self._checks.get(check.name)
+            self._checks[check.name] = check
+        return before
+
+    def _check_loop(self) -> None:
+        """Every destination once, then those with given-up deliveries every ``check_interval_s``."""
+        names = list(self._settings.destinations)
+        while not self._stop.is_set():
+            for name in names:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.check_now(name)
+                except Exception:  # the index is unavailable for a moment: never the end of the checker
+                    log.exception("export: checking destination %s failed", name)
+            if self._stop.wait(self._settings.check_interval_s):
+                return
+            names = self._to_check()
+
+    def _to_check(self) -> list[str]:
+        try:
+            revivable = queue.revivable_destinations(self._store)
+        except Exception:
+            log.exception("export: finding destinations to check failed")
+            return []
+        return [name for name in revivable if name in self._settings.destinations]
+
     def problems(self) -> list[str]:
         """What keeps the export from working, for ``/healthz`` (empty when all is well, or when stopped)."""
+        if self._stop.is_set():
+            return []
         started = [thread for thread in self._threads if thread.ident is not None]
         dead = sum(not thread.is_alive() for thread in started)
-        if self._stop.is_set() or not dead:
-            return []
-        return [f"{dead} of {len(self._threads)} export workers stopped"]
+        found = [f"{dead} of {len(self._threads)} export workers stopped"] if dead else []
+        if self._checker.ident is not None and not self._checker.is_alive():
+            found.append("the export destination checker stopped")
+        return found
 
     def run_once(self) -> bool:
         """Claim one batch for one destination and send it; whether there was one (the threads loop on this)."""
@@ -119,13 +209,24 @@ class ExportWorkers:
 
     def _deliver(self, name: str, items: list[Item]) -> None:
         reported: set[int] = set()
+        delivered = 0
         started, jitter = self._clock(), self._rng.random()  # what failed together is due again together
 
         def report(item: Item, outcome: Outcome) -> None:
             reported.add(item.id)
             now = self._clock()
             state = queue.record(self._store, item, outcome, self._policy, jitter=jitter, now=now, retry_from=started)
-            log.info("export to %s: delivery %d %s (%s)", name, item.id, state, _status(outcome))
+            if state is None:
+                return  # no longer claimed (the job was run again meanwhile): not this attempt's to count
+            label = queue.DEAD if state == queue.DEAD else outcome.kind.value
+            if state == queue.DELIVERED:
+                nonlocal delivered
+                delivered += 1
+            log.log(
+                _LEVELS.get(label, _ENDED), "export to %s: delivery %d %s (%s)", name, item.id, state, _status(outcome)
+            )
+            if self._metrics is not None:
+                self._metrics.export_attempt(name, label)
 
         try:
             self._senders[name].send(items, report, self._stop.is_set)
@@ -136,8 +237,12 @@ class ExportWorkers:
                 if item.id not in reported:
                     report(item, outcome)
         self._release([item.id for item in items if item.id not in reported])
+        if delivered:  # the destination answered: that is as good as a check (the overview shows it)
+            self._record_check(
+                DestinationCheck(name, True, f"delivered {delivered} object(s)", started, self._clock() - started)
+            )
         for job_id in sorted({item.job_id for item in items}):
-            queue.settle(self._store, job_id, now=self._clock())
+            queue.settle(self._store, job_id, metrics=self._metrics, now=self._clock())
 
     def _release(self, ids: list[int]) -> None:
         """Claimed but not attempted: due now when stopping, else after the first backoff (the peer misbehaved)."""

@@ -28,6 +28,7 @@ import numpy.typing as npt
 from gateway.errors import InferenceError, OutOfMemory
 from gateway.infer.backend import Backend
 from gateway.infer.failures import reason
+from gateway.metrics import GatewayMetrics
 
 __all__ = ["Batcher", "BatcherStats"]
 
@@ -130,11 +131,20 @@ class Batcher:
     enabled
         ``False`` runs every request on its own, at once (for comparison).
     name
-        Used for the thread's name.
+        The model's ``name@version``: the thread's name, and the ``model`` label of its metrics.
+    metrics
+        Where each forward pass's size and seconds are observed.
     """
 
     def __init__(
-        self, backend: Backend, max_batch: int, max_wait_s: float, enabled: bool = True, name: str = "model"
+        self,
+        backend: Backend,
+        max_batch: int,
+        max_wait_s: float,
+        enabled: bool = True,
+        name: str = "model",
+        *,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -144,6 +154,8 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.enabled = enabled
+        self.name = name
+        self._metrics = metrics
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -294,10 +306,13 @@ class Batcher:
         except Exception as exc:  # a backend that does not translate its errors
             raise InferenceError(f"forward pass failed: {reason(exc)}") from exc
         finally:
+            seconds = time.perf_counter() - began
             with self._cond:
-                self._busy += time.perf_counter() - began
+                self._busy += seconds
                 self._counts["forward_passes"] += 1
                 self._counts["items"] += batch.shape[0]
+            if self._metrics is not None:
+                self._metrics.inference_batch(self.name, int(batch.shape[0]), seconds)
         if not isinstance(output, np.ndarray) or output.ndim < 1 or output.shape[0] != batch.shape[0]:
             shape = getattr(output, "shape", type(output).__name__)
             raise InferenceError(f"model returned {shape} for a batch of {batch.shape[0]}")

@@ -42,6 +42,7 @@ from gateway.infer.backend import Backend
 from gateway.infer.backends import load_backend
 from gateway.infer.batcher import Batcher, BatcherStats
 from gateway.infer.failures import is_out_of_memory, reason
+from gateway.metrics import GatewayMetrics
 from gateway.registry.manifest import Manifest
 
 __all__ = ["LoadedModel", "LoadedModels", "ModelVersionRef"]
@@ -168,6 +169,8 @@ class LoadedModels:
     memory_budget_bytes
         The most the loaded models of one device may take together (``None``: no limit; versions no longer active
         are unloaded all the same).
+    metrics
+        Handed to each model's batcher (forward pass sizes and seconds).
 
     Raises
     ------
@@ -175,12 +178,20 @@ class LoadedModels:
         If ``memory_budget_bytes`` is not positive.
     """
 
-    def __init__(self, device: str, batching: bool = True, memory_budget_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        device: str,
+        batching: bool = True,
+        memory_budget_bytes: int | None = None,
+        *,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be positive or None, got {memory_budget_bytes}")
         self.device = device
         self.batching = batching
         self.memory_budget_bytes = memory_budget_bytes
+        self._metrics = metrics
         self._lock = threading.Lock()  # guards the tables below; never held while loading or closing
         self._load_lock = threading.Lock()  # one load at a time: room is made and memory measured for it alone
         self._entries: dict[Key, _Entry] = {}
@@ -275,7 +286,8 @@ class LoadedModels:
             raise ModelError(_failed(manifest.ref, why)) from exc
         memory, measured = _footprint(backend, weights, _allocated(self.device) - before)
         limit = manifest.inference.batch_size if self.batching else 1  # off: one input or patch per forward pass
-        batcher = Batcher(backend, limit, manifest.inference.max_wait_ms / 1000.0, self.batching, name=manifest.ref)
+        wait_s = manifest.inference.max_wait_ms / 1000.0
+        batcher = Batcher(backend, limit, wait_s, self.batching, name=manifest.ref, metrics=self._metrics)
         now = time.time()
         with self._lock:
             entry = _Entry(key, manifest.ref, backend, batcher, memory, measured, now, now, next(self._ticks), users=1)

@@ -34,6 +34,7 @@ from gateway.infer.measure import SegmentMeasurement, measure_segments, voxel_vo
 from gateway.infer.postprocess import Decoded, check_output, decode
 from gateway.infer.preprocess import Prepared, model_pad_value, prepare
 from gateway.infer.results import Finding, ModelResult
+from gateway.metrics import GatewayMetrics
 from gateway.registry.manifest import Manifest
 
 __all__ = ["InferenceRuntime"]
@@ -71,6 +72,8 @@ class InferenceRuntime:
     memory_budget_bytes
         The most the models loaded on one device may take together, least recently used idle ones unloaded first
         (``None``: no limit; versions no longer active are unloaded all the same, see :meth:`retain`).
+    metrics
+        Where each model's forward passes (batch size, seconds) are observed.
 
     Raises
     ------
@@ -80,10 +83,17 @@ class InferenceRuntime:
         If ``memory_budget_bytes`` is not positive.
     """
 
-    def __init__(self, device: str = "auto", batching: bool = True, memory_budget_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        batching: bool = True,
+        memory_budget_bytes: int | None = None,
+        *,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self.device = resolve_device(device)
         self.batching = batching
-        self.models = LoadedModels(self.device, batching, memory_budget_bytes)
+        self.models = LoadedModels(self.device, batching, memory_budget_bytes, metrics=metrics)
 
     # -- models --------------------------------------------------------------------------------------------------
 

@@ -14,6 +14,9 @@ given up and the held revision completes at once::
     open --quiet, no refusal outstanding--> complete (job)
     open --quiet, refusals outstanding----> held --an arrival--> open
                                             held --release-----> complete (job)
+
+An operator's reprocessing of a series (:func:`gateway.jobs.operations.reprocess_series`) adds a revision that is
+complete at once, with no new instance, and its job (:func:`create_job`).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def complete_quiet_series(
             if outstanding:
                 held.append((rev, outstanding))
             else:
-                done.append(_create_job(session, rev, now))
+                done.append(create_job(session, rev, now))
     for rev, outstanding in held:
         log.info(
             "series revision %d held: %d instance(s) refused for want of resources not received since (%d refused "
@@ -188,7 +191,7 @@ def release_series(
                 .execution_options(synchronize_session=False)
             )
             if released.rowcount == 1:  # type: ignore[attr-defined]
-                completion = _create_job(session, rev, now, released_with_refused=int(dropped))
+                completion = create_job(session, rev, now, released_with_refused=int(dropped))
     if completion is not None:
         log.info(
             "series revision %d released by an operator: job %d on %d instance(s), %d refused instance(s) given up",
@@ -202,7 +205,12 @@ def release_series(
     return Release(int(dropped), completion)
 
 
-def _create_job(session: Session, rev: SeriesRevision, now: float, **detail: object) -> Completion:
+def create_job(session: Session, rev: SeriesRevision, now: float, **detail: object) -> Completion:
+    """Add the ``received`` job of a complete revision in ``session``'s transaction; what was made.
+
+    Its detail holds the revision number and the revision's instance count, then ``detail`` (which may replace
+    them: an operator's reprocessing counts the whole series, :func:`gateway.jobs.operations.reprocess_series`).
+    """
     series = session.get(Series, rev.series_instance_uid)
     assert series is not None, "a revision always belongs to an indexed series"
     study_uid = series.study_instance_uid

@@ -28,8 +28,9 @@ from pynetdicom.presentation import AllStoragePresentationContexts, build_contex
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.config import AllowedCaller, DicomSettings, TLSSettings
-from gateway.errors import DataSetMismatch, IngestError
+from gateway.errors import DataSetMismatch, IngestError, OutOfResources
 from gateway.ingest.instance import ACCEPTED_TRANSFER_SYNTAXES
+from gateway.metrics import GatewayMetrics
 from gateway.store.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def store_status(
     abstract_syntax: str | None = None,
     sop_class_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> int | Dataset:
     """Store one received C-STORE data set and return the C-STORE response status (PS3.4 B.2.3).
 
@@ -65,7 +67,11 @@ def store_status(
         The request's AffectedSOPClassUID and AffectedSOPInstanceUID. The context's SOP Class, the request's
         and the data set's must agree, and so must the request's SOP Instance UID and the data set's: 0xA900
         ("Data Set does not match SOP Class") otherwise.
+    metrics
+        Where each outcome (``stored``, ``duplicate``, ``refused`` for want of resources, ``invalid``, ``error``)
+        and the time to store are counted.
     """
+    began = time.perf_counter()
     try:
         if abstract_syntax and sop_class_uid and abstract_syntax != sop_class_uid:
             _discard(path)
@@ -75,12 +81,21 @@ def store_status(
         )
     except IngestError as exc:
         log.warning("C-STORE from %r refused with 0x%04X: %s", calling_ae, exc.status, exc.reason)
+        _counted(metrics, "refused" if isinstance(exc, OutOfResources) else "invalid")
         return _failure(exc.status, exc.reason)
     except Exception:
         log.exception("C-STORE from %r failed unexpectedly; answered 0x%04X", calling_ae, _STATUS_INTERNAL)
+        _counted(metrics, "error")
         return _failure(_STATUS_INTERNAL, "internal error, retry later")
-    log.debug("C-STORE from %r %s", calling_ae, "duplicate" if outcome.duplicate else "stored")
+    what = "duplicate" if outcome.duplicate else "stored"
+    log.debug("C-STORE from %r %s", calling_ae, what)
+    _counted(metrics, what, time.perf_counter() - began)
     return 0x0000
+
+
+def _counted(metrics: GatewayMetrics | None, outcome: str, seconds: float | None = None) -> None:
+    if metrics is not None:
+        metrics.instance_received("dimse", outcome, seconds)
 
 
 def _discard(path: Any) -> None:
@@ -104,11 +119,14 @@ class StorageSCP:
         AE title, address, limits, allow-list and TLS.
     store
         Where received instances go.
+    metrics
+        Where each C-STORE's outcome and store time are counted.
     """
 
-    def __init__(self, settings: DicomSettings, store: InstanceStore) -> None:
+    def __init__(self, settings: DicomSettings, store: InstanceStore, *, metrics: GatewayMetrics | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.metrics = metrics
         self._server: Any = None
         self._counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()
@@ -195,6 +213,7 @@ class StorageSCP:
             abstract_syntax=str(event.context.abstract_syntax),
             sop_class_uid=_uid_text(request.AffectedSOPClassUID),
             sop_instance_uid=_uid_text(request.AffectedSOPInstanceUID),
+            metrics=self.metrics,
         )
         code = status if isinstance(status, int) else int(status.Status)
         self._count(event.assoc, "stored" if code == 0 else "failed")

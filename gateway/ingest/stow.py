@@ -44,13 +44,15 @@ class StowRequestError(GatewayError):
 
 @dataclass(frozen=True)
 class StowItem:
-    """One part's outcome: stored (``failure_reason is None``) or failed with a DICOM FailureReason."""
+    """One part's outcome: stored (``failure_reason is None``; ``duplicate`` if it was already held) or failed
+    with a DICOM FailureReason."""
 
     sop_class_uid: str | None
     sop_instance_uid: str | None
     study_instance_uid: str | None
     failure_reason: int | None = None
     detail: str = ""
+    duplicate: bool = False
 
 
 @dataclass
@@ -270,7 +272,7 @@ class _Part:
             log.warning("STOW-RS part refused with 0x%04X: %s", exc.status, exc.reason)
             return _failure_item(uids, exc)
         info = outcome.instance
-        return StowItem(info.sop_class_uid, info.sop_instance_uid, info.study_instance_uid)
+        return StowItem(info.sop_class_uid, info.sop_instance_uid, info.study_instance_uid, duplicate=outcome.duplicate)
 
     def _refused(self, exc: IngestError) -> StowItem:
         """The item of a part never written whole; one refused for resources is remembered by its UIDs."""

@@ -2,10 +2,12 @@
 
 Each model result becomes DICOM objects in the source study (a SEG, its TID 1500 SR, the outlines as a presentation
 state and the key images as a key object selection, burned-in key images when a destination of the job asks for
-them; or Parametric Maps), written durably under ``<data_dir>/outputs/job-<id>/``; then, in one transaction, a
-delivery per file and destination (for the kinds that destination takes) is queued and the job moves to
-``encoded`` (:func:`gateway.export.queue.enqueue`). From there the export workers own it: a restart resumes the
-queue and sends each file once. Outputs keep their UIDs when a job is run again (:mod:`gateway.encode.uids`), so
+them; or Parametric Maps), written durably under ``<data_dir>/outputs/job-<id>/`` and recorded in the index's
+``outputs`` table, which QIDO-RS and WADO-RS serve (:mod:`gateway.store.outputs`; never ``instances``: the
+gateway does not run models on its own results); then, in one transaction, a delivery per file and destination
+(for the kinds that destination takes) is queued and the job moves to ``encoded``
+(:func:`gateway.export.queue.enqueue`). From there the export workers own it: a restart resumes the queue and
+sends each file once. Outputs keep their UIDs when a job is run again (:mod:`gateway.encode.uids`), so
 a re-run replaces what a PACS holds instead of doubling it.
 """
 
@@ -27,6 +29,7 @@ from gateway.encode import encode_result, write_objects
 from gateway.export.destinations import destinations_for
 from gateway.infer.results import ModelResult
 from gateway.store.index import Instance, Job
+from gateway.store.outputs import OutputRecord, record_job_outputs
 from gateway.store.store import InstanceStore
 
 __all__ = ["SERIES_NUMBER_BASE", "EncodeStage", "Encoded"]
@@ -85,6 +88,7 @@ class EncodeStage:
         folder = self._outputs_dir / f"job-{job_id}"
         outputs: list[dict[str, Any]] = []
         paths: list[Path] = []
+        records: list[OutputRecord] = []
         for k, result in enumerate(results):
             objects = encode_result(
                 result,
@@ -98,6 +102,10 @@ class EncodeStage:
             written = write_objects(objects, folder)
             parts["write_s"] = parts.get("write_s", 0.0) + time.perf_counter() - started
             paths.extend(written)
+            records.extend(
+                OutputRecord.of(obj.dataset, path, self._store.data_dir)
+                for obj, path in zip(objects, written, strict=True)
+            )
             outputs.extend(
                 {
                     "model": f"{result.name}@{result.version}",
@@ -109,6 +117,8 @@ class EncodeStage:
                 }
                 for obj, path in zip(objects, written, strict=True)
             )
+        with self._store.write_sessions.begin() as session:  # the files are durable: QIDO-RS and WADO-RS serve them
+            record_job_outputs(session, job_id, records)
         return outputs, paths
 
     def _sources(self, result: ModelResult) -> dict[str, Dataset]:

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from gateway.errors import LeaseLost
+from gateway.errors import LeaseLost, one_line
 from gateway.jobs.states import FINISHED, LEASED, JobState, allowed
 from gateway.store.index import Job
 from gateway.store.store import StoreIndex
@@ -46,8 +46,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_REASON_MAX = 500  # characters of a failure reason kept on the job (one line)
-
 
 def owner_identity() -> str:
     """A lease owner name for this process: ``host/pid/token`` (the token tells a reused pid apart)."""
@@ -60,12 +58,6 @@ class Lease:
 
     job_id: int
     owner: str
-
-
-def one_line(reason: str) -> str:
-    """A failure reason as the job records it: one line, bounded."""
-    text = " ".join(reason.split())
-    return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 1] + "…"
 
 
 def claim(
@@ -82,6 +74,8 @@ def claim(
     A job is claimable when it is ``received`` and not held back (its ``lease_expires_at``, on a job handed back
     for want of space, is a not-before time). Each claim counts an attempt; a job claimed ``max_attempts`` times
     without finishing (each time its worker died with it) fails with that reason instead of being claimed again.
+    The claim records ``detail.claimed_at`` and the wait in the queue, ``detail.timings.queue_s``: from when the job
+    last became ``received`` (``detail.queued_at`` after a hand-back or a re-run, else its creation).
     """
     now = time.time() if now is None else now
     while True:
@@ -98,7 +92,18 @@ def claim(
             job.lease_owner, job.lease_expires_at = owner, now + lease_s
             job.attempts += 1
             job.updated_at = now
+            job.detail = _claimed(job, now)
             return Lease(int(job.id), owner)
+
+
+def _claimed(job: Job, now: float) -> dict[str, Any]:
+    """The detail of a job claimed at ``now``: when, and how long it waited since it last became ``received``."""
+    detail = dict(job.detail or {})
+    since = detail.get("queued_at")
+    waited = now - (since if isinstance(since, int | float) else job.created_at)
+    detail["claimed_at"] = round(now, 3)
+    detail["timings"] = {**detail.get("timings", {}), "queue_s": round(max(0.0, waited), 3)}
+    return detail
 
 
 def _claimable(now: float) -> Any:
@@ -171,6 +176,9 @@ def move(
     if not allowed(current, to):
         raise ValueError(f"job transition {current.value} -> {to.value} is not in the table")
     now = time.time() if now is None else now
+    failure = entries.get("failure")
+    if isinstance(failure, dict) and isinstance(failure.get("reason"), str):
+        entries["failure"] = {**failure, "reason": one_line(failure["reason"])}  # the traceback is in the log
     with _held(store, lease, current) as (_session, job):
         job.detail = merged_detail(job.detail, entries, timing)
         job.state, job.updated_at = to, now
@@ -255,7 +263,7 @@ def hand_back(
 
 def _to_received(job: Job, now: float, not_before: float | None, reason: str) -> None:
     returns = [*(job.detail or {}).get("handed_back", []), {"at": round(now, 3), "from": job.state, "why": reason}]
-    job.detail = {**(job.detail or {}), "handed_back": returns[-10:]}
+    job.detail = {**(job.detail or {}), "handed_back": returns[-10:], "queued_at": round(now, 3)}
     job.state, job.updated_at = JobState.RECEIVED, now
     job.lease_owner, job.lease_expires_at = None, not_before
 

@@ -37,6 +37,7 @@ from gateway.jobs.encoding import Encoded
 from gateway.jobs.inference import Inferred
 from gateway.jobs.lifecycle import Lease
 from gateway.jobs.states import JobState
+from gateway.metrics import GatewayMetrics
 from gateway.process import release_memory
 from gateway.store.index import Instance, Job
 from gateway.store.store import InstanceStore
@@ -125,12 +126,22 @@ class JobRunner:
         Worker count, polling, lease, grace period, attempts and memory budget.
     pipeline
         The inference and encode stages.
+    metrics
+        Where each stage's seconds are observed once the stage's outcome is written.
     """
 
-    def __init__(self, store: InstanceStore, settings: JobsSettings, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        store: InstanceStore,
+        settings: JobsSettings,
+        pipeline: Pipeline,
+        *,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._store = store
         self._settings = settings
         self._pipeline = pipeline
+        self._metrics = metrics
         self.owner = lifecycle.owner_identity()
         self.budget = MemoryBudget(settings.memory_budget_bytes or default_memory_budget())
         self._stop = threading.Event()
@@ -301,6 +312,7 @@ class JobRunner:
             assembly=assembled.summary,
             failure=failure,
         )
+        self._observe("assemble", assembled.seconds)
         if assembled.result is None or state is JobState.FAILED or self._stopping():
             return
         stage[0] = "infer"
@@ -315,6 +327,7 @@ class JobRunner:
             timing=("infer_s", inferred.seconds),
             **inferred.entries(),
         )
+        self._observe_inference(inferred)
         if inferred.state is not JobState.INFERRED or self._stopping():
             return
         stage[0] = "encode"
@@ -329,7 +342,20 @@ class JobRunner:
             outputs=encoded.outputs,
             encode_timings=encoded.parts,
         )
-        enqueue(self._store, lease.job_id, encoded.paths, encoded.destinations, owner=lease.owner)
+        enqueue(
+            self._store, lease.job_id, encoded.paths, encoded.destinations, owner=lease.owner, metrics=self._metrics
+        )
+        self._observe("encode", encoded.seconds)
+
+    def _observe(self, stage: str, seconds: float, model: str = "") -> None:
+        if self._metrics is not None:
+            self._metrics.job_stage(stage, model, seconds)
+
+    def _observe_inference(self, inferred: Inferred) -> None:
+        """The inference stage as a whole (``model=""``) and each model's run on each volume."""
+        self._observe("infer", inferred.seconds)
+        for result in inferred.outcome.results:
+            self._observe("infer", sum(result.timings.values()), result.ref)
 
     def _stopping(self) -> bool:
         """Stopping: the job goes back at the stage boundary rather than starting a stage it may not finish."""

@@ -1,4 +1,4 @@
-"""The SQL index of what the gateway holds: studies, series, revisions, instances, jobs, deliveries and models.
+"""The SQL index of what the gateway holds: studies, series, revisions, instances, jobs, outputs, deliveries, models.
 
 Portable SQLAlchemy 2 schema (no SQLite-only types), so PostgreSQL can take over; SQLite is the embedded
 default, opened in WAL mode with ``synchronous=FULL`` and ``BEGIN IMMEDIATE`` transactions so that concurrent
@@ -153,6 +153,36 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims from a durable state
     finished_at: Mapped[float | None] = mapped_column(Float, index=True)  # reached exported, skipped or failed
     purged_at: Mapped[float | None] = mapped_column(Float)  # its series' instances were removed by retention
+
+
+class Output(Base):
+    """One DICOM object the gateway made for a job (a SEG, SR, presentation state, KO, key image or Parametric Map).
+
+    Written when the job's outputs are encoded (:mod:`gateway.jobs.encoding`, an upsert: a re-run makes the same
+    UIDs), removed when retention purges the job's outputs; searched and retrieved by QIDO-RS and WADO-RS beside
+    the received instances (:mod:`gateway.store.outputs`). Kept apart from ``instances`` so that the gateway's own
+    results never open a series revision, and so never a job. ``path`` is relative to the data folder when the file
+    lies inside it. ``job_id`` is the job that wrote the file last.
+    """
+
+    __tablename__ = "outputs"
+
+    sop_instance_uid: Mapped[str] = mapped_column(_UID, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(_UID, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(_UID, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(_UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(_UID)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class Delivery(Base):

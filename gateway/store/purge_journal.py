@@ -195,7 +195,7 @@ def remove_files(data_dir: Path, entries: Iterable[InstanceEntry]) -> bool:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("purge could not remove an instance file (kept in the journal for the next run): %s", exc)
+            log.warning("purge could not remove an instance file (kept in the journal for the next run): %s", _why(exc))
             ok = False
     return _settle_folders(folders) and ok
 
@@ -212,7 +212,7 @@ def _settle_folders(folders: Iterable[Path]) -> bool:
             continue
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                log.warning("purge could not remove a folder: %s", exc)
+                log.warning("purge could not remove a folder: %s", _why(exc))
             ok = _fsync(folder) and ok
     for parent in parents:
         ok = _fsync(parent) and ok
@@ -230,7 +230,7 @@ def remove_folders(data_dir: Path, entries: Iterable[FolderEntry]) -> bool:
         try:
             shutil.rmtree(path)
         except OSError as exc:
-            log.warning("purge could not remove job %d's outputs (kept in the journal): %s", entry.job_id, exc)
+            log.warning("purge could not remove job %d's outputs (kept in the journal): %s", entry.job_id, _why(exc))
             ok = False
         parents.add(path.parent)
     for parent in parents:
@@ -244,6 +244,11 @@ def _fsync(folder: Path) -> bool:
     except FileNotFoundError:
         return True
     except OSError as exc:
-        log.warning("purge could not flush a folder: %s", exc)
+        log.warning("purge could not flush a folder: %s", _why(exc))
         return False
     return True
+
+
+def _why(exc: OSError) -> str:
+    """An OS error without its file name: paths under ``instances/`` name series by their UID."""
+    return exc.strerror or type(exc).__name__

@@ -270,13 +270,13 @@ def _conditions(session: Session, level: Level, filters: Mapping[str, str]) -> l
         if keyword == _MODALITIES_IN_STUDY:
             conditions.append(_modalities_condition(value, dialect))
         elif keyword in columns:
-            conditions.append(_condition(columns[keyword], keyword, value, dialect))
+            conditions.append(column_condition(columns[keyword], keyword, value, dialect))
         else:
             raise InvalidQuery(f"matching on {keyword} is not supported at the {level} level")
     return conditions
 
 
-def _condition(column: InstrumentedAttribute[Any], keyword: str, value: str, dialect: str) -> ColumnElement[bool]:
+def column_condition(column: InstrumentedAttribute[Any], keyword: str, value: str, dialect: str) -> ColumnElement[bool]:
     vr = dictionary_VR(keyword)
     if vr == "UI":
         return column.in_(_uid_list(keyword, value))

@@ -8,7 +8,7 @@ Two kinds of thing are purged (``retention`` settings):
   ``detail["retention"]``; so do the study, series and revision rows (the jobs reference them).
 - a **job's outputs** (``outputs/job-<id>/``, ``results/job-<id>/``), once it is finished and each of its
   deliveries is final (delivered, refused or dead): ``outputs_days`` after it finished. Its deliveries stay as
-  history; the job's detail records the purge.
+  history; the job's detail records the purge; its rows in ``outputs`` (what QIDO-RS lists) go.
 
 Above ``disk_high_watermark`` (the data folder's file system, :class:`DiskUsage`), both kinds are purged
 oldest-first whatever their age until the disk is below ``disk_low_watermark``; when nothing more may be purged
@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session
 from gateway.config import RetentionSettings
 from gateway.jobs.states import FINISHED, JobState
 from gateway.store.index import Delivery, Instance, Job, SeriesRevision
+from gateway.store.outputs import forget_job_outputs
 from gateway.store.purge_journal import (
     FolderEntry,
     InstanceEntry,
@@ -465,6 +466,7 @@ class Retention:
         if job is None or job.state not in FINISHED:
             return False
         _note(job, outputs_purged_at=now, outputs_purged_for=reason)
+        forget_job_outputs(session, job_id)  # QIDO-RS and WADO-RS no longer list them
         return True
 
     def _remove(self, journal: Journal, instances: list[InstanceEntry], folders: list[FolderEntry]) -> None:

@@ -35,7 +35,8 @@ def test_destination_kinds_are_told_apart_and_the_token_is_kept_secret() -> None
 def test_defaults() -> None:
     settings = ExportSettings()
     assert settings.destinations == {} and settings.default == [] and settings.return_to_sender == {}
-    assert (settings.max_attempts, settings.backoff_initial_s, settings.backoff_max_s) == (8, 2.0, 300.0)
+    assert (settings.max_attempts, settings.backoff_initial_s, settings.backoff_max_s) == (None, 2.0, 600.0)
+    assert (settings.give_up_after_s, settings.check_interval_s, settings.unmapped) == (86400.0, 60.0, "default")
     assert (settings.workers, settings.poll_s, settings.calling_ae_title) == (2, 1.0, "GATEWAY")
 
 
@@ -93,6 +94,31 @@ def test_destinations_for_a_source() -> None:
     assert list(destinations_for(settings, "stow")) == ["vna", "ris"]
     assert destinations_for(export(), "dimse:CT1") == {}
     assert list(destinations_for(export(return_to_sender={"CT1": "pacs"}), "dimse:CT1")) == ["pacs"]
+
+
+def test_an_unmapped_caller_goes_where_export_unmapped_says() -> None:
+    values = {"return_to_sender": {"CT1": "pacs"}, "default": ["vna"]}
+    default = destinations_for(export(**values), "dimse:OTHER")
+    assert list(default) == ["vna"] and default.reason == "" and default.held_caller is None
+
+    dropped = destinations_for(export(**values, unmapped="drop"), "dimse:OTHER")
+    assert dropped == {} and dropped.held_caller is None
+    assert dropped.reason == "dropped: caller 'OTHER' is not mapped in export.return_to_sender (unmapped: drop)"
+
+    held = destinations_for(export(**values, unmapped="hold"), "dimse:OTHER")
+    assert held == {} and held.held_caller == "OTHER" and held.reason.startswith("held: caller 'OTHER' is not mapped")
+    assert "\n" not in held.reason
+
+    for unmapped in ("drop", "hold"):
+        settings = export(**values, unmapped=unmapped)
+        assert list(destinations_for(settings, "dimse:CT1")) == ["pacs", "vna"], "a mapped caller is not affected"
+        assert list(destinations_for(settings, "stow")) == ["vna"], "STOW-RS input has no caller: the defaults"
+
+    nowhere = destinations_for(export(return_to_sender={"CT1": "pacs"}), "dimse:OTHER")
+    assert nowhere == {} and nowhere.reason == "no destination configured: caller 'OTHER' is not mapped and " + (
+        "export.default is empty"
+    )
+    assert destinations_for(ExportSettings(), "stow").reason == "no destination configured"
 
 
 def test_destinations_for_a_source_come_with_the_kinds_each_takes() -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import ExportSettings
+from gateway.errors import one_line
 from gateway.export.outcome import Item, Kind, RetryPolicy, dimse_outcome
 from gateway.export.stow import stow_outcomes
 
@@ -142,3 +144,27 @@ def test_stow_answer_that_is_not_dicom_json_is_tolerated() -> None:
     odd = {"00081198": {"vr": "SQ", "Value": ["not an item", {"00081155": {"Value": [7]}}]}, "x": 1}
     (outcome,) = stow_outcomes(202, odd, _items("1.1"))
     assert outcome.kind is Kind.RETRY
+
+
+def test_policy_gives_up_after_a_duration_and_optionally_a_count() -> None:
+    policy = RetryPolicy(backoff_initial_s=2, backoff_max_s=600, give_up_after_s=86400)
+    assert policy.max_attempts is None
+    assert policy.gives_up(1000, first_attempt_at=0, now=86399) is None, "no count limit by default"
+    assert policy.gives_up(150, first_attempt_at=0, now=86400) == "gave up after 24.0 h and 150 attempts"
+    assert RetryPolicy(max_attempts=3).gives_up(3, first_attempt_at=0, now=1) == "gave up after 3 attempts"
+    assert RetryPolicy(give_up_after_s=90).gives_up(2, 0, 90) == "gave up after 90 s and 2 attempts"
+    assert policy.next_attempt_at(20, 0.5, first_attempt_at=0, start=1000) == 1000 + 450
+    assert policy.next_attempt_at(20, 0.5, first_attempt_at=0, start=86000) == 86400, "cut short to the deadline"
+    with pytest.raises(ValueError, match="give_up_after_s"):
+        RetryPolicy(give_up_after_s=0)
+
+
+def test_policy_of_the_settings() -> None:
+    assert RetryPolicy.from_settings(ExportSettings()) == RetryPolicy(None, 2.0, 600.0, 86400.0)
+    values = {"max_attempts": 5, "backoff_initial_s": 1, "backoff_max_s": 60, "give_up_after_s": 3600}
+    assert RetryPolicy.from_settings(ExportSettings(**values)) == RetryPolicy(5, 1.0, 60.0, 3600.0)
+
+
+def test_one_line_reasons() -> None:
+    assert one_line("a\n  b\tc \r\n") == "a b c"
+    assert one_line("x" * 600) == "x" * 499 + "…" and len(one_line("y" * 50, 10)) == 10

@@ -3,16 +3,19 @@ the job (refused deliveries do not fail it), resume, retry; on SQLite and on a r
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 from pacs import deliveries, job_of, make_job, outputs, result_files, sop_instance_uid
+from sqlalchemy import update
 
-from gateway.config import DEFAULT_SEND
+from gateway.config import DEFAULT_SEND, ExportSettings
 from gateway.errors import ExportError, NotFound
 from gateway.export import queue
 from gateway.export.outcome import Kind, Outcome, RetryPolicy
 from gateway.jobs.states import JobState
+from gateway.store.index import Job
 from gateway.store.store import InstanceStore
 
 POLICY = RetryPolicy(max_attempts=3, backoff_initial_s=10, backoff_max_s=100)
@@ -45,14 +48,46 @@ def test_enqueue_one_delivery_per_file_and_destination(instance_store: InstanceS
         "deliveries": 6,
         "destinations": ["pacs", "vna"],
     }
-    assert queue.enqueue(instance_store, job, inside, ["pacs", "ris"], now=T0) == 2, "only what is not queued yet"
+    assert state.detail["encoded_at"] == T0
+
+
+def test_enqueue_again_is_a_new_run(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    files = outputs(tmp_path / "out", 2)
+    assert queue.enqueue(instance_store, job, files, ["pacs", "vna"], now=T0) == 4
+    for _ in range(2):  # one destination per claim
+        for item in queue.claim(instance_store, ["pacs", "vna"], 10, now=T0)[1]:  # type: ignore[index]
+            queue.record(instance_store, item, Outcome(Kind.DELIVERED, "", 0), POLICY, now=T0 + 1)
+    assert queue.settle(instance_store, job, now=T0 + 2) == JobState.EXPORTED
+    before = {(r.sop_instance_uid, r.destination): r.id for r in deliveries(instance_store, job)}
+
+    assert queue.enqueue(instance_store, job, files, ["pacs", "ris"], now=T0 + 10) == 4, "the whole run, again"
+    rows = deliveries(instance_store, job)
+    assert {r.destination for r in rows} == {"pacs", "ris"}, "vna is not part of this run: removed"
+    again = [r for r in rows if r.destination == "pacs"]
+    assert all(before[(r.sop_instance_uid, "pacs")] == r.id for r in again), "the same rows, requeued"
+    assert {(r.state, r.attempts, r.next_attempt_at, r.delivered_at) for r in again} == {("pending", 0, T0 + 10, None)}
+    assert [h["outcome"] for h in again[0].history] == ["delivered", "requeued"]
+    assert again[0].history[-1]["reason"] == "queued again by a new run of the job"
+    state = job_of(instance_store, job)
+    assert state.state == JobState.ENCODED and state.detail["encoded_at"] == T0 + 10
+    assert state.detail["export"] == {"deliveries": 4, "destinations": ["pacs", "ris"]}
 
 
 def test_enqueue_without_destination_exports_at_once(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
-    assert queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), []) == 0
+    assert queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), [], now=T0) == 0
     state = job_of(instance_store, job)
     assert state.state == JobState.EXPORTED and state.detail["export"]["reason"] == queue.NO_DESTINATION
+    assert state.detail["export"]["undelivered"] is True and state.finished_at == T0
+    assert state.detail["timings"]["export_s"] == 0.0
+
+
+def test_enqueue_without_output_is_not_undelivered(instance_store: InstanceStore) -> None:
+    job = make_job(instance_store)
+    assert queue.enqueue(instance_store, job, [], ["pacs"]) == 0
+    export = job_of(instance_store, job).detail["export"]
+    assert export["reason"] == queue.NO_OUTPUT and "undelivered" not in export
 
 
 def test_enqueue_sends_each_destination_the_kinds_it_takes(instance_store: InstanceStore, tmp_path: Path) -> None:
@@ -70,10 +105,11 @@ def test_enqueue_sends_each_destination_the_kinds_it_takes(instance_store: Insta
         "destinations": ["pacs", "vna"],
         "not_sent": {"pacs": ["gsps", "ko", "sc"], "vna": ["sc"]},
     }
-    assert queue.enqueue(instance_store, job, [files["sc"]], {"pacs": ["sc"]}, now=T0) == 1
-    assert job_of(instance_store, job).detail["export"]["not_sent"] == {"pacs": ["gsps", "ko", "sc"], "vna": ["sc"]}
     views = queue.deliveries_of(instance_store, job)
-    assert {v["kind"] for v in views} == {"seg", "sr", "gsps", "ko", "sc", None}
+    assert {v["kind"] for v in views} == {"seg", "sr", "gsps", "ko", None}
+    assert queue.enqueue(instance_store, job, [files["sc"]], {"pacs": ["sc"]}, now=T0) == 1, "a new run"
+    assert "not_sent" not in job_of(instance_store, job).detail["export"]
+    assert [v["kind"] for v in queue.deliveries_of(instance_store, job)] == ["sc"]
 
 
 def test_enqueue_of_no_kind_a_destination_takes_exports_at_once(instance_store: InstanceStore, tmp_path: Path) -> None:
@@ -86,6 +122,7 @@ def test_enqueue_of_no_kind_a_destination_takes_exports_at_once(instance_store: 
         "destinations": ["pacs", "vna"],
         "not_sent": {"pacs": ["ko", "sc"], "vna": ["ko", "sc"]},
         "reason": queue.NO_KIND_TAKEN,
+        "undelivered": True,
     }
 
 
@@ -100,7 +137,7 @@ def test_enqueue_refuses_an_unreadable_file_and_queues_nothing(instance_store: I
     job = make_job(instance_store)
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"not DICOM")
-    with pytest.raises(ExportError, match=r"bad\.dcm cannot be queued"):
+    with pytest.raises(ExportError, match=r"^output file 3 of 3 cannot be queued: InvalidDicomError$"):
         queue.enqueue(instance_store, job, [*outputs(tmp_path / "out", 2), bad], ["pacs"])
     assert deliveries(instance_store, job) == [] and job_of(instance_store, job).state == JobState.INFERRED
     with pytest.raises(NotFound):
@@ -322,3 +359,90 @@ def test_a_batch_that_failed_together_is_due_again_together(instance_store: Inst
         queue.record(instance_store, item, busy, POLICY, jitter=0.2, now=T0 + 3 + k, retry_from=T0)
     assert {r.next_attempt_at for r in deliveries(instance_store, job)} == {T0 + 10 * 0.6}
     assert len(queue.claim(instance_store, ["pacs"], 10, now=T0 + 6)[1]) == 2  # type: ignore[index]
+
+
+def _attempts_until(
+    store: InstanceStore, job: int, policy: RetryPolicy, outage_s: float, limit: int = 500
+) -> list[float]:
+    """Attempt the job's one delivery whenever it is due, failing while the destination is down (the first
+    ``outage_s`` seconds), until it ends; the times of the attempts."""
+    times: list[float] = []
+    down = Outcome(Kind.RETRY, "association failed: destination unreachable", None)
+    for _ in range(limit):
+        (row,) = deliveries(store, job)
+        if row.state != "pending":
+            return times
+        now = row.next_attempt_at
+        (item,) = queue.claim(store, ["pacs"], 10, now=now)[1]  # type: ignore[index]
+        outcome = down if now - T0 < outage_s else Outcome(Kind.DELIVERED, "", 0)
+        queue.record(store, item, outcome, policy, jitter=0.0, now=now)
+        times.append(now)
+    raise AssertionError(f"still pending after {limit} attempts")
+
+
+def test_a_short_outage_no_longer_kills_deliveries(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
+    policy = RetryPolicy.from_settings(ExportSettings())  # the defaults: 24 h, backoff capped at 10 min
+    times = _attempts_until(instance_store, job, policy, outage_s=150)
+    (row,) = deliveries(instance_store, job)
+    assert row.state == "delivered" and row.attempts == len(times) == 9, times
+    assert [round(b - a) for a, b in itertools.pairwise(times)] == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert {h["first_attempt_at"] for h in row.history[:-1]} == {T0}, "the round's start, on every retry"
+    assert queue.settle(instance_store, job, now=times[-1]) == JobState.EXPORTED
+    assert job_of(instance_store, job).detail["timings"]["export_s"] == times[-1] - T0
+
+    old = make_job(instance_store)  # what 8 attempts did to the same outage
+    queue.enqueue(instance_store, old, outputs(tmp_path / "old", 1, seed=1), ["pacs"], now=T0)
+    _attempts_until(instance_store, old, RetryPolicy(max_attempts=8, backoff_max_s=300), outage_s=150)
+    (row,) = deliveries(instance_store, old)
+    assert row.state == "dead" and row.last_error is not None and row.last_error.startswith("gave up after 8 attempts")
+
+
+def test_an_outage_longer_than_give_up_after_kills_them(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
+    policy = RetryPolicy(backoff_initial_s=2, backoff_max_s=600, give_up_after_s=3600)
+    times = _attempts_until(instance_store, job, policy, outage_s=7200)
+    (row,) = deliveries(instance_store, job)
+    assert row.state == "dead" and times[-1] == T0 + 3600, "the last wait is cut short to fall on the deadline"
+    assert max(b - a for a, b in itertools.pairwise(times)) == 600 * 0.5, "the backoff is capped (jitter 0: x 0.5)"
+    assert row.last_error == (
+        f"gave up after 60.0 min and {len(times)} attempts; last: association failed: destination unreachable"
+    )
+    assert queue.revivable_destinations(instance_store) == ["pacs"]
+    assert queue.settle(instance_store, job, now=times[-1]) == JobState.FAILED
+    reason = job_of(instance_store, job).detail["failure"]["reason"]
+    assert reason == "1 of 1 deliveries dead: pacs: " + row.last_error and "\n" not in reason
+
+
+def test_reasons_are_recorded_on_one_line(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
+    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    text = "the output file cannot be sent: OSError:\n  line two\n" + "x" * 2000
+    queue.record(instance_store, item, Outcome(Kind.DEAD, text), POLICY, now=T0)
+    (row,) = deliveries(instance_store, job)
+    assert row.last_error is not None and "\n" not in row.last_error and len(row.last_error) <= 1024
+    assert row.last_error.startswith("the output file cannot be sent: OSError: line two xxx")
+    assert "\n" not in row.history[-1]["reason"]
+    queue.settle(instance_store, job)
+    reason = job_of(instance_store, job).detail["failure"]["reason"]
+    assert "\n" not in reason and len(reason) <= 500
+
+
+def test_depth_counts_deliveries_by_destination_and_state(instance_store: InstanceStore, tmp_path: Path) -> None:
+    assert queue.depth(instance_store) == {}
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 3), ["pacs", "vna"], now=T0)
+    (item, *_) = queue.claim(instance_store, ["pacs"], 1, now=T0)[1]  # type: ignore[index]
+    queue.record(instance_store, item, Outcome(Kind.DEAD, "rejected, status 0xC000"), POLICY, now=T0)
+    assert queue.depth(instance_store) == {"pacs": {"pending": 2, "dead": 1}, "vna": {"pending": 3}}
+
+
+def test_only_deliveries_of_an_encoded_job_are_claimed(instance_store: InstanceStore, tmp_path: Path) -> None:
+    job = make_job(instance_store)
+    queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
+    with instance_store.write_sessions.begin() as session:  # as a cancel, or a re-run from assembly, leaves it
+        session.execute(update(Job).where(Job.id == job).values(state=JobState.RECEIVED))
+    assert queue.claim(instance_store, ["pacs"], 10, now=T0) is None

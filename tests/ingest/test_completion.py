@@ -316,13 +316,17 @@ def test_jobs_and_studies_api(settings: Settings, tmp_path: Path) -> None:
         assert listed.status_code == 200
         newest, oldest = listed.json()
         assert newest["id"] > oldest["id"], "newest first"
+        assert listed.headers["X-Total-Count"] == "2"
         for job, revision, count in ((oldest, 1, 3), (newest, 2, 1)):
-            assert job["state"] == "received"
+            assert job["state"] == "received" and job["revision"] == revision
             assert (job["study_instance_uid"], job["series_instance_uid"]) == (STUDY, SERIES_A)
-            assert job["detail"] == {"revision": revision, "instances": count}
-        single = client.get(f"/api/jobs/{oldest['id']}").json()
-        assert single.pop("deliveries") == [], "one job also lists its output deliveries (none yet)"
-        assert single == oldest
+            assert "detail" not in job, "the list is compact"
+            single = client.get(f"/api/jobs/{job['id']}").json()
+            assert single["detail"] == {"revision": revision, "instances": count}
+            assert single["deliveries"] == [], "one job also lists its output deliveries (none yet)"
+            assert {key: single[key] for key in ("id", "state", "created_at")} == {
+                key: job[key] for key in ("id", "state", "created_at")
+            }
         assert client.get("/api/jobs/999999").status_code == 404
         assert client.get("/api/jobs", params={"state": "received", "limit": 1}).json() == [newest]
         assert client.get("/api/jobs", params={"state": "failed"}).json() == []

@@ -25,7 +25,7 @@ from gateway.errors import LeaseLost
 from gateway.infer.results import ModelResult
 from gateway.infer.runtime import InferenceRuntime
 from gateway.ingest.completion import complete_quiet_series
-from gateway.jobs import lifecycle
+from gateway.jobs import lifecycle, operations
 from gateway.jobs.encoding import Encoded, EncodeStage
 from gateway.jobs.inference import InferenceStage, Inferred
 from gateway.jobs.runner import BYTES_PER_VOXEL, JobRunner, MemoryBudget, Pipeline, estimate_job_bytes
@@ -75,7 +75,8 @@ def test_every_move_is_in_the_table_and_conditional_on_state_and_lease(
     assert job(index_store, job_id).state == JobState.ASSEMBLING and "note" not in job(index_store, job_id).detail
     lifecycle.move(index_store, lease, JobState.ASSEMBLING, JobState.ASSEMBLED, lease_s=60.0, timing=("a_s", 1.25))
     row = job(index_store, job_id)
-    assert row.state == JobState.ASSEMBLED and row.lease_owner == "host/1/a" and row.detail["timings"] == {"a_s": 1.25}
+    assert row.state == JobState.ASSEMBLED and row.lease_owner == "host/1/a"
+    assert set(row.detail["timings"]) == {"queue_s", "a_s"} and row.detail["timings"]["a_s"] == 1.25
 
 
 def test_concurrent_claims_take_each_job_once(index_store: InstanceStore, tmp_path: Path) -> None:
@@ -297,6 +298,29 @@ def test_stop_hands_a_running_job_back_to_received_never_failed(
     assert job(instance_store, job_id).state == JobState.EXPORTED
 
 
+def test_a_job_cancelled_while_it_runs_is_dropped_by_its_worker_not_failed(
+    instance_store: InstanceStore, stages: Stages, tmp_path: Path
+) -> None:
+    job_id = add_series(instance_store, tmp_path / "ct")
+    stages.pause.set()
+    runner = JobRunner(instance_store, JobsSettings(workers=1, poll_s=0.05), stages.pipeline())
+    runner.start()
+    try:
+        assert stages.paused.wait(30)
+        operations.cancel(instance_store, job_id, by="test")
+        stages.pause.clear()  # the stage finishes; the worker's next write is refused and it drops the job
+        wait_for(lambda: stages.inside == 0 and runner.budget.used == 0)
+        later = add_series(instance_store, tmp_path / "ct2", seed=2, now=50.0)
+        wait_for(lambda: job(instance_store, later).state == JobState.EXPORTED)  # the worker carries on
+        assert runner.problems() == []
+    finally:
+        runner.stop()
+    row = job(instance_store, job_id)
+    assert row.state == JobState.CANCELLED and "failure" not in row.detail
+    assert "inference" not in row.detail and "outputs" not in row.detail, "nothing written after the cancel"
+    assert row.detail["cancelled"]["from"] == "inferring"
+
+
 def test_the_memory_budget_keeps_jobs_that_do_not_fit_together_apart(
     instance_store: InstanceStore, stages: Stages, tmp_path: Path
 ) -> None:
@@ -341,6 +365,7 @@ def test_leased_states_are_exactly_those_between_the_durable_ones() -> None:
         JobState.EXPORTED,
         JobState.SKIPPED,
         JobState.FAILED,
+        JobState.CANCELLED,
     }
     for state in LEASED:
         assert (state, JobState.RECEIVED) in TRANSITIONS and (state, JobState.FAILED) in TRANSITIONS

@@ -99,7 +99,12 @@ def test_the_console_script(tmp_path: Path) -> None:
     listed = run("list")
     assert "tiny-seg" in listed.stdout and listed.returncode == 0
     unknown = run("show", "nothing@1")
-    assert unknown.returncode == 1 and unknown.stderr == "error: no model nothing@1\n"
+    assert (
+        unknown.returncode == 1 and unknown.stderr == f"error: no model nothing@1 in {(tmp_path / 'data').resolve()}\n"
+    )
+    assert listed.stderr == f"data folder: {(tmp_path / 'data').resolve()}\n", (
+        "each command names the data folder it used"
+    )
 
 
 def listed(out: str) -> dict[str, tuple[str, str]]:

@@ -9,6 +9,7 @@ models without a revision fails here.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sqlite3
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -30,8 +32,19 @@ from gateway.config import DimseDestination, ExportSettings, ModelsSettings, Sto
 from gateway.errors import IndexSchemaError
 from gateway.registry.registry import Registry
 from gateway.runtime import Gateway
-from gateway.store.index import Base, Delivery, Instance, Job, ModelVersion, RemovedModel, SeriesRevision, make_engine
+from gateway.store.index import (
+    Base,
+    Delivery,
+    Instance,
+    Job,
+    ModelVersion,
+    Output,
+    RemovedModel,
+    SeriesRevision,
+    make_engine,
+)
 from gateway.store.migrations import BASELINE, alembic_config, head
+from gateway.store.outputs import search_output_series
 from gateway.store.query import search_studies
 from gateway.store.store import InstanceStore
 from gateway.synth.ct import write_synthetic_ct
@@ -212,6 +225,59 @@ def test_revision_0002_dates_jobs_already_finished(tmp_path: Path) -> None:
         row = conn.execute(text("SELECT state, finished_at, attempts FROM jobs")).one()
     engine.dispose()
     assert tuple(row) == ("failed", 1234.5, 0)
+
+
+def test_revision_0003_indexes_the_outputs_written_before(tmp_path: Path) -> None:
+    data = unpack_0_1_0(tmp_path)
+    make_engine(sqlite_url(data), writer=True).dispose()
+    store = InstanceStore(StoreSettings(data_dir=data, min_free_bytes=0))
+    try:
+        with store.sessions() as session:
+            rows = session.scalars(select(Output).order_by(Output.path)).all()
+            series = search_output_series(session, {})
+            (study,) = search_studies(session, {})
+    finally:
+        store.close()
+    assert len(rows) == DELIVERIES and {row.job_id for row in rows} == {JOB_ID}
+    for row in rows:  # what the files say
+        header = pydicom.dcmread(data / row.path, stop_before_pixels=True)
+        assert (row.sop_instance_uid, row.series_instance_uid) == (header.SOPInstanceUID, header.SeriesInstanceUID)
+        assert (row.study_instance_uid, row.modality) == (header.StudyInstanceUID, header.Modality)
+        assert (row.sop_class_uid, row.instance_number) == (header.SOPClassUID, header.InstanceNumber)
+        assert row.transfer_syntax_uid == header.file_meta.TransferSyntaxUID
+    assert sorted(str(m.attributes["Modality"]) for m in series) == ["KO", "PR", "SEG", "SR"]
+    assert {m.study_instance_uid for m in series} == {study.study_instance_uid}
+
+
+def test_revision_0003_gives_a_shared_uid_to_the_last_job_and_leaves_out_purged_outputs(tmp_path: Path) -> None:
+    data = unpack_0_1_0(tmp_path)
+    conn = sqlite3.connect(data / "index.sqlite3")
+    try:
+        (detail,) = conn.execute("SELECT detail FROM jobs").fetchone()
+        purged = json.dumps({**json.loads(detail), "retention": {"outputs_purged_at": 1.0}})
+        for n, job_detail in ((2, detail), (3, purged)):  # the series processed again, listing the same objects
+            conn.execute(
+                "INSERT INTO series_revisions (id, series_instance_uid, revision, state, first_received_at, "
+                "last_received_at, completed_at, instance_count) "
+                "SELECT ?, series_instance_uid, ?, 'complete', 2.0, 2.0, 2.0, instance_count FROM series_revisions "
+                "WHERE id = 1",
+                (n, n),
+            )
+            conn.execute(
+                "INSERT INTO jobs (id, revision_id, study_instance_uid, series_instance_uid, state, created_at, "
+                "updated_at, detail) SELECT ?, ?, study_instance_uid, series_instance_uid, 'exported', 2.0, 2.0, ? "
+                "FROM jobs WHERE id = 1",
+                (n, n, job_detail),
+            )
+        conn.commit()
+    finally:
+        conn.close()
+    make_engine(sqlite_url(data), writer=True).dispose()
+    engine = create_engine(sqlite_url(data))
+    with engine.connect() as c:
+        owners = c.execute(text("SELECT job_id, count(*) FROM outputs GROUP BY job_id")).all()
+    engine.dispose()
+    assert [tuple(row) for row in owners] == [(2, DELIVERIES)], "job 3's outputs were purged: not listed"
 
 
 # --------------------------------------------------------------------------------------- other databases

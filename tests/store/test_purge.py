@@ -21,7 +21,8 @@ from sqlalchemy import func, select
 from gateway.config import HttpSettings, RetentionSettings, StoreSettings, TokenSettings, hash_token
 from gateway.ingest.completion import complete_quiet_series
 from gateway.jobs.states import JobState
-from gateway.store.index import Delivery, Instance, Job, Series, SeriesRevision, Study
+from gateway.store.index import Delivery, Instance, Job, Output, Series, SeriesRevision, Study
+from gateway.store.outputs import OutputRecord, record_job_outputs
 from gateway.store.purge_journal import InstanceEntry, Journal
 from gateway.store.retention import DAY_S, PurgeReport, Retention
 from gateway.store.store import InstanceStore
@@ -99,6 +100,9 @@ def add_outputs(store: InstanceStore, job_id: int, *, deliveries: tuple[str, ...
     (out / "seg.dcm").write_bytes(b"\0" * 1000)
     (res / "labels.nii.gz").write_bytes(b"\0" * 500)
     with store.write_sessions.begin() as session:
+        owner = session.get(Job, job_id)
+        assert owner is not None
+        record_job_outputs(session, job_id, [output_record(owner.study_instance_uid, f"outputs/job-{job_id}/seg.dcm")])
         for i, state in enumerate(deliveries):
             session.add(
                 Delivery(
@@ -117,6 +121,32 @@ def add_outputs(store: InstanceStore, job_id: int, *, deliveries: tuple[str, ...
                 )
             )
     return [out, res]
+
+
+def output_record(study: str, path: str) -> OutputRecord:
+    """An output of ``study`` in the index, as the encode stage records a SEG."""
+    return OutputRecord(
+        sop_instance_uid=generate_uid(),
+        series_instance_uid=generate_uid(),
+        study_instance_uid=study,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="SEG",
+        series_number=9000,
+        series_description="AI test 1.0.0 SEG",
+        instance_number=1,
+        rows=4,
+        columns=4,
+        number_of_frames=1,
+        path=path,
+        size=1000,
+    )
+
+
+def indexed_outputs(store: InstanceStore, job_id: int) -> int:
+    """How many outputs of the job the index holds (what QIDO-RS lists)."""
+    with store.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Output).where(Output.job_id == job_id)) or 0)
 
 
 def held(store: InstanceStore, series: StoredSeries) -> int:
@@ -217,6 +247,8 @@ def test_outputs_go_after_outputs_days_once_every_delivery_is_final(store: Insta
     assert all(d.is_dir() for d in queued_dirs + young_dirs), "a queued delivery keeps its file; 10 days is young"
     assert job(store, done.job_id).detail["retention"]["outputs_purged_for"] == "age"
     assert job(store, done.job_id).purged_at is None, "purged_at is for the inputs; these are kept"
+    assert indexed_outputs(store, done.job_id) == 0, "QIDO-RS no longer lists the purged outputs"
+    assert indexed_outputs(store, queued.job_id) == indexed_outputs(store, young.job_id) == 1
     with store.sessions() as session:  # deliveries stay as history
         assert session.scalar(select(func.count()).select_from(Delivery).where(Delivery.job_id == done.job_id)) == 3
     assert held(store, done) == 3

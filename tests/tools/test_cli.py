@@ -288,7 +288,8 @@ def test_serve_with_flags(served: ServedByFlags, tmp_path: Path) -> None:
         time.sleep(0.1)
     (job,) = jobs  # the job may already have moved on (no model is enabled: skipped), so its detail has grown
     assert job["series_instance_uid"] == ct.series_instance_uid
-    assert (job["detail"]["revision"], job["detail"]["instances"]) == (1, 4)
+    detail = served.get(f"/api/jobs/{job['id']}").json()["detail"]
+    assert (detail["revision"], detail["instances"]) == (1, 4)
     wado = served.get(f"/dicomweb/studies/{ct.study_instance_uid}/series/{ct.series_instance_uid}/metadata")
     assert wado.status_code == 200
     assert sorted(item["00080018"]["Value"][0] for item in wado.json()) == sorted(ct.sop_instance_uids)

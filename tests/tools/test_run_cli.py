@@ -92,6 +92,7 @@ def test_run_with_no_model_enabled_runs_the_shipped_examples_and_says_so(tmp_pat
     result = gateway_cli("run", series, "-o", tmp_path / "out", "--data-dir", "data", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr.startswith(
+        f"data folder: {(tmp_path / 'data').resolve()}\n"
         "no model enabled: running the shipped examples (demonstrations trained or built on phantoms): "
         "adc-dwi@1.0.0, ct-nodule-unet@1.1.0, ct-tissue@1.0.0\n"
     ), result.stderr

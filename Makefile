@@ -48,10 +48,11 @@ bench: $(VENV)/.installed-test system-deps
 	$(PY) bench/inference.py
 	$(PY) bench/e2e.py
 	$(PY) bench/memory.py
+	$(PY) bench/ui.py
 
 # What people see, rendered as they see it (dsr2html in Chromium, dcmp2pgm, a key image), kept for the README.
 pictures: $(VENV)/.installed-test system-deps
-	GATEWAY_PICTURES=docs/images $(PY) -m pytest -q tests/encode/test_pictures.py
+	GATEWAY_PICTURES=docs/images $(PY) -m pytest -q tests/encode/test_pictures.py tests/ui/test_journeys.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

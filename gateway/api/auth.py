@@ -1,4 +1,5 @@
-"""Bearer-token authentication with scopes (``read``, ``write``, ``admin``), and the guard against cross-site changes.
+"""Bearer-token and browser-session authentication with scopes (``read``, ``write``, ``admin``), and the guard
+against cross-site changes.
 
 Tokens are kept as SHA-256 hashes: those configured under ``http.tokens`` (``gateway token`` makes one) and the data
 folder's admin token (:mod:`gateway.admin_token`). Writing (STOW-RS) and administration always need a token, also
@@ -7,22 +8,39 @@ from loopback. Reading (QIDO-RS, WADO-RS, ``GET /api``) needs one too, except fr
 count). A missing or unknown token gets 401, a token without the needed scope 403. Tokens are never logged, only
 their names; refusals are logged with a rate limit (:class:`~gateway.api.refusals.RefusalLog`).
 
+A browser signs in once at ``/ui/login`` with a token (:mod:`gateway.ui.session`) and then sends the session cookie
+(:data:`SESSION_COOKIE`) instead of the header. The cookie holds no token: it names the token's entry, a fingerprint
+of the entry's hash and an expiry, signed with the data folder's session key (:class:`SessionSigner`). It counts only
+while that entry still exists with the same hash: resetting or removing a token ends its sessions.
+
 A web page the operator opens can make the browser send a "simple request" to the gateway without asking it first
 (no CORS preflight): a ``POST`` of ``text/plain`` or a form. It cannot add an ``Authorization`` header to one, so
 :class:`ChangesNeedAuthorization` refuses every state-changing request without that header before any route sees
-it, including routes added later. :func:`presents_change_credentials` is the one place that says what counts.
+it, including routes added later. A browser session's cookie *is* sent on cross-site requests (SameSite=Strict
+keeps it off most, not all of them: another site on the same registrable domain is "same-site"), so it counts for a
+change only together with the double-submitted CSRF token: an ``X-CSRF-Token`` header equal to the
+:data:`CSRF_COOKIE` cookie, which a page of another origin can neither read nor send (a custom header needs a CORS
+preflight, which the gateway never grants). :func:`presents_change_credentials` is the one place that says what
+counts.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import hmac
 import ipaddress
+import json
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,6 +52,13 @@ from gateway.config import Scope as TokenScope
 log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False)
+
+#: The browser session's cookie (:class:`SessionSigner`) and the double-submitted CSRF token's cookie and header.
+SESSION_COOKIE = "gw_session"
+CSRF_COOKIE = "gw_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+#: Shortest CSRF token accepted (the UI makes 43-character ones).
+_CSRF_MIN_LENGTH = 32
 
 #: Methods that change nothing (RFC 9110 9.2.1): the only ones a request without credentials may use.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -51,7 +76,7 @@ def granted_scopes(
 ) -> frozenset[TokenScope] | None:
     """Return the scopes a token grants, or ``None`` if it matches no token of ``settings`` or ``extra``."""
     entry = _match([*settings.tokens, *extra], token)
-    return None if entry is None else _scopes(entry)
+    return None if entry is None else entry_scopes(entry)
 
 
 def anonymous_read_allowed(settings: HttpSettings) -> bool:
@@ -63,12 +88,18 @@ def anonymous_read_allowed(settings: HttpSettings) -> bool:
 def presents_change_credentials(headers: Headers) -> bool:
     """Whether a state-changing request carries credentials that a cross-site page cannot make the browser send.
 
-    Today that is an ``Authorization: Bearer`` header (a browser adds ``Authorization`` on its own only for the
-    Basic and Digest schemes it has cached). A browser session (a later issue) belongs here as well: its cookie is
-    sent on cross-site requests too, so it must count only together with a CSRF token header that matches it.
+    That is an ``Authorization: Bearer`` header (a browser adds ``Authorization`` on its own only for the Basic and
+    Digest schemes it has cached), or a CSRF token: an ``X-CSRF-Token`` header equal to the ``gw_csrf`` cookie (the
+    double-submit pattern; the page the gateway rendered carries the token). Either way, who may do what is decided
+    afterwards by the route (a bearer token or the session cookie, :meth:`Authenticator.authorise`); the sign-in form
+    needs the CSRF token too, so that no other site can sign a browser in under its own token.
     """
     scheme, _, token = headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and bool(token.strip())
+    if scheme.lower() == "bearer" and token.strip():
+        return True
+    sent = headers.get(CSRF_HEADER, "")
+    expected = cookie_parser(headers.get("cookie", "")).get(CSRF_COOKIE, "")
+    return len(expected) >= _CSRF_MIN_LENGTH and hmac.compare_digest(sent.encode(), expected.encode())
 
 
 def _match(entries: Sequence[TokenSettings], token: str | None) -> TokenSettings | None:
@@ -82,7 +113,8 @@ def _match(entries: Sequence[TokenSettings], token: str | None) -> TokenSettings
     return found
 
 
-def _scopes(entry: TokenSettings) -> frozenset[TokenScope]:
+def entry_scopes(entry: TokenSettings) -> frozenset[TokenScope]:
+    """The scopes a token entry grants, implied ones included (``admin`` grants ``write`` and ``read``)."""
     return frozenset(s for scope in entry.scopes for s in _IMPLIED[scope])
 
 
@@ -96,6 +128,65 @@ def _is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
+@dataclass(frozen=True)
+class SessionClaims:
+    """What a session cookie says: the token entry's name, the fingerprint of its hash, and when it expires."""
+
+    name: str
+    fingerprint: str
+    expires: float
+
+
+class SessionSigner:
+    """Makes and reads session cookies: ``base64url(JSON claims).base64url(HMAC-SHA256)`` under a secret key.
+
+    Parameters
+    ----------
+    key
+        Returns the secret key (the data folder's, :class:`gateway.ui.session.SessionKeyFile`); called when a cookie
+        is first made or read, not at construction.
+    """
+
+    def __init__(self, key: Callable[[], bytes]) -> None:
+        self._key = key
+
+    def fingerprint(self, entry: TokenSettings) -> str:
+        """A keyed fingerprint of the entry's token hash: it changes when the token is reset."""
+        return hmac.new(self._key(), b"session-entry:" + entry.sha256.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def sign(self, entry: TokenSettings, *, hours: float, now: float | None = None) -> str:
+        """A cookie value for a session of ``entry`` lasting ``hours``."""
+        expires = (time.time() if now is None else now) + hours * 3600
+        claims = {"n": entry.name, "f": self.fingerprint(entry), "e": round(expires)}
+        payload = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+        return f"{payload}.{_b64(self._mac(payload))}"
+
+    def read(self, value: str | None, *, now: float | None = None) -> SessionClaims | None:
+        """The claims of a cookie value; ``None`` if it is missing, forged, malformed or expired."""
+        payload, _, mac = (value or "").partition(".")
+        if not payload or not mac:
+            return None
+        try:
+            if not hmac.compare_digest(_unb64(mac), self._mac(payload)):
+                return None
+            claims = json.loads(_unb64(payload))
+            found = SessionClaims(str(claims["n"]), str(claims["f"]), float(claims["e"]))
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            return None
+        return found if found.expires > (time.time() if now is None else now) else None
+
+    def _mac(self, payload: str) -> bytes:
+        return hmac.new(self._key(), b"session:" + payload.encode(), hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text.encode("ascii") + b"=" * (-len(text) % 4))
+
+
 class Authenticator:
     """Decides whether a request may use a route needing a scope; kept in the app's state.
 
@@ -107,32 +198,65 @@ class Authenticator:
         The data folder's admin token.
     refusals
         Where refusals are logged (rate limited).
+    sessions
+        Reads browser sessions' cookies; ``None``: only bearer tokens count.
     """
 
-    def __init__(self, settings: HttpSettings, admin_token: AdminTokenFile, refusals: RefusalLog) -> None:
+    def __init__(
+        self,
+        settings: HttpSettings,
+        admin_token: AdminTokenFile,
+        refusals: RefusalLog,
+        sessions: SessionSigner | None = None,
+    ) -> None:
         self.settings = settings
         self.admin_token = admin_token
         self.refusals = refusals
+        self.sessions = sessions
         self.anonymous_read = anonymous_read_allowed(settings)
+
+    def entries(self) -> list[TokenSettings]:
+        """Every token entry now valid: the configured ones and the data folder's."""
+        from_file = self.admin_token.entry()
+        return [*self.settings.tokens, *([] if from_file is None else [from_file])]
 
     def entry_for(self, token: str | None) -> TokenSettings | None:
         """The token entry ``token`` matches: a configured one or the data folder's; ``None`` if none."""
-        from_file = self.admin_token.entry()
-        return _match([*self.settings.tokens, *([] if from_file is None else [from_file])], token)
+        return _match(self.entries(), token)
 
-    def authorise(self, request: Request, scope: TokenScope, token: str | None) -> None:
-        """Return if the request may go on; raise 401 or 403 otherwise.
+    def session_entry(self, request: Request) -> TokenSettings | None:
+        """The token entry of the request's session cookie, while it is valid and the entry unchanged."""
+        if self.sessions is None or SESSION_COOKIE not in request.cookies:
+            return None
+        claims = self.sessions.read(request.cookies[SESSION_COOKIE])
+        if claims is None:
+            return None
+        found = None
+        for entry in self.entries():  # the fingerprint changes when the entry's token is reset
+            same = hmac.compare_digest(self.sessions.fingerprint(entry), claims.fingerprint)
+            if same and entry.name == claims.name and found is None:
+                found = entry
+        return found
+
+    def authorise(self, request: Request, scope: TokenScope, token: str | None) -> TokenSettings | None:
+        """Return the request's token entry if it may go on (``None``: an anonymous read); raise 401 or 403 otherwise.
+
+        Without a bearer ``token`` the session cookie counts. The entry's name and scopes are kept in
+        ``request.state`` (``token_name``, ``scopes``) for what the route records and shows.
 
         Raises
         ------
         fastapi.HTTPException
-            401 for a missing or unknown token, 403 for a token without ``scope``.
+            401 for a missing or unknown token (or session), 403 for a token without ``scope``.
         """
         route = f"{request.method} {request.url.path}"
-        if token is None and scope == "read" and self.anonymous_read and self._from_loopback(request):
+        entry = self.entry_for(token) if token is not None else self.session_entry(request)
+        # Who it is, for what the gateway records (never the token) and what a page shows, also when refused.
+        request.state.token_name = None if entry is None else entry.name
+        request.state.scopes = frozenset() if entry is None else entry_scopes(entry)
+        if entry is None and token is None and scope == "read" and self.anonymous_read and self._from_loopback(request):
             log.debug("%s allowed without a token from loopback (http.anonymous_read)", route)
-            return
-        entry = self.entry_for(token)
+            return None
         if entry is None:
             self.refusals.refused("refused %s: missing or unknown bearer token", route)
             raise HTTPException(
@@ -140,11 +264,11 @@ class Authenticator:
                 detail="missing or invalid bearer token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if scope not in _scopes(entry):
+        if scope not in entry_scopes(entry):
             self.refusals.refused("refused %s: token %r lacks the '%s' scope", route, entry.name, scope)
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"token lacks the '{scope}' scope")
-        request.state.token_name = entry.name  # who did it, for what the gateway records (never the token)
         log.debug("%s authorised for token %r", route, entry.name)
+        return entry
 
     @staticmethod
     def _from_loopback(request: Request) -> bool:
@@ -152,8 +276,8 @@ class Authenticator:
 
 
 def require_scope(scope: TokenScope) -> Callable[..., None]:
-    """A FastAPI dependency that lets a request through only with a token granting ``scope`` (or, for ``read``, an
-    anonymous loopback client where ``http.anonymous_read`` allows it)."""
+    """A FastAPI dependency that lets a request through only with a token (or a signed-in session) granting
+    ``scope`` (or, for ``read``, an anonymous loopback client where ``http.anonymous_read`` allows it)."""
 
     def check(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
         authenticator: Authenticator = request.app.state.authenticator
@@ -164,7 +288,8 @@ def require_scope(scope: TokenScope) -> Callable[..., None]:
 
 class ChangesNeedAuthorization:
     """ASGI middleware: a request with a method other than GET, HEAD or OPTIONS and without credentials that a
-    cross-site page cannot forge (:func:`presents_change_credentials`) gets 401 before any route sees it.
+    cross-site page cannot forge (:func:`presents_change_credentials`: a bearer token, or a page's CSRF token) gets
+    401 before any route sees it.
 
     Parameters
     ----------
@@ -185,9 +310,14 @@ class ChangesNeedAuthorization:
         if presents_change_credentials(Headers(scope=scope)):
             await self.app(scope, receive, send)
             return
-        self.refusals.refused("refused %s %s: a change without an Authorization header", scope["method"], scope["path"])
+        self.refusals.refused(
+            "refused %s %s: a change without an Authorization header or CSRF token", scope["method"], scope["path"]
+        )
         response = JSONResponse(
-            {"detail": "a request that changes something needs an 'Authorization: Bearer <token>' header"},
+            {
+                "detail": "a request that changes something needs an 'Authorization: Bearer <token>' header "
+                "(or, from the web UI, its page's CSRF token: reload the page)"
+            },
             status_code=status.HTTP_401_UNAUTHORIZED,
             headers={"WWW-Authenticate": "Bearer"},
         )

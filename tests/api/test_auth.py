@@ -75,13 +75,27 @@ def client(secured: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def routes(client: TestClient) -> list[tuple[str, str]]:
-    """(method, concrete path) of every route of the app, path parameters filled with a valid UID / id."""
+#: The only routes open without a token: the web UI's sign-in form (whose POST needs the page's CSRF token, like
+#: sign-out), its static files, and the API docs' page and assets (the schema they show, /openapi.json, needs read).
+PUBLIC = {
+    ("GET", "/ui/login"),
+    ("POST", "/ui/login"),
+    ("POST", "/ui/logout"),
+    ("GET", "/ui/static/{name}"),
+    ("GET", "/docs"),
+    ("GET", "/docs/assets/{name}"),
+}
+
+
+def routes(client: TestClient, *, public: bool = False) -> list[tuple[str, str]]:
+    """(method, concrete path) of every route of the app but the :data:`PUBLIC` ones (only those, with
+    ``public``), path parameters filled with a valid UID / id."""
     found = []
     for route in iter_route_contexts(client.app.routes):  # type: ignore[attr-defined]
         assert route.path and route.methods, f"{route.original_route!r} is not a plain HTTP route: review it"
         path = re.sub(r"\{[^}]+\}", "1", route.path)
-        found.extend((method, path) for method in sorted(route.methods) if method != "HEAD")
+        methods = [m for m in sorted(route.methods) if m != "HEAD" and ((m, route.path) in PUBLIC) == public]
+        found.extend((method, path) for method in methods)
     return found
 
 
@@ -108,9 +122,22 @@ def test_every_route_rejects_a_request_without_a_token(client: TestClient) -> No
         assert response.status_code == 401, f"{method} {path} accepted a token outside the Bearer scheme"
 
 
-def test_openapi_docs_are_not_served_once_tokens_are_configured(client: TestClient) -> None:
-    for path in ("/openapi.json", "/docs", "/redoc"):
-        assert client.get(path, headers=bearer(TOKENS["admin"])).status_code == 404, path
+def test_only_the_sign_in_static_files_and_the_docs_page_are_public(client: TestClient) -> None:
+    found = routes(client, public=True)
+    assert {(m, re.sub(r"/1$", "/{name}", p)) for m, p in found} == PUBLIC
+    for method, path in found:
+        response = client.request(method, path)
+        if method == "GET":
+            assert response.status_code in (200, 404), f"{method} {path}: {response.status_code}"
+        else:  # no CSRF token: refused before the route
+            assert response.status_code == 401, f"{method} {path}: {response.status_code}"
+
+
+def test_the_openapi_schema_needs_a_token_once_tokens_are_configured(client: TestClient) -> None:
+    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/openapi.json", headers=bearer(TOKENS["read"])).json()["openapi"].startswith("3.")
+    assert client.get("/docs").status_code == 200, "the page is public: it holds nothing of the gateway's"
+    assert client.get("/redoc").status_code == 404
 
 
 def test_read_scope_reads_and_only_reads(client: TestClient) -> None:
@@ -120,7 +147,10 @@ def test_read_scope_reads_and_only_reads(client: TestClient) -> None:
             assert response.status_code not in (401, 403), f"read token refused on {method} {path}"
         else:
             assert response.status_code == 403, f"read token allowed on {method} {path}"
-            assert "'write' scope" in response.json()["detail"]
+            if path.startswith("/ui/"):  # a page says it in HTML
+                assert "lacks the &#39;write&#39; scope" in response.text, path
+            else:
+                assert "'write' scope" in response.json()["detail"]
 
 
 def test_admin_scope_is_allowed_everywhere(client: TestClient, tmp_path: Path) -> None:

@@ -107,8 +107,9 @@ class Gateway:
         self.monitor.start()  # last: its quiet period after a restart counts from when senders can reach us again
 
     def problems(self) -> list[str]:
-        """Why the gateway cannot do its work now (a stage's workers dead, the DICOM listener down); empty if none."""
-        found = [*self.jobs.problems(), *self.export.problems()]
+        """Why the gateway cannot do its work now (the store closed or its index not answering, a stage's workers
+        dead, the DICOM listener down); empty if none."""
+        found = [*self.store.problems(), *self.jobs.problems(), *self.export.problems()]
         if self.scp is not None and not self.scp.running:
             found.append("the DICOM listener is not running")
         return found
@@ -118,10 +119,12 @@ class Gateway:
         return DiskUsage.measure(self.store.data_dir, self.settings.retention, self.store.settings.min_free_bytes)
 
     def ingest_state(self) -> IngestState:
-        """Free disk, and whether ingest accepts instances now: free space at or above ``store.min_free_bytes``
-        and, where this gateway runs one, the DICOM listener serving (``gateway_accepting``)."""
+        """Free disk, and whether ingest accepts instances now: free space at or above ``store.min_free_bytes``,
+        the store open with its index answering, and, where this gateway runs one, the DICOM listener serving
+        (``gateway_accepting``)."""
         disk = self.disk_usage()
-        return IngestState(disk.free_bytes, disk.accepting and (self.scp is None or self.scp.running))
+        serving = self.scp is None or self.scp.running
+        return IngestState(disk.free_bytes, disk.accepting and serving and not self.store.problems())
 
     def stop(self) -> None:
         """Stop accepting (associations in progress are aborted), then the stages: running jobs get the grace

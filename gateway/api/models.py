@@ -26,6 +26,7 @@ from gateway.api.deps import get_settings_dep, get_store
 from gateway.api.redact import without_paths
 from gateway.config import Settings
 from gateway.errors import ModelConflict, ModelError, OutOfResources
+from gateway.registry.archive import archive_suffix
 from gateway.registry.registry import RegisteredModel, Registry
 from gateway.store.store import InstanceStore
 
@@ -37,7 +38,6 @@ router = APIRouter(prefix="/api/models", tags=["models"])
 _READ = [Depends(require_scope("read"))]
 _ADMIN = [Depends(require_scope("write")), Depends(require_scope("admin"))]
 
-_MAGIC = {b"PK\x03\x04": ".zip", b"PK\x05\x06": ".zip", b"\x1f\x8b": ".tar.gz"}
 
 #: Media types an uploaded package may be sent as (the archive's kind is then told by its first bytes).
 ARCHIVE_MEDIA_TYPES = frozenset(
@@ -195,11 +195,10 @@ async def _copy_body(request: Request, target: Path, limit: int, store: Instance
 
 def _kind(path: Path) -> str:
     with path.open("rb") as f:
-        head = f.read(4)
-    for magic, suffix in _MAGIC.items():
-        if head.startswith(magic):
-            return suffix
-    raise UploadRefused(400, "the body is not a .zip or .tar.gz archive")
+        suffix = archive_suffix(f.read(4))
+    if suffix is None:
+        raise UploadRefused(400, "the body is not a .zip or .tar.gz archive")
+    return suffix
 
 
 def _error(status: int, reason: str) -> Response:

@@ -34,6 +34,15 @@ _CHUNK = 1 << 20
 _IGNORED = ("__MACOSX",)  # resource forks macOS's archiver adds; never part of a package
 
 
+#: The first bytes of each kind of package archive, and the suffix it is staged under.
+_MAGIC = {b"PK\x03\x04": ".zip", b"PK\x05\x06": ".zip", b"\x1f\x8b": ".tar.gz"}
+
+
+def archive_suffix(head: bytes) -> str | None:
+    """The suffix (``.zip`` or ``.tar.gz``) of an archive whose first four bytes are ``head``; ``None`` if neither."""
+    return next((suffix for magic, suffix in _MAGIC.items() if head.startswith(magic)), None)
+
+
 def is_archive(path: Path) -> bool:
     """Whether ``path`` names an archive kind this module extracts (by its suffix)."""
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVarTuple
+from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Select, delete, exists, false, func, or_, select
@@ -38,6 +38,7 @@ from gateway.store.query import (
     AttributeValue,
     InstanceFile,
     Match,
+    paged,
     search_studies,
 )
 from gateway.store.query import column_condition as condition  # the C-FIND matching of one column (PS3.4 C.2.2.2)
@@ -75,7 +76,6 @@ _INSTANCE_OUTPUT_COLUMNS: Mapping[str, InstrumentedAttribute[Any] | None] = {
 }
 assert set(_SERIES_OUTPUT_COLUMNS) == set(SERIES_COLUMNS) and set(_INSTANCE_OUTPUT_COLUMNS) == set(INSTANCE_COLUMNS)
 _CHUNK = 500  # values per SQL IN list
-_Ts = TypeVarTuple("_Ts")
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def search_output_series(
     Parameters and exceptions are those of :func:`gateway.store.query.search_series`. The matches' study-level
     counts are the received ones: :func:`with_outputs` adds the outputs.
     """
-    rows = session.execute(_page(_series_query(session, filters, study_instance_uid), limit, offset)).all()
+    rows = session.execute(paged(_series_query(session, filters, study_instance_uid), limit, offset)).all()
     studies = _study_attributes(session, {row.study for row in rows})
     matches = []
     for row in rows:
@@ -299,7 +299,7 @@ def search_output_instances(
     Parameters and exceptions are those of :func:`gateway.store.query.search_instances`.
     """
     stmt = _instance_query(session, filters, study_instance_uid, series_instance_uid)
-    outputs = list(session.scalars(_page(stmt, limit, offset)))
+    outputs = list(session.scalars(paged(stmt, limit, offset)))
     studies = _study_attributes(session, {o.study_instance_uid for o in outputs})
     per_series = _series_counts(session, {o.series_instance_uid for o in outputs})
     matches = []
@@ -402,14 +402,6 @@ def _modalities(value: str) -> list[str]:
     if not modalities:
         raise InvalidQuery("ModalitiesInStudy must name at least one modality")
     return modalities
-
-
-def _page(stmt: Select[*_Ts], limit: int | None, offset: int) -> Select[*_Ts]:
-    if limit is not None and limit < 0:
-        raise InvalidQuery("limit must not be negative")
-    if offset < 0:
-        raise InvalidQuery("offset must not be negative")
-    return stmt.limit(limit).offset(offset or None)
 
 
 # --- attributes ---------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def search_studies(
         .where(*_conditions(session, "study", filters), _STUDY_INSTANCES > 0)  # not one retention emptied
         .order_by(*_STUDY_ORDER)
     )
-    rows = session.execute(_page(stmt, limit, offset)).all()
+    rows = session.execute(paged(stmt, limit, offset)).all()
     modalities = _modalities(session, [row[0].study_instance_uid for row in rows])
     return [_study_match(study, n_series, n_inst, modalities) for study, n_series, n_inst in rows]
 
@@ -185,7 +185,7 @@ def search_series(
     )
     if study_instance_uid is not None:
         stmt = stmt.where(Series.study_instance_uid == study_instance_uid)
-    rows = session.execute(_page(stmt, limit, offset)).all()
+    rows = session.execute(paged(stmt, limit, offset)).all()
     modalities = _modalities(session, {row[1].study_instance_uid for row in rows})
     return [_series_match(*row, modalities) for row in rows]
 
@@ -215,7 +215,7 @@ def search_instances(
         stmt = stmt.where(Instance.study_instance_uid == study_instance_uid)
     if series_instance_uid is not None:
         stmt = stmt.where(Instance.series_instance_uid == series_instance_uid)
-    rows = session.execute(_page(stmt, limit, offset)).all()
+    rows = session.execute(paged(stmt, limit, offset)).all()
     modalities = _modalities(session, {row[2].study_instance_uid for row in rows})
     return [_instance_match(*row, modalities) for row in rows]
 
@@ -346,7 +346,8 @@ def _modalities_condition(value: str, dialect: str) -> ColumnElement[bool]:
 # --- result rows --------------------------------------------------------------------------------------------
 
 
-def _page(stmt: Select[*_Ts], limit: int | None, offset: int) -> Select[*_Ts]:
+def paged(stmt: Select[*_Ts], limit: int | None, offset: int) -> Select[*_Ts]:
+    """``stmt`` limited to a page (QIDO-RS ``limit`` and ``offset``); :class:`InvalidQuery` for a negative one."""
     if limit is not None and limit < 0:
         raise InvalidQuery("limit must not be negative")
     if offset < 0:

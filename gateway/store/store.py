@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.config import IngestSettings, StoreSettings
@@ -105,6 +105,17 @@ class InstanceStore:
         #: Called with the incoming size before :meth:`check_space` refuses for want of space: retention
         #: (:class:`gateway.store.retention.RetentionWorker`) purges what it may, then the space is measured again.
         self.make_room: Callable[[int], None] | None = None
+
+    def problems(self) -> list[str]:
+        """Why the store cannot take instances now: its index writer stopped, or the index not answering."""
+        if not self._writer.running:
+            return ["the instance store is closed (its index writer is stopped)"]
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception as exc:  # any driver error: the index is down, locked or gone
+            return [f"the index does not answer: {type(exc).__name__}"]
+        return []
 
     def close(self) -> None:
         """Commit what is queued and release the index's connections."""

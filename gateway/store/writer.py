@@ -103,6 +103,11 @@ class IndexWriter:
             raise row.error
         return row.inserted
 
+    @property
+    def running(self) -> bool:
+        """Whether the writer takes rows (its thread is alive)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Commit what is queued, then stop the thread."""
         self._queue.put(None)

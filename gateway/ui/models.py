@@ -26,6 +26,7 @@ from gateway.api.redact import without_paths
 from gateway.config import Settings
 from gateway.errors import ModelConflict, ModelError, OutOfResources
 from gateway.jobs.views import ModelLatency, model_latency
+from gateway.registry.archive import archive_suffix
 from gateway.registry.registry import RegisteredModel, Registry
 from gateway.store.store import InstanceStore
 from gateway.ui.errors import UI_PREFIX
@@ -38,7 +39,6 @@ router = APIRouter(prefix=f"{UI_PREFIX}/models", include_in_schema=False)
 
 #: Room for a multipart form's boundaries and part headers beyond the archive itself.
 _FORM_OVERHEAD = 64 << 10
-_MAGIC = {b"PK\x03\x04": ".zip", b"PK\x05\x06": ".zip", b"\x1f\x8b": ".tar.gz"}  # as gateway.api.models
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,7 @@ async def _receive(request: Request, store: InstanceStore, limit: int) -> Path:
 
 
 def _stage(package: UploadFile, store: InstanceStore) -> Path:
-    head = package.file.read(4)
-    suffix = next((s for magic, s in _MAGIC.items() if head.startswith(magic)), None)
+    suffix = archive_suffix(package.file.read(4))
     if suffix is None:
         raise Refused(400, "the file is not a .zip or .tar.gz archive")
     package.file.seek(0)

@@ -42,3 +42,16 @@ def test_healthz_is_503_when_a_job_worker_is_dead(tmp_path: Path) -> None:
         answer = client.get("/healthz")
     assert answer.status_code == 503
     assert answer.json()["reasons"] == ["1 of 2 job workers stopped"]
+
+
+def test_healthz_is_503_and_ingest_not_accepting_once_the_store_is_closed(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path / "data"), start_dimse=False)
+    with api_client(app) as client:
+        gateway = app.state.gateway
+        assert client.get("/healthz").status_code == 200 and gateway.ingest_state().accepting
+        gateway.store._writer.stop()  # what Gateway.stop does first: no instance can be indexed any more
+        answer = client.get("/healthz")
+        accepting = gateway.ingest_state().accepting
+    assert answer.status_code == 503
+    assert answer.json()["reasons"] == ["the instance store is closed (its index writer is stopped)"]
+    assert not accepting

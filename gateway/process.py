@@ -13,6 +13,8 @@ runs.
   association request, acceptance and release) is off: their loggers are raised to WARNING (a level set higher
   is kept), and put back at stop. The gateway's own INFO lines name jobs, destinations and counts, never patients
   or UIDs.
+- **prometheus-client**: the ``*_created`` sample of each counter and histogram (the time it was made, one more
+  series per label set that no dashboard reads) is left out of ``/metrics``.
 - **descriptors**: the soft limit on open files is raised to the hard limit (up to 65536): every association,
   HTTP connection and index connection takes one.
 """
@@ -29,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import prometheus_client.metrics
 import pydicom.config
 from pynetdicom import _config as pynetdicom_config
 
@@ -65,6 +68,8 @@ class LibrarySettings:
         for name, value in _PYNETDICOM.items():
             self._set(pynetdicom_config, name, value)
         self._set(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
+        # What prometheus_client.disable_created_metrics() sets; set here so that restore() can put it back.
+        self._set(prometheus_client.metrics, "_use_created", False)
         if self._tmp_dir is not None:
             self._tmp_dir.mkdir(parents=True, exist_ok=True)
             self._set(tempfile, "tempdir", str(self._tmp_dir.resolve()))

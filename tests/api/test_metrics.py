@@ -102,6 +102,7 @@ def test_a_storescu_series_moves_the_counters_by_exactly_its_instances(served: G
         before, "gateway_instances_received_total", **duplicate
     )
     assert value(after, "gateway_accepting") == 1 and value(after, "gateway_disk_free_bytes") > 0
+    assert not [name for name, _ in after if name.endswith("_created")], "no *_created samples (gateway.process)"
 
     wait_for(lambda: value(scrape(), "gateway_jobs", state="received") == 1, "the series' job")
     waiting = scrape()

@@ -72,7 +72,8 @@ def _geometry(stack: Stack) -> StackGeometry:
     first = planes[0]
     assert first.orientation is not None and first.pixel_spacing is not None
     positions = [p.position for p in planes if p.position is not None]
-    return stack_geometry(positions, first.orientation, first.pixel_spacing, first.slice_thickness)
+    thicknesses = [p.slice_thickness for p in planes]
+    return stack_geometry(positions, first.orientation, first.pixel_spacing, first.slice_thickness, thicknesses)
 
 
 def _refs(planes: Sequence[Plane], geometry: StackGeometry) -> tuple[SliceRef, ...]:

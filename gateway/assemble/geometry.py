@@ -8,6 +8,10 @@ thickness of the excited slab and not the distance between slices. Checks, each 
   affine holds before the gap only; the flag says where);
 - ``uneven-spacing``: steps that differ by more than 1 % of the median: resampled, linearly along the normal,
   onto a uniform grid from the first to the last slice (a gap, if any, then gets interpolated slices too);
+- ``spacing-changes``: runs of regular spacing that differ (thin slices, then thicker ones; found by
+  :mod:`gateway.assemble.spacing`): one volume, resampled linearly onto the finest run's spacing, on a grid through
+  that run's own slices and reaching as far as the source slices do; the flag names each run's spacing, slices and
+  SliceThickness (a gap between runs is flagged ``missing-slices`` and interpolated across);
 - ``gantry-tilt``: slice origins that drift in-plane along a line (a CT gantry tilt, PS3.3 C.8.2.1 Gantry/Detector
   Tilt): each slice is shifted in-plane by its drift, linearly interpolated, so the grid becomes orthogonal, which
   is what dcm2niix writes as its ``_Tilt_1`` image;
@@ -23,12 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from gateway.assemble.model import QCFlag
+from gateway.assemble.spacing import SpacingRun, run_gaps, spacing_change_flag, spacing_runs
 from gateway.errors import AssemblyError
 
 __all__ = ["StackGeometry", "resample_stack", "shift_axis", "stack_geometry"]
@@ -136,39 +141,79 @@ def _uneven(steps: Float64Array, median: float) -> bool:
     return bool(np.max(np.abs(regular - median)) > _UNEVEN_RELATIVE * median)
 
 
-def _uniform_sources(distances: Float64Array, median: float) -> tuple[tuple[tuple[int, int, float], ...], float]:
-    along = distances - distances[0]
-    count = max(2, round(float(along[-1]) / median) + 1)
-    step = float(along[-1]) / (count - 1)
+@dataclass(frozen=True)
+class _Grid:
+    """A uniform grid along the normal: one slice per source entry, ``step`` apart from ``start`` (mm from the
+    first source slice)."""
+
+    start: float
+    step: float
+    sources: tuple[tuple[int, int, float], ...]
+
+
+def _interpolation(along: Float64Array, targets: npt.NDArray[np.floating[Any]]) -> tuple[tuple[int, int, float], ...]:
+    """For each target distance, the two source slices around it and the weight of the second."""
     sources: list[tuple[int, int, float]] = []
-    for target in np.arange(count) * step:
+    for target in targets:
         k1 = int(min(max(np.searchsorted(along, target, side="right"), 1), len(along) - 1))
         k0 = k1 - 1
         weight = float((target - along[k0]) / (along[k1] - along[k0]))
         sources.append((k0, k1, min(max(weight, 0.0), 1.0)))
-    return tuple(sources), step
+    return tuple(sources)
 
 
-def _plane_slices(distances: Float64Array, step: float, count: int) -> tuple[tuple[int, bool], ...]:
-    """For each source slice, the nearest of ``count`` output slices ``step`` apart from the first, and whether it
-    lies in the source slice's plane."""
-    index = (distances - distances[0]) / step
-    nearest = np.clip(np.rint(index), 0, count - 1)
-    exact = np.abs(index - nearest) * step <= _PLANE_TOLERANCE_MM
+def _uniform_grid(along: Float64Array, median: float) -> _Grid:
+    """From the first to the last slice, the median step stretched to fit a whole number of steps."""
+    count = max(2, round(float(along[-1]) / median) + 1)
+    step = float(along[-1]) / (count - 1)
+    return _Grid(0.0, step, _interpolation(along, np.arange(count) * step))
+
+
+def _fine_grid(along: Float64Array, runs: Sequence[SpacingRun]) -> _Grid:
+    """The finest run's spacing, on the finest run's own slices, reaching as far as the source slices go."""
+    finest = min(runs, key=lambda run: run.spacing)
+    step, anchor = finest.spacing, float(along[finest.first])
+    tolerance = _PLANE_TOLERANCE_MM / step
+    below = math.floor(anchor / step + tolerance)
+    above = math.floor((float(along[-1]) - anchor) / step + tolerance)
+    targets = anchor + np.arange(-below, above + 1) * step
+    return _Grid(float(targets[0]), step, _interpolation(along, targets))
+
+
+def _plane_slices(along: Float64Array, grid: _Grid) -> tuple[tuple[int, bool], ...]:
+    """For each source slice, the nearest slice of ``grid`` and whether it lies in the source slice's plane."""
+    index = (along - grid.start) / grid.step
+    nearest = np.clip(np.rint(index), 0, len(grid.sources) - 1)
+    exact = np.abs(index - nearest) * grid.step <= _PLANE_TOLERANCE_MM
     return tuple((int(k), bool(e)) for k, e in zip(nearest, exact, strict=True))
 
 
 def _planes(
-    distances: Float64Array,
-    step: float,
-    sources: tuple[tuple[int, int, float], ...] | None,
-    shifts: Float64Array | None,
+    along: Float64Array, grid: _Grid | None, shifts: Float64Array | None
 ) -> tuple[tuple[int, bool], ...] | None:
-    if sources is not None:
-        return _plane_slices(distances, step, len(sources))
+    if grid is not None:
+        return _plane_slices(along, grid)
     if shifts is not None:  # shifted in-plane only: output slice k is source slice k
-        return tuple((k, True) for k in range(len(distances)))
+        return tuple((k, True) for k in range(len(along)))
     return None
+
+
+def _along_normal(
+    along: Float64Array, steps: Float64Array, thicknesses: Sequence[float | None]
+) -> tuple[list[QCFlag], _Grid | None]:
+    """The flags and the grid (``None``: the source slices as they are) of the spacing along the normal."""
+    runs = spacing_runs(steps)
+    if runs:
+        grid = _fine_grid(along, runs)
+        gap = run_gaps(steps, runs)
+        return [*([gap] if gap else []), spacing_change_flag(runs, thicknesses, grid.step)], grid
+    median = float(np.median(steps))
+    flags = [flag for flag in (_gap_flag(steps, median),) if flag is not None]
+    if not _uneven(steps, median):
+        return flags, None
+    grid = _uniform_grid(along, median)
+    flags.append(QCFlag("uneven-spacing", f"resampled to a uniform {grid.step:.4g} mm along the normal", True))
+    return flags, grid
 
 
 def _pixel_shifts(drift: Float64Array, orientation: Sequence[float], pixel_spacing: Sequence[float]) -> Float64Array:
@@ -193,6 +238,7 @@ def stack_geometry(
     orientation: Sequence[float],
     pixel_spacing: Sequence[float],
     slice_thickness: float | None = None,
+    thicknesses: Sequence[float | None] = (),
 ) -> StackGeometry:
     """Compute the affine of a stack from its slice positions, check it, and plan any resampling.
 
@@ -206,6 +252,8 @@ def stack_geometry(
         PixelSpacing (row spacing, column spacing) in mm.
     slice_thickness
         SliceThickness, used only for a single slice.
+    thicknesses
+        SliceThickness of each slice (``None`` where absent), named in the ``spacing-changes`` flag; may be empty.
 
     Returns
     -------
@@ -228,21 +276,20 @@ def stack_geometry(
     if float(np.min(steps)) < _MIN_STEP_MM:
         raise AssemblyError("slice positions repeat or are not sorted along the normal")
     drift = _tilt(points, distances, normal)
-    median = float(np.median(steps))
-    flags = [flag for flag in (_gap_flag(steps, median),) if flag is not None]
-    sources = None
-    if _uneven(steps, median):
-        sources, median = _uniform_sources(distances, median)
-        flags.append(QCFlag("uneven-spacing", f"resampled to a uniform {median:.4g} mm along the normal", True))
-    elif not flags and drift is None:
+    along = distances - distances[0]
+    flags, grid = _along_normal(along, steps, thicknesses)
+    if grid is None and not flags and drift is None:
         affine[:3, 0] = (points[-1] - points[0]) / (len(points) - 1)
         return StackGeometry(affine)
-    affine[:3, 0] = normal * median
+    step = float(np.median(steps)) if grid is None else grid.step
+    affine[:3, 0] = normal * step
+    if grid is not None:
+        affine[:3, 3] += normal * grid.start
     shifts = None if drift is None else _pixel_shifts(drift, orientation, pixel_spacing)
     if drift is not None:
         flags.append(_tilt_flag(drift, distances))
-    planes = _planes(distances, median, sources, shifts)
-    return StackGeometry(affine, tuple(flags), sources, shifts, planes)
+    sources = None if grid is None else grid.sources
+    return StackGeometry(affine, tuple(flags), sources, shifts, _planes(along, grid, shifts))
 
 
 def shift_axis(image: Float32Array, shift: float, axis: int, fill: float) -> Float32Array:

@@ -94,9 +94,9 @@ class Plane:
 class QCFlag:
     """Something assembly noticed or did to the geometry: recorded on the volume and, later, on the job.
 
-    ``code`` is one of ``missing-slices``, ``uneven-spacing``, ``gantry-tilt``, ``split``, ``single-slice``,
-    ``mosaic``, ``multiframe`` (or more as assembly learns); ``resampled`` says whether the voxels are no longer
-    the scanner's own (a model's manifest may refuse such input).
+    ``code`` is one of ``missing-slices``, ``uneven-spacing``, ``spacing-changes``, ``gantry-tilt``, ``split``,
+    ``single-slice``, ``mosaic``, ``multiframe`` (or more as assembly learns); ``resampled`` says whether the voxels
+    are no longer the scanner's own (a model's manifest may refuse such input).
     """
 
     code: str
@@ -112,8 +112,9 @@ class Volume:
     ``[n, slice, row, column]`` with ``dimension_4`` naming what varies along the first axis. ``slices`` has one
     :class:`SliceRef` per slice in array order (per slice of the first 3D volume for 4D; ``slices_4d`` has them
     all). ``padding_mask`` marks Pixel Padding Value voxels when the source declared one. ``source_planes`` lists,
-    in stack order, every source image plane of a volume that assembly resampled (gantry tilt, uneven spacing) and
-    where each lies on the volume's grid; it is empty when slice ``k`` is the source plane ``slices[k]`` itself.
+    in stack order, every source image plane of a volume that assembly resampled (gantry tilt, uneven or changing
+    spacing) and where each lies on the volume's grid; it is empty when slice ``k`` is the source plane
+    ``slices[k]`` itself.
     """
 
     array: npt.NDArray[np.float32]

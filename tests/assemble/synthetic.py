@@ -84,3 +84,38 @@ def stored_hu(datasets: Sequence[Dataset]) -> np.ndarray:
     return np.stack(
         [ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets]
     )
+
+
+def z_ramp(datasets: Sequence[Dataset], hu_per_mm: float = 4.0) -> None:
+    """Replace the pixels by ``HU = hu_per_mm * z + column``: linear along z, so interpolation along the normal
+    reproduces it exactly, and the column index tells left from right."""
+    for ds in datasets:
+        z = float(ds.ImagePositionPatient[2])
+        columns = np.arange(int(ds.Columns), dtype=np.float64)
+        hu = np.broadcast_to(hu_per_mm * z + columns, (int(ds.Rows), int(ds.Columns)))
+        stored = np.rint((hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+
+
+def two_spacings(
+    thin: int = 20,
+    thick: int = 20,
+    thin_mm: float = 2.5,
+    thick_mm: float = 5.0,
+    transition_mm: float | None = None,
+    start_mm: float = 0.0,
+    size: int = SIZE,
+) -> list[Dataset]:
+    """A head CT as older protocols take it: ``thin`` slices ``thin_mm`` apart from z = ``start_mm`` up (the
+    posterior fossa), then ``thick`` slices ``thick_mm`` apart above, ``transition_mm`` (default ``thick_mm``) after
+    the last thin one; SliceThickness equal to each part's spacing, InstanceNumber 1 at the top (z decreasing),
+    pixels a z ramp (:func:`z_ramp`)."""
+    step = thick_mm if transition_mm is None else transition_mm
+    zs = [start_mm + thin_mm * k for k in range(thin)]
+    zs += [zs[-1] + step + thick_mm * k for k in range(thick)]
+    datasets = ct_slices(thin + thick, size=size)
+    set_z(datasets, zs[::-1])
+    for ds, z in zip(datasets, zs[::-1], strict=True):
+        ds.SliceThickness = thin_mm if z <= zs[thin - 1] else thick_mm
+    z_ramp(datasets)
+    return datasets

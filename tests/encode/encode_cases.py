@@ -415,7 +415,7 @@ def true_voxel_positions(volume: Volume, sources: Mapping[str, Dataset]) -> np.n
     spacing), else from the slice's own source image (the affine is wrong past a gap)."""
     normal, step = _slice_normal(volume)
     origin = volume.affine[:3, 3]
-    uniform = any(flag.code == "uneven-spacing" for flag in volume.qc)
+    uniform = any(flag.code in ("uneven-spacing", "spacing-changes") for flag in volume.qc)
     heights = [
         k * step if uniform else float(np.dot(image_position(sources[ref.sop_instance_uid]) - origin, normal))
         for k, ref in enumerate(volume.slices)

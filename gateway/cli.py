@@ -28,9 +28,9 @@ from gateway.cli_common import (
     load_settings,
 )
 from gateway.cli_jobs import jobs_app, series_app, studies_app
-from gateway.config import Settings, hash_token
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the settings (pydantic-settings) load with the commands that read them, not with `gateway volume`
+    from gateway.config import Settings
     from gateway.registry.registry import RegisteredModel, Registry
 
 app = typer.Typer(
@@ -205,6 +205,8 @@ def token(
     if reset_admin:
         _reset_admin_token(config, data_dir)
         return
+    from gateway.config import hash_token
+
     bad = [s for s in scope if s not in ("read", "write", "admin")]
     if bad:
         _fail(f"unknown scope(s): {', '.join(bad)}")

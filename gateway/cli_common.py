@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from pydantic import ValidationError
 
-from gateway.config import Settings, get_settings
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pydantic-settings loads with the first command that reads settings (not `gateway volume`)
+    from gateway.config import Settings
     from gateway.registry.registry import RegistryIndex
 
 #: Exit statuses of every command (the top-level ``--help`` lists them).
@@ -53,6 +51,10 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def load_settings(config: Path | None, data_dir: Path | None = None, **overrides: object) -> Settings:
     """The settings of ``config`` and the environment, with ``data_dir`` (or ``GATEWAY_DATA_DIR``) and
     ``overrides`` on top; an invalid file or value ends the command with a readable error (exit 2)."""
+    from pydantic import ValidationError
+
+    from gateway.config import get_settings
+
     data_dir = data_dir if data_dir is not None else _data_dir_from_env()
     if data_dir is not None:
         store = overrides.get("store")

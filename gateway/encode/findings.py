@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -180,6 +179,8 @@ def outlines(mask: Mask2D, *, min_area_px: float = 0.0) -> Iterator[Points]:
     less than ``min_area_px`` (square pixels, between the pixel centres) are left out: noise specks of a whole
     organ segment, which would add thousands of tiny outlines and help no reader. An empty mask has none.
     """
+    import cv2  # OpenCV loads with the first outline, not with the gateway
+
     pixels = np.ascontiguousarray(mask, dtype=np.bool_).view(np.uint8)
     contours, _ = cv2.findContours(pixels, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     offset = np.array([0.5, 0.5])  # pixel indices -> image coordinates of the pixel centres

@@ -14,9 +14,11 @@ is :class:`~gateway.errors.OutOfMemory` (the batcher splits the batch); anything
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,9 +106,27 @@ def dependency_table() -> list[tuple[str, str, str, bool]]:
     ]
 
 
+#: The GPU driver libraries a CUDA (or ROCm) device needs: without one of them, no runtime sees a device.
+_GPU_DRIVERS = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so", "libamdhip64.so")
+
+
+def _gpu_driver_present() -> bool:
+    """Whether a GPU driver library loads here (a few milliseconds; importing torch to ask takes a second)."""
+    for name in _GPU_DRIVERS:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
 def _cuda_count() -> int:
-    """The number of CUDA devices torch sees (0 without torch or without CUDA)."""
+    """The number of CUDA devices torch sees (0 without torch or without CUDA). On a machine with no GPU driver the
+    answer is 0 without importing torch, so that a gateway of ONNX models never loads it."""
     if importlib.util.find_spec("torch") is None:
+        return 0
+    if "torch" not in sys.modules and not _gpu_driver_present():
         return 0
     import torch
 

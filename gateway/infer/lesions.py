@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage, spatial  # type: ignore[import-untyped]  # scipy ships no type hints
-from skimage.measure import find_contours
 
 from gateway.assemble.model import Volume
 from gateway.infer.measure import measure_mask, measurement_units, voxel_volume_ml
@@ -41,7 +40,6 @@ Box = tuple[slice, slice, slice]
 Mask = npt.NDArray[np.bool_]
 Points = npt.NDArray[np.float64]
 
-_26 = ndimage.generate_binary_structure(3, 3)
 _STATISTICS = ("mean", "stddev", "min", "max")
 _CELLS = 1_000_000  # (position, edge) pairs evaluated at once when looking for the short axis
 
@@ -261,10 +259,21 @@ def _with(box: Box, axis: int, part: slice) -> Box:
     return (part, box[1], box[2]) if axis == 0 else (box[0], part, box[2]) if axis == 1 else (box[0], box[1], part)
 
 
+@functools.cache
+def _26() -> npt.NDArray[np.bool_]:
+    """26-connectivity in 3D."""
+    from scipy import ndimage  # type: ignore[import-untyped]  # scipy ships no type hints
+
+    structure: npt.NDArray[np.bool_] = ndimage.generate_binary_structure(3, 3)
+    return structure
+
+
 def _components(mask: Mask) -> Iterator[tuple[Box, Mask]]:
     """Each 26-connected component: its bounding box in the volume and its voxels inside that box."""
+    from scipy import ndimage  # SciPy and scikit-image load with the first lesions, not with the gateway
+
     for piece in _pieces(mask):
-        labels, _ = ndimage.label(mask[piece], structure=_26)
+        labels, _ = ndimage.label(mask[piece], structure=_26())
         for index, found in enumerate(ndimage.find_objects(labels), start=1):
             if found is None:
                 continue
@@ -358,6 +367,8 @@ Diameter = tuple[float, tuple[Point2, Point2]]
 
 def _diameters(section: Mask, offset: tuple[int, int], plane: Points) -> tuple[Diameter, Diameter]:
     """Long and short axis of a cross-section: lengths in mm and end points in the volume's pixel indices."""
+    from skimage.measure import find_contours
+
     contours = [c - 1.0 + np.array(offset) for c in find_contours(np.pad(section, 1).astype(np.float64), 0.5)]
     first, second = _farthest(np.concatenate(contours), plane)
     along = (second - first) / np.linalg.norm(second - first)
@@ -381,6 +392,8 @@ def _farthest(points: Points, plane: Points) -> tuple[Points, Points]:
 
     Searched among the convex hull's vertices; of equally long pairs, the first in the points' index order.
     """
+    from scipy import spatial
+
     points = np.unique(points, axis=0)
     if len(points) > 3:
         with contextlib.suppress(spatial.QhullError):  # all on one line: every point stays a candidate

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -34,8 +35,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-
-import torch
 
 from gateway.errors import GatewayError, ModelError
 from gateway.infer.backend import Backend
@@ -448,14 +447,21 @@ def _close(entry: _Entry, why: str) -> None:
     """Stop the batcher (after its forward pass in progress), release the model, return cached device memory."""
     entry.batcher.close()
     entry.backend.close()
-    if entry.device.startswith("cuda"):
+    if entry.device.startswith("cuda") and "torch" in sys.modules:  # only torch's allocator caches device memory
+        import torch
+
         torch.cuda.empty_cache()
     log.info("unloaded %s from %s: %s (%s)", entry.ref, entry.device, _mib(entry.memory_bytes), why)
 
 
 def _allocated(device: str) -> int:
-    """The bytes torch's allocator holds for tensors on ``device`` (0 on the CPU)."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
+    """The bytes torch's allocator holds for tensors on ``device`` (0 on the CPU, or while torch is not loaded:
+    then it holds none)."""
+    if not device.startswith("cuda") or "torch" not in sys.modules:
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
         return 0
     return int(torch.cuda.memory_allocated(torch.device(device)))
 
@@ -473,6 +479,10 @@ def _torch_bytes(backend: Backend) -> int | None:
     """The bytes of a torch backend's parameters and buffers (``None`` for another backend)."""
     # TorchBackend keeps its module private; it is read here only, never changed.
     module = getattr(backend, "_module", None)
+    if module is None or "torch" not in sys.modules:  # a torch module means torch is loaded; never load it here
+        return None
+    import torch
+
     if not isinstance(module, torch.nn.Module):
         return None
     tensors = itertools.chain(module.parameters(), module.buffers())

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from gateway.errors import InferenceError
 from gateway.infer.preprocess import Prepared, restore_channel
@@ -97,6 +96,8 @@ def _activate(output: Array, activation: str) -> Array:
     """Apply the activation over the channel axis, in place (on a copy when the output is read-only)."""
     if activation == "none":
         return output
+    import torch  # loaded on the first activation, not with the gateway
+
     array = output if output.flags.writeable else output.copy()
     tensor = torch.from_numpy(array)
     with torch.inference_mode():

@@ -21,8 +21,6 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as F
 
 from gateway.assemble.model import Volume, diffusion_groups
 from gateway.errors import InferenceError
@@ -169,6 +167,9 @@ def _resize(array: npt.NDArray[Any], shape: Shape, mode: Mode) -> Array:
     """Resample a 3D array to ``shape``, keeping its extent (trilinear or nearest)."""
     if array.shape == shape:
         return np.asarray(array, dtype=np.float32)
+    import torch  # loaded on the first resampling, not with the gateway
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     with torch.inference_mode():
         if mode == "linear":

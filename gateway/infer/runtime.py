@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from gateway.assemble.model import Volume
 from gateway.errors import InferenceError
@@ -215,6 +214,7 @@ def _one(output: Array) -> Array:
 
 def _sliding_window(batcher: Batcher, prepared: Prepared, manifest: Manifest, patch: tuple[int, int, int]) -> Array:
     """MONAI sliding-window inference whose predictor submits each group of patches to the shared batcher."""
+    import torch  # torch and MONAI load on the first sliding-window model, not with the gateway
     from monai.inferers.utils import sliding_window_inference
 
     def predictor(patches: torch.Tensor) -> torch.Tensor:

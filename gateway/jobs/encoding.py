@@ -25,7 +25,6 @@ from sqlalchemy import select
 
 import gateway
 from gateway.config import ExportSettings, OutputKind
-from gateway.encode import encode_result, write_objects
 from gateway.export.destinations import destinations_for
 from gateway.infer.results import ModelResult
 from gateway.store.index import Instance, Job
@@ -85,6 +84,8 @@ class EncodeStage:
     def _encode(
         self, job_id: int, results: Sequence[ModelResult], key_images: bool, parts: dict[str, float]
     ) -> tuple[list[dict[str, Any]], list[Path]]:
+        from gateway.encode import encode_result, write_objects  # highdicom and OpenCV load with the first job
+
         folder = self._outputs_dir / f"job-{job_id}"
         outputs: list[dict[str, Any]] = []
         paths: list[Path] = []

@@ -22,7 +22,6 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from gateway.assemble.assemble import AssemblyResult
-from gateway.infer.outputs import write_model_outputs
 from gateway.infer.runtime import InferenceRuntime
 from gateway.infer.series import SeriesOutcome, run_models
 from gateway.jobs.states import JobState
@@ -112,6 +111,8 @@ class InferenceStage:
         return series_facts(dcmread(self._store.path_of(path), stop_before_pixels=True))
 
     def _write(self, job_id: int, outcome: SeriesOutcome) -> dict[str, list[str]]:
+        from gateway.infer.outputs import write_model_outputs  # NIfTI (nibabel) only when results are kept as files
+
         files: dict[str, list[str]] = {}
         if self._results_dir is None:
             return files

@@ -32,8 +32,6 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
@@ -285,6 +283,8 @@ def render_png(
     ValueError
         A plane or segment the output does not have, or a source image that does not fit the output's frames.
     """
+    import cv2
+
     if not 0 <= plane < len(layout.planes):
         raise ValueError(f"slice: the output has {len(layout.planes)} slice(s), numbered from 0")
     if layout.kind == "SEG" and (segment is None or segment not in layout.segments):
@@ -394,6 +394,8 @@ def _segments(ds: Dataset) -> dict[int, Segment]:
 
 
 def _colour(item: Dataset) -> tuple[int, int, int]:
+    import highdicom as hd
+
     lab = item.get("RecommendedDisplayCIELabValue")
     if lab is None or len(lab) != 3:
         return _NO_COLOUR
@@ -509,6 +511,8 @@ def _windowed(values: Array, window: Window) -> npt.NDArray[np.uint8]:
 
 def _outline(image: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_], colour: tuple[int, int, int]) -> None:
     """Draw the mask's outline, along its pixels' edges, on ``image`` (already at display size)."""
+    import cv2
+
     if not mask.any():
         return
     height, width = image.shape[:2]
@@ -521,6 +525,8 @@ def _outline(image: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_], colour: 
 
 
 def _with_map(image: npt.NDArray[np.uint8], layout: Layout, path: Path, plane: int) -> Image.Image:
+    import cv2
+
     frame = layout.frames.get((0, plane))
     height, width = image.shape[:2]
     window = layout.map_window or Window(0.5, 1.0)
@@ -537,6 +543,8 @@ def _with_map(image: npt.NDArray[np.uint8], layout: Layout, path: Path, plane: i
 
 def _colour_map(fraction: Array) -> npt.NDArray[np.uint8]:
     """Viridis (OpenCV's table) of values in [0, 1], as RGB."""
+    import cv2
+
     grey = np.rint(fraction * 255.0).astype(np.uint8)
     bgr = cv2.applyColorMap(grey, cv2.COLORMAP_VIRIDIS)
     return np.ascontiguousarray(bgr[..., ::-1])

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEBS := dcmtk dicom3tools orthanc orthanc-dicomweb chromium postgresql
 
-.PHONY: serve test lint bench pictures venv install install-test system-deps clean
+.PHONY: serve test lint bench pictures venv install install-test system-deps clean install-gpu gpu-check
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,24 @@ bench: $(VENV)/.installed-test system-deps
 # What people see, rendered as they see it (dsr2html in Chromium, dcmp2pgm, a key image), kept for the README.
 pictures: $(VENV)/.installed-test system-deps
 	GATEWAY_PICTURES=docs/images $(PY) -m pytest -q tests/encode/test_pictures.py tests/ui/test_journeys.py
+
+# A GPU server (docs/gpu.md): the CUDA build of torch in place of the CPU one, and onnxruntime-gpu (the CUDA
+# execution provider) in place of onnxruntime; both provide the same module, so one is removed first. Which torch
+# build TORCH names is the choice of pip's configured index: run this where that index serves CUDA builds.
+ORT_GPU ?= onnxruntime-gpu>=1.18
+
+install-gpu: $(VENV)/.installed-test
+	$(PIP) uninstall -q -y torch
+	$(PIP) install -q '$(TORCH)'
+	$(PIP) uninstall -q -y onnxruntime onnxruntime-gpu
+	$(PIP) install -q '$(ORT_GPU)'
+	$(PY) -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+	'devices', torch.cuda.device_count(), '| onnxruntime', o.__version__, o.get_available_providers())"
+
+# The GPU targets of issue 12 in one run: pytest -m gpu, bench/inference.py and bench/e2e.py on CUDA; the report
+# goes to docs/benchmarks.md. Without CUDA it says why on one line and fails.
+gpu-check: $(VENV)/.installed-test system-deps
+	$(PY) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -87,7 +87,7 @@ class LoopGateway(GatewayProcess):
         """Merge ``sections`` (e.g. ``export``, known once Orthanc's ports are) into the config file."""
         config = json.loads(self.config_path.read_text())
         config.update({**self.sections, **sections, "log_level": "INFO"})
-        config["models"] = {"register_shipped": False}
+        config["models"] = {**config.get("models", {}), "register_shipped": False}
         self.config_path.write_text(json.dumps(config, indent=2))
 
     def register(self, model: Path) -> str:
@@ -112,9 +112,11 @@ class LoopGateway(GatewayProcess):
 
 
 @contextlib.contextmanager
-def pacs_loop(tmp: Path, quiet_s: float) -> Iterator[tuple[Orthanc, LoopGateway]]:
-    """Orthanc and the gateway, each knowing the other; the gateway returns results to their sender."""
-    gateway = LoopGateway(tmp / "gateway", {"ingest": {"quiet_period_s": quiet_s}, "jobs": {"workers": 1}})
+def pacs_loop(tmp: Path, quiet_s: float, device: str = "auto") -> Iterator[tuple[Orthanc, LoopGateway]]:
+    """Orthanc and the gateway (running its models on ``device``), each knowing the other; the gateway returns
+    results to their sender."""
+    sections = {"ingest": {"quiet_period_s": quiet_s}, "jobs": {"workers": 1}, "models": {"device": device}}
+    gateway = LoopGateway(tmp / "gateway", sections)
     modalities = {"gateway": (gateway.aet, "127.0.0.1", gateway.dicom_port)}
     with Orthanc(tmp / "orthanc", dicom_aet=ORTHANC_AET, modalities=modalities, dicomweb=False) as orthanc:
         destination = {"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": orthanc.dicom_port}
@@ -503,7 +505,7 @@ def section(runs: Sequence[Run], enc: EncodeTiming, args: argparse.Namespace, si
         "",
         *encode_table(enc),
         "",
-        "Targets from the issue (on this CPU machine):",
+        f"Targets from the issue (the gateway's models on `{args.device}`):",
         "",
         NOISE,
         "",
@@ -531,6 +533,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="rows and columns (default 512)")
     parser.add_argument("--studies", type=int, default=2, help="studies sent one after another (default 2)")
     parser.add_argument("--quiet", type=float, default=2.0, help="the gateway's quiet period, s (default 2)")
+    parser.add_argument("--device", default="auto", help="the gateway's models.device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.relative_to(REPO)}")
     args = parser.parse_args(argv)
     if args.slices < 1 or args.size < 32 or args.studies < 1 or args.quiet < 0:
@@ -549,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         size_mb = sum(f.stat().st_size for f in studies[0].files) / 1e6
         print(f"{args.studies} studies of {args.slices} slices, {size_mb:.0f} MB each, in {root}", flush=True)
         try:
-            with pacs_loop(root, args.quiet) as (orthanc, gateway):
+            with pacs_loop(root, args.quiet, args.device) as (orthanc, gateway):
                 runs = [
                     one_study(orthanc, gateway, s, args.quiet, "first study (cold)" if k == 0 else f"study {k + 1}")
                     for k, s in enumerate(studies)

@@ -34,13 +34,18 @@ _TYPES: Mapping[str, type[np.floating[Any]]] = {
 }
 
 
-def _providers(device: str) -> tuple[list[Any], str]:
+def _providers(device: str, ref: str) -> tuple[list[Any], str]:
     """The execution providers for ``device`` and the device the session will really use."""
     if device.startswith("cuda"):
         if _CUDA in ort.get_available_providers():
             index = int(device.partition(":")[2] or 0)
             return [(_CUDA, {"device_id": index}), "CPUExecutionProvider"], f"cuda:{index}"
-        log.warning("ONNX Runtime here has no CUDA execution provider (install onnxruntime-gpu); running on the CPU")
+        log.warning(
+            "%s asks for %s, but ONNX Runtime here has no CUDA execution provider (install onnxruntime-gpu); "
+            "running it on the CPU",
+            ref,
+            device,
+        )
     return ["CPUExecutionProvider"], "cpu"
 
 
@@ -137,10 +142,10 @@ def load_onnx(manifest: Manifest, folder: Path, device: str) -> OnnxBackend:
         If the file is missing or not a model ONNX Runtime can load, or a named input/output does not exist.
     """
     path = weights_path(folder, manifest.weights)
-    providers, actual = _providers(device)
+    providers, actual = _providers(device, manifest.ref)
     session = _session(path, providers)
     if actual != "cpu" and _CUDA not in session.get_providers():
-        log.warning("ONNX Runtime could not start its CUDA provider for %s; running on the CPU", path.name)
+        log.warning("%s: ONNX Runtime could not start its CUDA provider; running it on the CPU", manifest.ref)
         actual = "cpu"
     inputs = [item.name for item in session.get_inputs()]
     outputs = [item.name for item in session.get_outputs()]

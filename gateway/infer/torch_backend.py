@@ -15,6 +15,7 @@ copies, and the output comes back the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 from collections.abc import Mapping
@@ -41,6 +42,20 @@ def autocast_dtype(precision: Precision, device: str, ref: str) -> torch.dtype |
         log.info("%s asks for fp16, which autocast does not offer on the CPU; running it in fp32", ref)
         return None
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+@functools.cache
+def _warn_cpu_fallback(ref: str, device: str, reason: str) -> None:
+    log.warning("%s asks for %s, but %s; running it on the CPU", ref, device, reason)
+
+
+def _torch_device(device: str, ref: str) -> str:
+    """``device``, or ``cpu`` when it is a CUDA device torch cannot use here (a warning, once per model)."""
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        return device
+    reason = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device or driver"
+    _warn_cpu_fallback(ref, device, reason)
+    return "cpu"
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
@@ -136,6 +151,7 @@ def load_torchscript(manifest: Manifest, folder: Path, device: str) -> TorchBack
         If the file is missing or is not a TorchScript archive that loads.
     """
     path = weights_path(folder, manifest.weights)
+    device = _torch_device(device, manifest.ref)
     return TorchBackend(_jit_load(path, device), manifest.ref, device, manifest.inference.precision)
 
 
@@ -165,6 +181,7 @@ def load_monai_bundle(manifest: Manifest, folder: Path, device: str) -> TorchBac
         missing, are not plain weights (a pickle of other objects) or do not fit it.
     """
     bundle = weights_path(folder, manifest.weights, directory=True)
+    device = _torch_device(device, manifest.ref)
     precision = manifest.inference.precision
     scripted = bundle / "models" / "model.ts"
     if scripted.is_file():

@@ -74,7 +74,10 @@ class Gateway:
         encode = EncodeStage(self.store, settings.export, data / "outputs")
         results = data / "results" if settings.models.keep_nifti else None
         infer = InferenceStage(self.store, self.registry, self.inference, results)
-        self.jobs = JobRunner(self.store, settings.jobs, Pipeline(infer, encode), metrics=self.metrics)
+        self.export = ExportWorkers(self.store, settings.export, metrics=self.metrics)
+        self.jobs = JobRunner(
+            self.store, settings.jobs, Pipeline(infer, encode), metrics=self.metrics, on_encoded=self.export.wake
+        )
         self.monitor = CompletionMonitor(
             self.store.write_sessions,
             settings.ingest.quiet_period_s,
@@ -82,7 +85,6 @@ class Gateway:
             on_complete=self.jobs.wake,
             resend_wait_s=settings.ingest.resend_wait_s,
         )
-        self.export = ExportWorkers(self.store, settings.export, metrics=self.metrics)
         self.retention = RetentionWorker(self.store, settings.retention)
         self.library = LibrarySettings(data / "tmp")
         #: The data folder's admin token if this start made it (the only time it is known), else None.

@@ -93,12 +93,13 @@ def _who(request: Request) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _wake_runner(request: Request) -> None:
-    """A job is ``received``: the running gateway's idle workers look now rather than at their next poll."""
+def _wake(request: Request, stage: Literal["jobs", "export"]) -> None:
+    """A job is ``received`` (``jobs``) or has deliveries queued (``export``): the running gateway's idle workers
+    of that stage look now rather than at their next poll."""
     gateway = getattr(request.app.state, "gateway", None)
-    runner = getattr(gateway, "jobs", None)
-    if runner is not None:
-        runner.wake()
+    workers = getattr(gateway, stage, None)
+    if workers is not None:
+        workers.wake()
 
 
 @router.post("/jobs/{job_id}/rerun", dependencies=_write, response_model=None)
@@ -115,8 +116,7 @@ def rerun_job(
         operations.rerun(store, job_id, from_stage=from_stage, by=_who(request))
     except JobConflict as exc:
         return _conflict(exc)
-    if from_stage == "assemble":
-        _wake_runner(request)
+    _wake(request, "jobs" if from_stage == "assemble" else "export")
     return get_job(job_id, store)
 
 
@@ -141,17 +141,20 @@ def reprocess(
         job_id = operations.reprocess_series(store, series_uid, by=_who(request))
     except JobConflict as exc:
         return _conflict(exc)
-    _wake_runner(request)
+    _wake(request, "jobs")
     return {"job_id": job_id, "job": views.job_summary(store, job_id).as_dict()}
 
 
 @router.post("/jobs/{job_id}/retry", dependencies=_write, response_model=None)
-def retry_export(job_id: int, store: InstanceStore = Depends(get_store)) -> dict[str, Any] | JSONResponse:
+def retry_export(
+    job_id: int, request: Request, store: InstanceStore = Depends(get_store)
+) -> dict[str, Any] | JSONResponse:
     """Requeue a job's dead and refused deliveries (attempts reset) and put the job back to ``encoded``."""
     try:
         requeued = retry_job(store, job_id)
     except ExportError as exc:
         return _conflict(exc)
+    _wake(request, "export")
     return {"requeued": requeued, **get_job(job_id, store)}
 
 

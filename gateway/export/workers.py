@@ -90,6 +90,7 @@ class ExportWorkers:
         self._metrics = metrics
         self._rng = random.SystemRandom()  # jitter only; SystemRandom needs no seeding
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set when deliveries were queued: idle workers look now, not at the poll
         self._threads = [
             threading.Thread(target=self._run, name=f"export-{k}", daemon=True) for k in range(settings.workers)
         ]
@@ -115,11 +116,16 @@ class ExportWorkers:
         """Stop after the file being sent (and the check under way); what was claimed and not sent goes back to
         the queue."""
         self._stop.set()
+        self._wake.set()
         for thread in [*self._threads, self._checker]:
             if thread.is_alive():
                 thread.join(timeout=self._settings.timeout_s + 10)
         for sender in self._senders.values():
             sender.close()
+
+    def wake(self) -> None:
+        """Deliveries were just queued (a job encoded, a retry): idle workers claim now, not at the next poll."""
+        self._wake.set()
 
     def last_checks(self) -> dict[str, DestinationCheck]:
         """The latest check of each destination checked so far, by name."""
@@ -205,7 +211,8 @@ class ExportWorkers:
                 log.exception("export: claiming or recording deliveries failed; retrying")
                 busy = False
             if not busy:
-                self._stop.wait(self._settings.poll_s)
+                self._wake.wait(self._settings.poll_s)
+                self._wake.clear()
 
     def _deliver(self, name: str, items: list[Item]) -> None:
         reported: set[int] = set()

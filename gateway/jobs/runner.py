@@ -128,6 +128,8 @@ class JobRunner:
         The inference and encode stages.
     metrics
         Where each stage's seconds are observed once the stage's outcome is written.
+    on_encoded
+        Called when a job's deliveries are queued (the export workers' ``wake``): the export starts at once.
     """
 
     def __init__(
@@ -137,11 +139,13 @@ class JobRunner:
         pipeline: Pipeline,
         *,
         metrics: GatewayMetrics | None = None,
+        on_encoded: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._pipeline = pipeline
         self._metrics = metrics
+        self._on_encoded = on_encoded
         self.owner = lifecycle.owner_identity()
         self.budget = MemoryBudget(settings.memory_budget_bytes or default_memory_budget())
         self._stop = threading.Event()
@@ -345,6 +349,8 @@ class JobRunner:
         enqueue(
             self._store, lease.job_id, encoded.paths, encoded.destinations, owner=lease.owner, metrics=self._metrics
         )
+        if self._on_encoded is not None:
+            self._on_encoded()
         self._observe("encode", encoded.seconds)
 
     def _observe(self, stage: str, seconds: float, model: str = "") -> None:

@@ -5,6 +5,7 @@ enough for the deliveries to die gets them by itself when it comes back."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,29 @@ def test_a_delivery_shows_the_destination_answers_without_waiting_for_the_next_c
     finally:
         workers.stop()
         store.close()
+
+
+@pytest.mark.slow
+def test_a_wake_sends_queued_deliveries_without_waiting_for_the_poll(tmp_path: Path) -> None:
+    """What the runner does when a job is encoded: the export starts then, not at the next poll (here 1 h)."""
+    require_tool("storescp")
+    store = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
+    scp = StoreSCP(tmp_path / "storescp", aet="PACS")
+    settings = fast_export(
+        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": scp.dicom_port}},
+        poll_s=3600,
+        check_interval_s=3600,
+    )
+    workers = ExportWorkers(store, settings)
+    with scp:
+        workers.start()
+        try:
+            wait_for(lambda: "pacs" in workers.last_checks(), what="the check at start")
+            time.sleep(0.2)  # the worker has found the queue empty and waits for the poll
+            job = make_job(store)
+            queue.enqueue(store, job, outputs(tmp_path / "out", 1), ["pacs"])
+            workers.wake()
+            wait_for(lambda: job_of(store, job).state == JobState.EXPORTED, what="the delivery after the wake")
+        finally:
+            workers.stop()
+            store.close()

@@ -228,6 +228,16 @@ def test_a_job_runs_to_exported_and_the_lease_ends_with_it(
     assert {o["kind"] for o in row.detail["outputs"]} >= {"SEG", "SR"}
 
 
+def test_queued_deliveries_wake_the_export_at_once(
+    instance_store: InstanceStore, stages: Stages, tmp_path: Path
+) -> None:
+    job_id = add_series(instance_store, tmp_path / "ct")
+    woken: list[int] = []
+    runner = JobRunner(instance_store, JobsSettings(workers=0), stages.pipeline(), on_encoded=lambda: woken.append(1))
+    assert runner.run_once()
+    assert job(instance_store, job_id).state == JobState.EXPORTED and woken == [1]
+
+
 def test_an_unexpected_error_fails_the_job_with_one_line_and_the_pool_keeps_working(
     instance_store: InstanceStore, stages: Stages, tmp_path: Path
 ) -> None:

@@ -13,18 +13,16 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import insert, select
 
 from gateway.api.app import create_app
 from gateway.config import JobsSettings, StoreSettings, TokenSettings, hash_token
 from gateway.jobs.states import JobState
 from gateway.metrics import GatewayMetrics
 from gateway.runtime import Gateway
-from gateway.store.index import Delivery, Job, Series, SeriesRevision, Study
-from gateway.store.store import InstanceStore
 from gateway.synth.ct import write_synthetic_ct
 
 from conftest import ADMIN, LiveServer, api_client, http_settings, make_settings, require_tool
+from job_rows import add_delivery, add_job
 from model_packages import manifest_dict, write_package
 from peers import GatewayServer
 
@@ -152,68 +150,18 @@ def test_metrics_need_a_read_token_when_anonymous_read_is_off(tmp_path: Path) ->
     } <= families
 
 
-def add_jobs(store: InstanceStore, states: Mapping[str, int], *, updated_at: float) -> list[int]:
-    """Jobs written straight into the index (each with its own study, series and revision), ``states[s]`` in ``s``."""
-    rows = [state for state, n in states.items() for _ in range(n)]
-    with store.write_sessions.begin() as session:
-        for k, state in enumerate(rows):
-            study, series = f"2.25.1{k}", f"2.25.2{k}"
-            session.execute(insert(Study).values(study_instance_uid=study, created_at=updated_at))
-            session.execute(
-                insert(Series).values(series_instance_uid=series, study_instance_uid=study, created_at=updated_at)
-            )
-            session.execute(
-                insert(SeriesRevision).values(
-                    series_instance_uid=series,
-                    revision=1,
-                    state="complete",
-                    first_received_at=updated_at,
-                    last_received_at=updated_at,
-                    instance_count=1,
-                )
-            )
-            revision = session.scalar(select(SeriesRevision.id).where(SeriesRevision.series_instance_uid == series))
-            session.execute(
-                insert(Job).values(
-                    revision_id=revision,
-                    study_instance_uid=study,
-                    series_instance_uid=series,
-                    state=state,
-                    created_at=updated_at,
-                    updated_at=updated_at,
-                    detail={},
-                )
-            )
-        return list(session.scalars(select(Job.id).order_by(Job.id)))
-
-
-def add_deliveries(store: InstanceStore, job_id: int, states: Mapping[tuple[str, str], int]) -> None:
-    rows = [key for key, n in states.items() for _ in range(n)]
-    with store.write_sessions.begin() as session:
-        for k, (destination, state) in enumerate(rows):
-            session.execute(
-                insert(Delivery).values(
-                    job_id=job_id,
-                    path=f"outputs/{k}.dcm",
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
-                    sop_instance_uid=f"2.25.3{k}",
-                    transfer_syntax_uid="1.2.840.10008.1.2.1",
-                    destination=destination,
-                    state=state,
-                    attempts=1,
-                    next_attempt_at=0.0,
-                    history=[],
-                    created_at=0.0,
-                    updated_at=0.0,
-                )
-            )
-
-
 def test_the_jobs_and_deliveries_gauges_count_what_the_index_holds(gateway: Gateway) -> None:
     waiting_since = time.time() - 120
-    ids = add_jobs(gateway.store, {"received": 3, "exported": 5, "failed": 2}, updated_at=waiting_since)
+    states = {"received": 3, "exported": 5, "failed": 2}
+    ids = [
+        add_job(gateway.store, state=state, created_at=waiting_since, last_received_at=waiting_since - 10)
+        for state, n in states.items()
+        for _ in range(n)
+    ]
     queue = {("pacs", "delivered"): 4, ("pacs", "dead"): 1, ("archive", "pending"): 2}
-    add_deliveries(gateway.store, ids[-1], queue)
+    for (destination, state), n in queue.items():
+        for _ in range(n):
+            add_delivery(gateway.store, ids[-1], state=state, destination=destination)
     samples = parse(gateway.metrics.render().decode())
     expected = {state.value: 0 for state in JobState} | {"received": 3, "exported": 5, "failed": 2}
     assert {s: value(samples, "gateway_jobs", state=s) for s in expected} == expected

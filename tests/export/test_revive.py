@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pacs import deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for
 from sqlalchemy import update
 
-from gateway.config import StoreSettings
+from gateway.config import ExportSettings, StoreSettings
 from gateway.errors import ExportError, JobConflict, NotFound
 from gateway.export import queue
 from gateway.export.destinations import destinations_for
@@ -172,16 +173,19 @@ def test_check_now_records_the_check_and_knows_its_destinations(instance_store: 
         workers.stop()
 
 
-@pytest.mark.slow
-def test_a_pacs_down_long_enough_gets_its_results_when_it_is_back(tmp_path: Path) -> None:
+def storescp_destination(tmp_path: Path, **values: Any) -> tuple[InstanceStore, StoreSCP, ExportSettings]:
+    """A store, a DCMTK storescp (not started) as destination "pacs", and export settings naming it (``values``
+    over :func:`fast_export`'s)."""
     require_tool("storescp")
     store = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
     scp = StoreSCP(tmp_path / "storescp", aet="PACS")
-    settings = fast_export(
-        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": scp.dicom_port}},
-        give_up_after_s=0.5,
-        check_interval_s=0.2,
-    )
+    destination = {"ae_title": "PACS", "host": "127.0.0.1", "port": scp.dicom_port}
+    return store, scp, fast_export(destinations={"pacs": destination}, **values)
+
+
+@pytest.mark.slow
+def test_a_pacs_down_long_enough_gets_its_results_when_it_is_back(tmp_path: Path) -> None:
+    store, scp, settings = storescp_destination(tmp_path, give_up_after_s=0.5, check_interval_s=0.2)
     metrics = GatewayMetrics()
     files = outputs(tmp_path / "out", 2)
     job = make_job(store)
@@ -215,13 +219,7 @@ def test_a_pacs_down_long_enough_gets_its_results_when_it_is_back(tmp_path: Path
 @pytest.mark.slow
 def test_a_delivery_shows_the_destination_answers_without_waiting_for_the_next_check(tmp_path: Path) -> None:
     """The check at start found the PACS down; it came up before the results: the delivery says it answers."""
-    require_tool("storescp")
-    store = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
-    scp = StoreSCP(tmp_path / "storescp", aet="PACS")
-    settings = fast_export(
-        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": scp.dicom_port}},
-        check_interval_s=3600,
-    )
+    store, scp, settings = storescp_destination(tmp_path, check_interval_s=3600)
     workers = ExportWorkers(store, settings)
     workers.start()
     try:
@@ -241,14 +239,7 @@ def test_a_delivery_shows_the_destination_answers_without_waiting_for_the_next_c
 @pytest.mark.slow
 def test_a_wake_sends_queued_deliveries_without_waiting_for_the_poll(tmp_path: Path) -> None:
     """What the runner does when a job is encoded: the export starts then, not at the next poll (here 1 h)."""
-    require_tool("storescp")
-    store = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
-    scp = StoreSCP(tmp_path / "storescp", aet="PACS")
-    settings = fast_export(
-        destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": scp.dicom_port}},
-        poll_s=3600,
-        check_interval_s=3600,
-    )
+    store, scp, settings = storescp_destination(tmp_path, poll_s=3600, check_interval_s=3600)
     workers = ExportWorkers(store, settings)
     with scp:
         workers.start()

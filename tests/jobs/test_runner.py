@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,6 @@ from gateway.config import ExportSettings, JobsSettings, StoreSettings
 from gateway.errors import LeaseLost
 from gateway.infer.results import ModelResult
 from gateway.infer.runtime import InferenceRuntime
-from gateway.ingest.completion import complete_quiet_series
 from gateway.jobs import lifecycle, operations
 from gateway.jobs.encoding import Encoded, EncodeStage
 from gateway.jobs.inference import InferenceStage, Inferred
@@ -33,20 +33,12 @@ from gateway.jobs.states import LEASED, TRANSITIONS, JobState
 from gateway.registry.registry import Registry
 from gateway.store.index import Job
 from gateway.store.store import InstanceStore
-from gateway.synth.ct import write_synthetic_ct
 
+from job_rows import add_stored_series
 from model_packages import manifest_dict, write_package
 
-
-def add_series(store: InstanceStore, folder: Path, *, slices: int = 8, seed: int = 0, now: float = 0.0) -> int:
-    """Store a small synthetic CT series and complete it; the new job's id."""
-    write_synthetic_ct(folder, slices, rows=32, columns=32, seed=seed)
-    for path in sorted(folder.glob("*.dcm")):
-        copy = folder / f"copy-{path.name}"
-        copy.write_bytes(path.read_bytes())
-        store.put(copy, source="test", now=now)
-    (done,) = complete_quiet_series(store.write_sessions, 0.0, now=now + 1)
-    return done.job_id
+#: Store a small synthetic CT series (8 slices) and complete it; the new job's id.
+add_series = partial(add_stored_series, slices=8)
 
 
 def job(store: InstanceStore, job_id: int) -> Job:

@@ -1,10 +1,9 @@
 """Helpers for the web UI's tests (not a test module): tokens of each scope, a client signed in as a browser is,
-and jobs written straight into an index (tests/jobs/job_rows.py)."""
+and jobs written straight into an index (tests/job_rows.py)."""
 
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 from gateway.config import HttpSettings, Scope, Settings, TokenSettings, hash_token
 
 from conftest import make_settings
+from job_rows import add_delivery, add_job, routing
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -23,8 +23,6 @@ with warnings.catch_warnings():
 
     from gateway.api.app import create_app
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-from job_rows import add_delivery, add_job, routing
 
 __all__ = ["TOKENS", "add_delivery", "add_job", "bearer", "csrf_of", "routing", "sign_in", "ui_client", "ui_settings"]
 

@@ -3,7 +3,9 @@
 A bundle's config (``configs/inference.json`` or ``.yaml``) is code in MONAI's syntax: a string starting with ``$``
 is a Python expression, one starting with ``%`` pulls in (part of) another file, ``@id`` refers to another item,
 and a mapping with a ``_target_`` calls whatever that names (``os.system`` as well as a network class). The
-gateway only ever builds ``network_def`` and what it refers to; it never reads the config's other sections.
+gateway builds ``network_def`` and what it refers to, and for a manifest with ``inference.pipeline: bundle`` the
+``preprocessing``, ``inferer`` and ``postprocessing`` sections (:mod:`gateway.infer.bundle_pipeline`, through
+:func:`check_and_build` with a :class:`Rule` per section); it never reads the config's other sections.
 
 Without ``trust_code`` (the manifest's default), :func:`build_network` reads the config as plain data (``json``,
 ``yaml.safe_load``) and builds ``network_def`` itself, once all of it has passed these checks:
@@ -45,7 +47,7 @@ import yaml
 from gateway.errors import ModelError
 from gateway.infer.failures import reason
 
-__all__ = ["ALLOWED_PREFIXES", "build_network", "bundle_config"]
+__all__ = ["ALLOWED_PREFIXES", "Rule", "build_network", "bundle_config", "check_and_build", "read_config"]
 
 #: Where the classes of an untrusted bundle's network may come from (a module and its submodules).
 ALLOWED_PREFIXES = ("monai.networks", "torch.nn")
@@ -69,11 +71,40 @@ class _Refused(Exception):
         super().__init__(f"{item} = {shown}: {why}")
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What an untrusted section's ``_target_`` may name, and which argument names it may not set.
+
+    ``prefixes``: the modules (and their submodules) a class must be defined under; ``base``: a class it must
+    derive from (``None``: any class); ``refused_args``: argument names that may only be false or null (asking
+    for something to be fetched, read or written); ``why``: the refusal's words for a class outside the rule;
+    ``refused_classes``: class names refused even under ``prefixes`` (they read or write files).
+    """
+
+    prefixes: tuple[str, ...]
+    base: type | None
+    refused_args: re.Pattern[str]
+    why: str
+    refused_classes: frozenset[str] = frozenset()
+
+    def allows(self, module: str) -> bool:
+        """Whether a class of ``module`` may be built."""
+        return any(module == prefix or module.startswith(prefix + ".") for prefix in self.prefixes)
+
+
+_NETWORK = Rule(
+    ALLOWED_PREFIXES,
+    torch.nn.Module,
+    _FETCHING,
+    f"only torch.nn.Module classes under {' or '.join(ALLOWED_PREFIXES)} are built",
+)
+
+
 @dataclass(eq=False)
 class _Component:
     """A checked ``_target_`` mapping: the class, its checked arguments, whether it is disabled."""
 
-    cls: type[torch.nn.Module]
+    cls: type
     kwargs: dict[str, Any]
     disabled: bool
 
@@ -136,6 +167,17 @@ def _parsed_by_monai(config: Path, bundle: Path) -> Any:
         raise ModelError(f"{problem}: {reason(exc)}") from exc
 
 
+def read_config(config: Path) -> Any:
+    """The config as plain data (JSON, or YAML read safely): nothing in it is run.
+
+    Raises
+    ------
+    ModelError
+        If it is not readable.
+    """
+    return _read(config)
+
+
 def _read(config: Path) -> Any:
     try:
         text = config.read_text(encoding="utf-8")
@@ -159,14 +201,49 @@ def _built_without_code(config: Path, bundle: Path, problem: str) -> Any:
         raise ModelError(f"{problem}: {reason(exc)}") from exc
 
 
+def check_and_build(
+    config: dict[str, Any], sections: dict[str, Rule], skip: frozenset[str], problem: str
+) -> dict[str, Any]:
+    """Check the named top-level ``sections`` of an untrusted config, each under its rule, then build them.
+
+    Items referred to from several sections are built once (``@preprocessing`` inside ``Invertd`` is the very
+    ``preprocessing`` built here, as MONAI builds it). ``skip`` holds the ids of list entries left out unchecked
+    and unbuilt (a loader the gateway replaces, a saver it does not run).
+
+    Raises
+    ------
+    ModelError
+        Naming the refused item and its value (``preprocessing::transforms::3::_target_ = 'os.system'``) and that
+        ``trust_code`` would allow it, or why a section could not be built.
+    """
+    checker = _Checker(config, skip)
+    plans: dict[str, Any] = {}
+    try:
+        for section, rule in sections.items():
+            checker.rule = rule
+            plans[section] = checker.item(section, f"@{section}", 0)
+    except _Refused as refused:
+        raise ModelError(f"{problem}: {refused}; {_TRUST}") from refused
+    built: dict[int, Any] = {}
+    result: dict[str, Any] = {}
+    for section, plan in plans.items():
+        try:
+            result[section] = _build(plan, built)
+        except Exception as exc:  # a constructor refusing its arguments
+            raise ModelError(f"{problem}: {section}: {reason(exc)}") from exc
+    return result
+
+
 class _Checker:
     """Walks ``network_def`` and what it refers to, refusing code; returns the plan :func:`_build` builds."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], skip: frozenset[str] = frozenset()) -> None:
         self.config = config
+        self.skip = skip
+        self.rule = _NETWORK
         self.items = 0
         self.resolving: list[str] = []
-        self.checked: dict[str, Any] = {}
+        self.checked: dict[tuple[Rule, str], Any] = {}  # an item checked under one rule is not taken under another
         self._locator: Any = None
 
     def item(self, key: str, value: Any, depth: int) -> Any:
@@ -180,7 +257,8 @@ class _Checker:
                 return self._component(key, value, depth)
             return {k: self.item(f"{key}{_SEP}{k}", v, depth + 1) for k, v in value.items()}
         if isinstance(value, list):
-            return [self.item(f"{key}{_SEP}{i}", v, depth + 1) for i, v in enumerate(value)]
+            ids = (f"{key}{_SEP}{i}" for i in range(len(value)))
+            return [self.item(id_, v, depth + 1) for id_, v in zip(ids, value, strict=True) if id_ not in self.skip]
         return value
 
     def _string(self, key: str, value: str, depth: int) -> Any:
@@ -199,14 +277,14 @@ class _Checker:
         ref = target[1:]
         if not ref or ref.startswith(_SEP):
             raise _Refused(key, value, "a relative reference; write the item's full id")
-        if ref in self.checked:
-            return self.checked[ref]
+        if (self.rule, ref) in self.checked:
+            return self.checked[self.rule, ref]
         if ref in self.resolving:
             raise _Refused(key, value, f"a reference cycle ({' -> '.join([*self.resolving, ref])})")
         self.resolving.append(ref)
         plan = self.item(ref, self._lookup(key, value, ref), depth + 1)
         self.resolving.pop()
-        self.checked[ref] = plan
+        self.checked[self.rule, ref] = plan
         return plan
 
     def _lookup(self, key: str, value: str, ref: str) -> Any:
@@ -239,23 +317,27 @@ class _Checker:
                 continue
             item = f"{key}{_SEP}{name}"
             kwargs[str(name)] = plan = self.item(item, arg, depth + 1)
-            if _FETCHING.search(str(name)) and plan is not None and plan is not False:
-                raise _Refused(item, arg, "a network may not download or read weights on its own")
+            if self.rule.refused_args.search(str(name)) and plan is not None and plan is not False:
+                raise _Refused(item, arg, _REFUSED_ARG[self.rule.base is torch.nn.Module])
         return _Component(cls, kwargs, disabled)
 
-    def _class(self, key: str, target: Any) -> type[torch.nn.Module]:
+    def _class(self, key: str, target: Any) -> type:
         if not isinstance(target, str) or not target:
             raise _Refused(key, target, "must be the name of a class")
         full = target if "." in target else self._component_name(key, target)
-        allowed = f"only torch.nn.Module classes under {' or '.join(ALLOWED_PREFIXES)} are built"
-        if not _allowed(full):
-            raise _Refused(key, target, allowed)
+        rule = self.rule
+        if not rule.allows(full):
+            raise _Refused(key, target, rule.why)
         try:
             found = pydoc.locate(full)
         except Exception as exc:  # an allowed module that fails to import
             raise _Refused(key, target, f"cannot be imported: {reason(exc)}") from exc
-        if not (isinstance(found, type) and issubclass(found, torch.nn.Module) and _allowed(found.__module__)):
-            raise _Refused(key, target, allowed)
+        if not (isinstance(found, type) and rule.allows(found.__module__)):
+            raise _Refused(key, target, rule.why)
+        if rule.base is not None and not issubclass(found, rule.base):
+            raise _Refused(key, target, rule.why)
+        if found.__name__ in rule.refused_classes:
+            raise _Refused(key, target, "reads or writes files (only the leading loader and the savers are left out)")
         return found
 
     def _component_name(self, key: str, name: str) -> str:
@@ -272,8 +354,10 @@ class _Checker:
         return f"{module}.{name}"
 
 
-def _allowed(name: str) -> bool:
-    return any(name == prefix or name.startswith(prefix + ".") for prefix in ALLOWED_PREFIXES)
+_REFUSED_ARG = {
+    True: "a network may not download or read weights on its own",
+    False: "a transform or inferer may not fetch, read or write files on its own",
+}
 
 
 def _build(plan: Any, built: dict[int, Any]) -> Any:

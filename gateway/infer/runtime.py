@@ -10,13 +10,17 @@ unloaded first) and which are not loaded again (failed loads) is :mod:`gateway.i
       -> forward: the whole input as one item, or sliding-window patches (MONAI) submitted to the batcher
       -> check (shape, channels, NaN) -> activation -> restore to the source grid, channel by channel
       -> label map / masks / parametric maps -> measurements, lesions -> classifications
+
+A MONAI bundle whose manifest says ``inference.pipeline: bundle`` replaces the first three steps by the bundle's own
+preprocessing, inferer (its patches still go through the batcher) and postprocessing, inverted to the source grid
+(:mod:`gateway.infer.bundle_pipeline`); measurements, lesions and classifications follow as for any model.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from gateway.assemble.model import Volume
 from gateway.errors import InferenceError
 from gateway.infer.backends import resolve_device
 from gateway.infer.batcher import Batcher, BatcherStats
+from gateway.infer.failures import weights_path
 from gateway.infer.lesions import LesionSet, find_lesions
 from gateway.infer.loaded_models import LoadedModel, LoadedModels, ModelVersionRef
 from gateway.infer.measure import SegmentMeasurement, measure_segments, voxel_volume_ml
@@ -41,6 +46,7 @@ __all__ = ["InferenceRuntime"]
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float32]
+_Finish = Callable[[], tuple[Decoded, tuple[str, ...]]]  # reads a model's output once its lease is over
 
 
 class _Clock:
@@ -158,14 +164,13 @@ class InferenceRuntime:
         """
         clock = _Clock()
         with self.models.lease(manifest, folder, sha256, changed_at) as batcher:  # loaded before the volume is prepared
-            with clock.stage("prepare_s"):
-                prepared = prepare(volume, manifest)
-            with clock.stage("infer_s"):
-                output = _forward(batcher, prepared, manifest)
-                check_output(output, manifest, prepared)
-        with clock.stage("restore_s"):
-            decoded = decode(output, prepared, manifest)
-        del output
+            if manifest.inference.pipeline == "bundle":
+                finish = _by_bundle(batcher, manifest, folder, volume, clock)
+            else:
+                finish = _by_manifest(batcher, manifest, volume, clock)
+        with clock.stage("restore_s"):  # the model's lease is over: it may be unloaded meanwhile
+            decoded, notes = finish()
+        del finish  # the raw output
         with clock.stage("measure_s"):
             measurements = _measurements(decoded, volume, manifest)
             lesions = _lesions(decoded, volume, manifest)
@@ -185,8 +190,30 @@ class InferenceRuntime:
             lesions=lesions,
             classifications=findings,
             timings=clock.timings,
-            notes=prepared.notes,
+            notes=notes,
         )
+
+
+def _by_manifest(batcher: Batcher, manifest: Manifest, volume: Volume, clock: _Clock) -> _Finish:
+    """Prepare by the manifest's ``preprocess`` and run forward (whole or sliding window); then decode."""
+    with clock.stage("prepare_s"):
+        prepared = prepare(volume, manifest)
+    with clock.stage("infer_s"):
+        output = _forward(batcher, prepared, manifest)
+        check_output(output, manifest, prepared)
+    return lambda: (decode(output, prepared, manifest), prepared.notes)
+
+
+def _by_bundle(batcher: Batcher, manifest: Manifest, folder: Path, volume: Volume, clock: _Clock) -> _Finish:
+    """The bundle's own preprocessing, inferer and postprocessing (:mod:`gateway.infer.bundle_pipeline`); then
+    read its output as the manifest's outputs say."""
+    from gateway.infer import bundle_pipeline as pipeline  # torch and MONAI load with the first bundle model
+
+    with clock.stage("infer_s"):
+        bundle = weights_path(folder, manifest.weights, directory=True)
+        sections = pipeline.build_sections(bundle, trust_code=manifest.trust_code)
+        output = pipeline.run_sections(sections, volume, pipeline.patch_predictor(batcher.run))
+    return lambda: (pipeline.decode_output(output, manifest), pipeline.bundle_notes(manifest))
 
 
 def _extra(prepared: Prepared, manifest: Manifest, items: int) -> dict[str, Array] | None:

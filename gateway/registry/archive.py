@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from gateway.errors import ModelError
+from gateway.registry.bundle_manifest import BUNDLE_METADATA
 from gateway.registry.manifest import MANIFEST_NAME
 
 __all__ = ["ARCHIVE_SUFFIXES", "extract_archive", "is_archive", "package_root", "remove_tree"]
@@ -155,13 +156,14 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
     Returns
     -------
     Path
-        The folder holding ``model.yaml``: ``dest`` itself, or the archive's single top-level folder.
+        The package folder (:func:`package_root`): ``dest`` itself, or the archive's single top-level folder.
 
     Raises
     ------
     ModelError
         If the archive is too large, unreadable, holds an unsafe member (absolute path, ``..``, a link or a
-        special file) or has no ``model.yaml`` at its top or in its one top folder.
+        special file) or has neither ``model.yaml`` nor a bundle's ``configs/metadata.json`` at its top or in its one
+        top folder.
     """
     if not is_archive(archive):
         raise ModelError(f"{archive.name}: not a model archive (expected {', '.join(ARCHIVE_SUFFIXES)})")
@@ -179,19 +181,28 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
 
 
 def package_root(folder: Path, label: str) -> Path:
-    """The folder holding ``model.yaml``: ``folder`` itself or its one subfolder.
+    """The package folder: ``folder`` itself or its one subfolder, whichever holds ``model.yaml`` or is a bare
+    MONAI bundle (``configs/metadata.json``; its manifest is then synthesised, named after that subfolder:
+    :mod:`gateway.registry.bundle_manifest`).
 
     Raises
     ------
     ModelError
-        If neither holds ``model.yaml``.
+        If neither holds ``model.yaml`` nor is a bundle.
     """
-    if (folder / MANIFEST_NAME).is_file():
+    if _is_package(folder):
         return folder
     entries = list(folder.iterdir())
-    if len(entries) == 1 and entries[0].is_dir() and (entries[0] / MANIFEST_NAME).is_file():
+    if len(entries) == 1 and entries[0].is_dir() and _is_package(entries[0]):
         return entries[0]
-    raise ModelError(f"{label}: no {MANIFEST_NAME} at the top of the archive or in its one top-level folder")
+    raise ModelError(
+        f"{label}: no {MANIFEST_NAME} at the top of the archive or in its one top-level folder (nor a MONAI "
+        f"bundle's {BUNDLE_METADATA})"
+    )
+
+
+def _is_package(folder: Path) -> bool:
+    return (folder / MANIFEST_NAME).is_file() or (folder / BUNDLE_METADATA).is_file()
 
 
 def remove_tree(path: Path) -> None:

@@ -4,6 +4,11 @@ A model that cannot load, fails on its declared input shape, returns non-finite 
 shape does not fit what the manifest says about it is refused before it is registered, with a reason that says
 which of these it was. The input is random, so only the output's shape and finiteness are checked, never its values.
 
+A MONAI bundle run by its own pipeline (``inference.pipeline: bundle``) has its ``preprocessing``, ``inferer`` and
+``postprocessing`` built as inference builds them (an untrusted config with code is refused, the item named), then
+runs whole on a small synthetic CT volume (:data:`BUNDLE_VOLUME`, a water cylinder in air at
+:data:`BUNDLE_SPACING`): its output, inverted to the volume's grid, must have the volume's shape and enough channels.
+
 At registration the model is loaded and run in a child process (:func:`dry_run_in_child`, through
 :mod:`gateway.registry.sandbox`), within ``models.sandbox_timeout_s`` and ``models.sandbox_memory_bytes``: the
 model's code, and a MONAI bundle's config, never run in the server. The child sends back only the output's shape,
@@ -25,10 +30,22 @@ from gateway.errors import GatewayError, ModelError
 from gateway.registry.manifest import Manifest
 from gateway.registry.sandbox import SandboxLimits, run_in_child
 
-__all__ = ["DEFAULT_SPATIAL", "DryRunReport", "dry_run", "dry_run_in_child", "expected_channels", "input_shape"]
+__all__ = [
+    "BUNDLE_SPACING",
+    "BUNDLE_VOLUME",
+    "DEFAULT_SPATIAL",
+    "DryRunReport",
+    "dry_run",
+    "dry_run_in_child",
+    "expected_channels",
+    "input_shape",
+]
 
 #: The spatial size (slice, row, column) used for an axis the manifest leaves open.
 DEFAULT_SPATIAL = (16, 32, 32)
+#: The synthetic volume (slice, row, column) a bundle's own pipeline is tried on, and its spacing in mm.
+BUNDLE_VOLUME = (24, 48, 48)
+BUNDLE_SPACING = (2.5, 1.5, 1.5)
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,8 @@ def input_shape(manifest: Manifest) -> tuple[int, int, int, int, int]:
         size = manifest.preprocess.spatial_size
         spatial = (size[0] or DEFAULT_SPATIAL[0], size[1] or DEFAULT_SPATIAL[1], size[2] or DEFAULT_SPATIAL[2])
     channels = manifest.select.min_b_values if manifest.select.diffusion else manifest.inference.input_channels
+    if manifest.inference.pipeline == "bundle":
+        spatial = BUNDLE_VOLUME
     return (1, channels, *spatial)
 
 
@@ -108,7 +127,12 @@ def _check_shape(manifest: Manifest, shape: tuple[int, ...], output: tuple[int, 
     if output[2:] != tuple(shape[2:]):
         raise ModelError(f"dry run: output spatial shape {list(output[2:])} differs from the input's {list(shape[2:])}")
     needed, why = expected_channels(manifest)
-    if output[1] != needed:
+    if manifest.inference.pipeline == "bundle":
+        segmentation = manifest.outputs.segmentation
+        label_values = segmentation is not None and segmentation.kind == "labelmap" and output[1] == 1
+        if not label_values and output[1] < needed:
+            raise ModelError(f"dry run: the bundle's postprocessed output has {output[1]} channels, {why}")
+    elif output[1] != needed:
         raise ModelError(f"dry run: output has {output[1]} channels, {why}")
 
 
@@ -175,12 +199,59 @@ def _probe(manifest: Manifest, folder: Path, device: str) -> _Probe:
         raise ModelError(f"dry run: cannot load the model: {type(exc).__name__}: {exc}") from exc
     loaded = time.perf_counter()
     try:
-        output = _forward(backend, batch, _extra(manifest, shape[1]))
+        if manifest.inference.pipeline == "bundle":
+            output = _bundle_pipeline(manifest, folder, backend)
+        else:
+            output = _forward(backend, batch, _extra(manifest, shape[1]))
         seconds = time.perf_counter() - loaded
         finite = bool(np.all(np.isfinite(output)))
         return _Probe(backend.device, tuple(int(n) for n in output.shape), finite, loaded - started, seconds)
     finally:
         backend.close()
+
+
+def _synthetic_ct() -> Any:
+    """A small CT volume: a water cylinder (0 HU, with a 60 HU core) in air, axial, LPS."""
+    from gateway.assemble.model import SliceRef, Volume
+
+    slices, rows, columns = BUNDLE_VOLUME
+    row, column = np.mgrid[:rows, :columns]
+    radius = np.hypot(row - rows / 2, column - columns / 2)
+    plane = np.where(radius < rows * 0.4, 0.0, -1000.0) + np.where(radius < rows * 0.15, 60.0, 0.0)
+    affine = np.eye(4)
+    affine[:3, :3] = [[0, 0, BUNDLE_SPACING[2]], [0, BUNDLE_SPACING[1], 0], [BUNDLE_SPACING[0], 0, 0]]
+    return Volume(
+        array=np.repeat(plane[None].astype(np.float32), slices, axis=0),
+        affine=affine,
+        slices=tuple(SliceRef(f"2.25.{i + 1}") for i in range(slices)),
+        series_instance_uid="2.25.1",
+        study_instance_uid="2.25.2",
+        frame_of_reference_uid="2.25.3",
+        modality="CT",
+    )
+
+
+def _bundle_pipeline(manifest: Manifest, folder: Path, backend: Any) -> npt.NDArray[np.float32]:
+    """The bundle's own pipeline on :func:`_synthetic_ct`: ``[1, channels, slice, row, column]``."""
+    from gateway.infer.bundle_pipeline import build_sections, patch_predictor, run_sections
+    from gateway.infer.failures import weights_path
+
+    try:
+        sections = build_sections(
+            weights_path(folder, manifest.weights, directory=True), trust_code=manifest.trust_code
+        )
+    except ModelError as exc:
+        raise ModelError(f"dry run: {exc.reason}") from exc
+
+    try:
+        output = run_sections(sections, _synthetic_ct(), patch_predictor(lambda batch: _forward(backend, batch, None)))
+    except ModelError:  # the network itself failed: _forward said so
+        raise
+    except GatewayError as exc:
+        raise ModelError(
+            f"dry run: the bundle's pipeline failed on a synthetic CT of {list(BUNDLE_VOLUME)}: {exc}"
+        ) from exc
+    return output[None]
 
 
 def _report(manifest: Manifest, probe: _Probe) -> DryRunReport:

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from gateway.errors import ManifestError
 
 __all__ = [
+    "GENERIC_CATEGORY",
+    "GENERIC_TYPE",
     "MANIFEST_NAME",
     "Classification",
     "Code",
@@ -35,6 +37,7 @@ __all__ = [
     "Segmentation",
     "Selection",
     "load_manifest",
+    "manifest_from_data",
 ]
 
 MANIFEST_NAME = "model.yaml"
@@ -67,6 +70,12 @@ class Code(_Strict):
     value: str = Field(min_length=1, max_length=64)
     scheme: str = Field(min_length=1, max_length=16)
     meaning: str = Field(min_length=1, max_length=64)
+
+
+#: The codes a segment gets when its label names nothing the gateway can code (a bundle's ``channel_def`` entry
+#: without a SNOMED CT concept): SegmentLabel keeps the label's own name, and the job notes it.
+GENERIC_CATEGORY = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
+GENERIC_TYPE = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
 
 
 class Selection(_Strict):
@@ -191,6 +200,11 @@ class Inference(_Strict):
     neighbours. ``batch_size``: the most inputs or patches in one forward pass (the batcher fills it across
     concurrent jobs). ``max_wait_ms``: how long the batcher waits for more work before running a partial batch.
     ``input_name``/``output_name``: tensor names for ONNX (default: the model's first input/output).
+    ``pipeline`` (``monai-bundle`` only): ``manifest`` (the default) prepares the volume by ``preprocess`` and
+    slides ``patch_size`` windows itself; ``bundle`` runs the bundle's own ``preprocessing``, ``inferer`` and
+    ``postprocessing`` from its ``configs/inference.json`` (or ``.yaml``) on the volume in memory, inverted back to
+    the source grid (:mod:`gateway.infer.bundle_pipeline`); ``preprocess`` must then be left out, and
+    ``patch_size``/``batch_size`` only describe the bundle's inferer (the dry run's input).
     For a diffusion model (``select.diffusion``) the channels are the series' distinct b-values, ascending (each the
     mean over its gradient directions), however many there are, and the b-values themselves (``[batch, channels]``,
     s/mm2) go to the second model input, named ``b_values_input`` for ONNX.
@@ -205,6 +219,7 @@ class Inference(_Strict):
     input_name: str | None = None
     output_name: str | None = None
     b_values_input: str = "b_values"
+    pipeline: Literal["manifest", "bundle"] = "manifest"
 
     @field_validator("patch_size")
     @classmethod
@@ -372,6 +387,18 @@ class Manifest(_Strict):
             raise ValueError("trust_code applies to monai-bundle packages only (ONNX and TorchScript run no Python)")
         return self
 
+    @model_validator(mode="after")
+    def _one_pipeline(self) -> Manifest:
+        if self.inference.pipeline == "bundle":
+            if self.backend != "monai-bundle":
+                raise ValueError("inference.pipeline: bundle applies to monai-bundle packages only")
+            if self.preprocess != Preprocess():
+                raise ValueError(
+                    "inference.pipeline: bundle runs the bundle's own preprocessing: leave preprocess out "
+                    "(a second declaration is where spacing, orientation and intensity go wrong)"
+                )
+        return self
+
     @property
     def ref(self) -> str:
         """``name@version``."""
@@ -400,3 +427,18 @@ def load_manifest(folder: Path) -> Manifest:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors())
         raise ManifestError(f"{path}: {problems}") from exc
+
+
+def manifest_from_data(data: dict[str, object], source: str) -> Manifest:
+    """Validate manifest ``data`` that did not come from one ``model.yaml`` (a bundle's synthesised manifest).
+
+    Raises
+    ------
+    ManifestError
+        With every problem found, each naming the key, after ``source`` (where the data came from).
+    """
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors())
+        raise ManifestError(f"{source}: {problems}") from exc

@@ -40,8 +40,9 @@ import gateway
 from gateway.config import ModelsSettings, StoreSettings
 from gateway.errors import GatewayError, ModelConflict, ModelError, NotFound
 from gateway.registry.archive import extract_archive, is_archive, remove_tree
+from gateway.registry.bundle_manifest import is_bundle, package_manifest
 from gateway.registry.dryrun import DryRunReport, dry_run_in_child
-from gateway.registry.manifest import MANIFEST_NAME, Manifest, load_manifest
+from gateway.registry.manifest import MANIFEST_NAME, Manifest
 from gateway.registry.sandbox import SandboxLimits
 from gateway.store.files import fsync_dir
 from gateway.store.index import ModelVersion, RemovedModel, make_engine, make_sessionmaker
@@ -169,7 +170,8 @@ def weights_sha256(folder: Path, manifest: Manifest) -> str:
 
     For a weights file, the digest of its bytes. For a bundle folder, one digest over every file in it, in sorted
     order of their relative paths, each fed as its path (UTF-8), a NUL byte, and its bytes: renaming a file changes
-    the digest too.
+    the digest too. A bare bundle's package folder is its bundle (``weights: "."``): an override ``model.yaml`` in
+    it is the manifest, not weights, and is left out.
 
     Raises
     ------
@@ -183,7 +185,11 @@ def weights_sha256(folder: Path, manifest: Manifest) -> str:
     if path.is_file():
         _hash_file(path, digest)
         return digest.hexdigest()
-    files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+    manifest_file = folder / MANIFEST_NAME
+    files = sorted(
+        (p for p in path.rglob("*") if p.is_file() and p != manifest_file),
+        key=lambda p: p.relative_to(path).as_posix(),
+    )
     if not files:
         raise ModelError(f"{manifest.ref}: weights folder {manifest.weights!r} holds no files")
     for file in files:
@@ -280,6 +286,10 @@ class Registry:
     def register(self, path: Path, *, code_allowed_by: str | None = None) -> RegisteredModel:
         """Register the package in a folder or archive (``.zip``, ``.tar.gz``, ``.tgz``).
 
+        A package is a folder with ``model.yaml`` and the weights it names, or a MONAI model-zoo bundle as it comes
+        (``configs/metadata.json``, perhaps with an override ``model.yaml``): its manifest is then synthesised
+        (:func:`gateway.registry.bundle_manifest.package_manifest`).
+
         A package whose manifest says ``trust_code: true`` (a MONAI bundle whose code is to run) is registered
         only with ``code_allowed_by``: who allows it, recorded with the version (``dry_run["code_allowed_by"]``).
         Only an admin may: the HTTP route passes it for an admin token, ``gateway models register --trust-code``
@@ -292,7 +302,8 @@ class Registry:
         Raises
         ------
         ManifestError
-            If ``model.yaml`` is missing, not YAML or breaks the schema (the message names each key).
+            If ``model.yaml`` is missing (and the folder is no MONAI bundle), not YAML or breaks the schema, or a
+            bare bundle's manifest cannot be synthesised (the message names each key or field).
         ModelConflict
             If ``name@version`` is already registered with other weights or another manifest.
         ModelError
@@ -317,7 +328,9 @@ class Registry:
             return []
         registered = []
         for entry in sorted(folder.iterdir()):
-            if entry.name.startswith(".") or not ((entry / MANIFEST_NAME).is_file() or is_archive(entry)):
+            if entry.name.startswith(".") or not (
+                (entry / MANIFEST_NAME).is_file() or is_bundle(entry) or is_archive(entry)
+            ):
                 continue
             try:
                 registered.append(self._register(entry, shipped=True))
@@ -335,7 +348,8 @@ class Registry:
         raise ModelError(f"{path}: not a model package folder or archive (.zip, .tar.gz, .tgz)")
 
     def _register_folder(self, source: Path, shipped: bool, code_allowed_by: str | None) -> RegisteredModel:
-        manifest = load_manifest(source)
+        source = source.resolve()  # a bare bundle is named after its folder, even when given as "."
+        manifest = package_manifest(source)
         _check_plain(source, str(source))
         existing = self._existing(manifest, source, shipped)
         if existing is not None:
@@ -351,7 +365,8 @@ class Registry:
         staging = self._new_staging()
         try:
             root = extract_archive(archive, staging / "package", self.max_archive_bytes)
-            manifest = load_manifest(root)
+            # a bare bundle is named after the archive's top folder; at the archive's top its name is unknown
+            manifest = package_manifest(root, root.name if root != staging / "package" else "")
             existing = self._existing(manifest, root, shipped)
             return existing or self._install(root, manifest, shipped, code_allowed_by)
         finally:

@@ -14,12 +14,18 @@ process (GNU ``time``'s ``%M``), and the peak of the process tree's summed PSS (
 worker processes), sampled every 20 ms from ``/proc/PID/smaps_rollup``. Once more on the uncompressed copy, the
 two NIfTI files are compared: same voxel values (as nibabel reads them, scaling applied) and affine.
 
+The issue's own target is measured on its own, on uncompressed series of 140 slices (the size the issue names)
+and of ``--slices``: ``gateway volume`` beside ``dcm2niix`` as whole processes (best of at least 5, interleaved),
+and ``gateway.assemble.assemble.assemble_series`` on the same files inside this process, as a running gateway
+assembles a series (its imports done; timed after one warm-up call), beside dcm2niix's whole run.
+
 Decoding is timed in this process: every frame of each copy through ``gateway.assemble.decode.decode_frames``
 (one worker, and all CPUs) and through GDCM (python-gdcm, pydicom's ``gdcm`` decoding plugin; in turn, and in a
 process pool of the same size), with the decoded arrays compared.
 
 Run ``python bench/volume.py``; ``--slices``/``--size`` shrink it, ``--no-write`` leaves ``docs/benchmarks.md``
-alone. MONAI (with torch) and python-gdcm must be installed in the environment for their rows.
+alone, ``--target-only`` measures (and prints) only the target table. MONAI (with torch) and python-gdcm must be
+installed in the environment for their rows.
 """
 
 from __future__ import annotations
@@ -46,12 +52,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from ingest import machine, write_section  # noqa: E402  (bench/ is not a package)
 
+from gateway.assemble.assemble import assemble_series  # noqa: E402
 from gateway.assemble.decode import decode_frames  # noqa: E402
 from gateway.synth.ct import write_synthetic_ct  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## Volume assembly (bench/volume.py)"
 RUN_TIMEOUT_S = 900.0
+TARGET_SLICES = 140  # the series size issue 12 names for "gateway volume <= 2x dcm2niix"
+TARGET_REPEAT = 5  # at least: these runs are short, and the machine is shared
 SAMPLE_S = 0.02
 TIME = "/usr/bin/time"
 BIN = Path(sys.executable).parent
@@ -263,6 +272,88 @@ def compare_outputs(src: Path, work: Path) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------------- target
+
+
+@dataclass
+class Target:
+    """``gateway volume`` and dcm2niix on one uncompressed series, and ``assemble_series`` in this process."""
+
+    slices: int
+    gateway: float
+    dcm2niix: float
+    in_process: float
+
+
+def _best_in_process(folder: Path, repeat: int) -> float:
+    """Best time of ``assemble_series`` on the folder's files, after one untimed call (imports, page cache)."""
+    paths = sorted(folder.glob("*.dcm"))
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        result = assemble_series(paths)
+        times.append(time.perf_counter() - start)
+        if len(result.volumes) != 1:
+            raise BenchError(f"assemble_series made {len(result.volumes)} volumes of {folder}")
+        del result
+    return min(times[1:])
+
+
+def measure_target(folders: dict[int, Path], work: Path, repeat: int) -> list[Target]:
+    """The issue's target on each series: whole processes interleaved (best of ``repeat``), then in-process."""
+    out = []
+    for slices, folder in sorted(folders.items()):
+        best = {GATEWAY.name: float("inf"), DCM2NIIX.name: float("inf")}
+        for r in range(repeat):
+            for tool in (GATEWAY, DCM2NIIX):
+                target = work / f"target-{slices}-{r}-{tool.name.split()[0]}"
+                target.mkdir(parents=True)
+                try:
+                    run = run_process(tool.command(folder, target), work / "log.txt")
+                    tool.check(target, run)
+                finally:
+                    shutil.rmtree(target, ignore_errors=True)
+                best[tool.name] = min(best[tool.name], run.seconds)
+        row = Target(slices, best[GATEWAY.name], best[DCM2NIIX.name], _best_in_process(folder, repeat))
+        print(
+            f"  target {slices} slices: gateway {row.gateway:.2f} s, dcm2niix {row.dcm2niix:.2f} s "
+            f"({row.gateway / row.dcm2niix:.2f}x), assemble_series in-process {row.in_process:.2f} s",
+            flush=True,
+        )
+        out.append(row)
+    return out
+
+
+def target_table(targets: Sequence[Target]) -> list[str]:
+    def ok(good: bool) -> str:
+        return "met" if good else "NOT met"
+
+    lines = [
+        "| slices | `gateway volume` s | dcm2niix s | gateway ÷ dcm2niix (target ≤ 2) "
+        "| `assemble_series` in-process s | in-process ÷ dcm2niix (target ≤ 1) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in targets:
+        whole, inside = t.gateway / t.dcm2niix, t.in_process / t.dcm2niix
+        lines.append(
+            f"| {t.slices} | {t.gateway:.2f} | {t.dcm2niix:.2f} | {whole:.2f} ({ok(whole <= 2)}) "
+            f"| {t.in_process:.2f} | {inside:.2f} ({ok(inside <= 1)}) |"
+        )
+    return lines
+
+
+def target_folders(root: Path, args: argparse.Namespace, uncompressed: Path | None) -> dict[int, Path]:
+    """Uncompressed series of ``TARGET_SLICES`` and of ``--slices`` (reusing ``uncompressed`` when given)."""
+    folders = {}
+    for slices in sorted({TARGET_SLICES, args.slices}):
+        if slices == args.slices and uncompressed is not None:
+            folders[slices] = uncompressed
+        else:
+            folders[slices] = root / f"target-{slices}"
+            write_synthetic_ct(folders[slices], slices, rows=args.size, columns=args.size, seed=0)
+    return folders
+
+
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
@@ -360,6 +451,19 @@ def decode_table(decodes: Sequence[Decode]) -> list[str]:
     return lines
 
 
+def target_section(targets: Sequence[Target], args: argparse.Namespace) -> list[str]:
+    repeat = max(args.repeat, TARGET_REPEAT)
+    return [
+        f"The issue's target, on uncompressed {args.size}x{args.size} series: `gateway volume` and dcm2niix as "
+        f"whole processes, interleaved, best of {repeat}; `assemble_series` (headers, pixels, geometry: the "
+        "float32 volume a model gets, no file written) on the same files inside this process, as a running "
+        "gateway calls it, best of as many after one warm-up call.",
+        "",
+        *target_table(targets),
+        "",
+    ]
+
+
 def verdicts(results: Sequence[Result], volume_bytes: int) -> list[str]:
     """The issue's targets: <= 1.5x dcm2niix's time uncompressed, >= 5x faster than MONAI, RSS < 2.5x volume."""
     by = {(r.tool, r.input): r for r in results}
@@ -411,6 +515,7 @@ def section(
     volume_bytes: int,
     args: argparse.Namespace,
     comparison: str,
+    targets: Sequence[Target],
 ) -> str:
     stored = ", ".join(f"{label} {mb:.1f} MB" for label, mb in sizes.items())
     lines = [
@@ -434,6 +539,7 @@ def section(
         "",
         comparison,
         "",
+        *target_section(targets, args),
         "Decoding alone, every frame of each copy, in the benchmark's process (pools started per call and "
         "counted): the gateway's `decode_frames` (pydicom 3 with pylibjpeg) against GDCM through pydicom's "
         "`gdcm` decoding plugin (python-gdcm), in turn and in a process pool of the same size. The decoded "
@@ -462,6 +568,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="rows and columns (default 512)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best counts (default 3)")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.relative_to(REPO)}")
+    parser.add_argument(
+        "--target-only",
+        action="store_true",
+        help=f"only the target table ({TARGET_SLICES} and --slices slices, uncompressed); writes nothing",
+    )
     args = parser.parse_args(argv)
     if args.slices < 2 or args.size < 32 or args.repeat < 1:
         parser.error("--slices must be >= 2, --size >= 32, --repeat >= 1")
@@ -472,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     volume_bytes = args.slices * args.size * args.size * 4
+    if args.target_only:
+        return main_target(args)
     with tempfile.TemporaryDirectory(prefix="bench-volume-") as tmp:
         series = make_series(Path(tmp), args.slices, args.size)
         sizes = {label: folder_mb(folder) for label, folder in series.items()}
@@ -480,17 +593,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = measure_tools(series, Path(tmp) / "runs", args.repeat)
             comparison = compare_outputs(series["uncompressed"], Path(tmp) / "runs")
             print(comparison, flush=True)
+            folders = target_folders(Path(tmp), args, series["uncompressed"])
+            targets = measure_target(folders, Path(tmp) / "runs", max(args.repeat, TARGET_REPEAT))
             decodes = measure_decoding(series, args.repeat)
         except BenchError as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
-    text = section(results, decodes, sizes, volume_bytes, args, comparison)
+    text = section(results, decodes, sizes, volume_bytes, args, comparison, targets)
     print()
     print(text)
     print(f"total time {time.monotonic() - started:.0f} s")
     if not args.no_write:
         write_section(DOC, text, HEADING)
         print(f"wrote {DOC.relative_to(REPO)}")
+    return 0
+
+
+def main_target(args: argparse.Namespace) -> int:
+    """``--target-only``: the target table alone, printed."""
+    with tempfile.TemporaryDirectory(prefix="bench-volume-") as tmp:
+        folders = target_folders(Path(tmp), args, None)
+        try:
+            targets = measure_target(folders, Path(tmp) / "runs", max(args.repeat, TARGET_REPEAT))
+        except BenchError as exc:
+            print(f"benchmark failed: {exc}", file=sys.stderr)
+            return 1
+    print()
+    print("\n".join([*target_section(targets, args), *machine(software())]))
     return 0
 
 

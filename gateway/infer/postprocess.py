@@ -93,20 +93,22 @@ def check_output(output: npt.NDArray[Any], manifest: Manifest, prepared: Prepare
 
 
 def _activate(output: Array, activation: str) -> Array:
-    """Apply the activation over the channel axis, in place (on a copy when the output is read-only)."""
+    """Apply the activation over the channel axis, in place (on a copy when the output is read-only).
+
+    Softmax subtracts the channel maximum first (no overflow); sigmoid is SciPy's ``expit`` (loaded on the first
+    sigmoid model), which saturates to 0 and 1 without overflow warnings.
+    """
     if activation == "none":
         return output
-    import torch  # loaded on the first activation, not with the gateway
-
     array = output if output.flags.writeable else output.copy()
-    tensor = torch.from_numpy(array)
-    with torch.inference_mode():
-        if activation == "softmax":
-            tensor -= tensor.amax(dim=0, keepdim=True)
-            tensor.exp_()
-            tensor /= tensor.sum(dim=0, keepdim=True)
-        else:
-            tensor.sigmoid_()
+    if activation == "softmax":
+        array -= array.max(axis=0, keepdims=True)
+        np.exp(array, out=array)
+        array /= array.sum(axis=0, keepdims=True)
+    else:
+        from scipy.special import expit  # type: ignore[import-untyped]  # scipy ships no type hints
+
+        expit(array, out=array)
     return array
 
 

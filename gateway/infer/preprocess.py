@@ -164,19 +164,70 @@ def _target_shape(shape: Shape, spacing: tuple[float, float, float], manifest: M
 
 
 def _resize(array: npt.NDArray[Any], shape: Shape, mode: Mode) -> Array:
-    """Resample a 3D array to ``shape``, keeping its extent (trilinear or nearest)."""
+    """Resample a 3D array to ``shape``, keeping its extent: trilinear or nearest, as PyTorch's ``interpolate``
+    computes them (``trilinear`` with ``align_corners=False``, ``nearest-exact``), in numpy.
+
+    Trilinear interpolation is separable: one linear pass per axis gives the same values (up to float rounding).
+    The output is made ``_SLAB`` slices at a time, so the temporaries stay a few slices large.
+    """
     if array.shape == shape:
         return np.asarray(array, dtype=np.float32)
-    import torch  # loaded on the first resampling, not with the gateway
-    import torch.nn.functional as F
+    taps = [_taps(n, m, mode) for n, m in zip(array.shape, shape, strict=True)]
+    out = np.empty(shape, dtype=np.float32)
+    for start in range(0, shape[0], _SLAB):
+        stop = min(start + _SLAB, shape[0])
+        out[start:stop] = _in_plane(_along(array, taps[0], slice(start, stop), 0), taps[1], taps[2])
+    return out
 
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    with torch.inference_mode():
-        if mode == "linear":
-            out = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
-        else:
-            out = F.interpolate(tensor, size=shape, mode="nearest-exact")
-    return out[0, 0].numpy()
+
+#: Output slices resampled together: temporaries of a few slices, numpy calls large enough to be efficient.
+_SLAB = 8
+
+#: Where each output index reads: (first source index, second source index, weight of the second), float32.
+_Taps = tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float32]]
+
+
+def _taps(size: int, new: int, mode: Mode) -> _Taps:
+    """Source indices and weights of an extent-preserving resize of one axis from ``size`` to ``new`` points.
+
+    PyTorch's rules, in its arithmetic (ATen's ``UpSample.h``): the scale is ``float32(size / new)``; the source
+    coordinate is computed in double and rounded to float32; ``linear`` reads the source at
+    ``max(0, scale * (i + 0.5) - 0.5)`` between its two neighbours (the last one repeated at the edge),
+    ``nearest`` takes index ``min(floor((i + 0.5) * scale), size - 1)`` (``nearest-exact``).
+    """
+    scale = np.float64(np.float32(size) / np.float32(new))
+    index = np.arange(new)
+    if mode == "nearest":
+        position = ((index + 0.5) * scale).astype(np.float32)
+        nearest = np.minimum(np.floor(position).astype(np.intp), size - 1)
+        return nearest, nearest, np.zeros(new, dtype=np.float32)
+    source = np.maximum(((index + 0.5) * scale - 0.5).astype(np.float32), np.float32(0))
+    first = source.astype(np.intp)
+    second = np.minimum(first + 1, size - 1)
+    return first, second, (source - first.astype(np.float32)).astype(np.float32)
+
+
+def _along(array: npt.NDArray[Any], taps: _Taps, part: slice, axis: int) -> Array:
+    """``array`` resampled along ``axis``, output indices ``part`` only."""
+    first, second, weight = taps[0][part], taps[1][part], taps[2][part]
+    shape = [1] * array.ndim
+    shape[axis] = len(weight)
+    low: Array = np.take(array, first, axis=axis, mode="clip").astype(np.float32, copy=False)
+    if not weight.any():
+        return low
+    high: Array = np.take(array, second, axis=axis, mode="clip").astype(np.float32, copy=False)
+    high -= low  # low + (high - low) * w, in place: torch's (1 - w) * low + w * high up to rounding
+    high *= weight.reshape(shape)
+    high += low
+    return high
+
+
+def _in_plane(slab: Array, rows: _Taps, columns: _Taps) -> Array:
+    """A slab ``[slice, row, column]`` resampled along rows and columns, the cheaper axis first."""
+    everything = slice(None)
+    if len(rows[0]) * slab.shape[2] <= slab.shape[1] * len(columns[0]):
+        return _along(_along(slab, rows, everything, 1), columns, everything, 2)
+    return _along(_along(slab, columns, everything, 2), rows, everything, 1)
 
 
 def _resample_map(old: Shape, new: Shape) -> npt.NDArray[np.float64]:

@@ -1,6 +1,6 @@
 """Resampling and activations in numpy give what PyTorch gives (issue 12: ONNX-only jobs do not load torch).
 
-``_resize`` stands in for ``torch.nn.functional.interpolate`` (``trilinear``, ``align_corners=False``, and
+``_resize_numpy`` stands in for ``torch.nn.functional.interpolate`` (``trilinear``, ``align_corners=False``, and
 ``nearest-exact``), ``_activate`` for torch's softmax and sigmoid over the channel axis. torch is the reference
 here, so these tests skip where it is not installed.
 """
@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 
 from gateway.infer.postprocess import _activate
-from gateway.infer.preprocess import Mode, Shape, _resize
+from gateway.infer.preprocess import Mode, Shape, _resize, _resize_numpy
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("torch.nn.functional")
@@ -43,7 +43,7 @@ def _torch_resize(array: npt.NDArray[np.float32], shape: Shape, mode: Mode) -> n
 @pytest.mark.parametrize(("old", "new"), CASES, ids=lambda s: "x".join(map(str, s)))
 def test_resize_matches_torch(old: Shape, new: Shape, mode: Mode) -> None:
     array = np.random.default_rng(0).normal(100.0, 400.0, old).astype(np.float32)
-    ours, theirs = _resize(array, new, mode), _torch_resize(array, new, mode)
+    ours, theirs = _resize_numpy(array, new, mode), _torch_resize(array, new, mode)
     assert ours.shape == new and ours.dtype == np.float32
     if mode == "nearest":
         np.testing.assert_array_equal(ours, theirs)
@@ -53,7 +53,7 @@ def test_resize_matches_torch(old: Shape, new: Shape, mode: Mode) -> None:
 
 def test_nearest_resize_of_labels_keeps_label_values() -> None:
     labels = np.random.default_rng(1).integers(0, 4, (11, 14, 9)).astype(np.float32)
-    resized = _resize(labels, (23, 5, 18), "nearest")
+    resized = _resize_numpy(labels, (23, 5, 18), "nearest")
     assert set(np.unique(resized)) <= {0.0, 1.0, 2.0, 3.0}
     np.testing.assert_array_equal(resized, _torch_resize(labels, (23, 5, 18), "nearest"))
 
@@ -61,7 +61,7 @@ def test_nearest_resize_of_labels_keeps_label_values() -> None:
 def test_resize_across_slabs_matches_torch() -> None:
     """More output slices than one slab, from an integer input (converted to float32 on the way)."""
     array = np.random.default_rng(2).integers(-1024, 3000, (21, 12, 10)).astype(np.int16)
-    ours = _resize(array, (37, 9, 13), "linear")
+    ours = _resize_numpy(array, (37, 9, 13), "linear")
     theirs = _torch_resize(array.astype(np.float32), (37, 9, 13), "linear")
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * 3000)
 
@@ -86,3 +86,12 @@ def test_activate_matches_torch(activation: str) -> None:
     in_place = output.copy()
     assert _activate(in_place, activation) is in_place
     np.testing.assert_allclose(in_place, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+def test_resize_uses_torch_once_loaded_with_the_same_values(mode: Mode) -> None:
+    """With torch in the process (it is, here), ``_resize`` takes torch's multi-threaded path; both paths agree."""
+    array = np.random.default_rng(3).normal(0, 300, (11, 17, 29)).astype(np.float32)
+    via_torch = _resize(array, (7, 30, 19), mode)
+    np.testing.assert_array_equal(via_torch, _torch_resize(array, (7, 30, 19), mode))
+    np.testing.assert_allclose(_resize_numpy(array, (7, 30, 19), mode), via_torch, rtol=1e-5, atol=1e-5 * 300 * 6)

@@ -8,7 +8,9 @@ Which Segmentation Type:
 - **BINARY** (Segmentation Storage), the default: one 1-bit frame per segment and slice, empty frames left out.
   It is the only type when segments may overlap (manifest ``segmentation.kind: channels``) or there is a single
   segment. Bit-packed, it is already one eighth of a byte a voxel; it is written uncompressed (highdicom
-  encapsulates only byte-aligned frames).
+  encapsulates only byte-aligned frames). The masks reach highdicom laid out segment by segment in memory, and
+  their overlap is checked in 8 bits (``_Segmentation``): the same object as highdicom's documented path, built
+  in about half the time.
 - **LABELMAP** (Label Map Segmentation Storage, DICOM 2024b), with ``labelmap=True`` and a ``labelmap`` of several
   non-overlapping segments: one 8-bit (16-bit past 255 segments) frame per slice holding segment numbers, what the
   model produced, and far smaller. Frames are RLE Lossless: measured on a 512x512x300 label map with 5 segments,
@@ -54,6 +56,39 @@ _TRANSFER_SYNTAX = {
     hd.seg.SegmentationTypeValues.BINARY: ExplicitVRLittleEndian,
     hd.seg.SegmentationTypeValues.LABELMAP: RLELossless,
 }
+
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation with a cheaper check of a stack of binary masks (same checks, same outcome).
+
+    For a ``[S, R, C, n]`` stack of 0/1 masks highdicom 0.28 checks that every value is 0 or 1 and sums the
+    segments per voxel to find whether they overlap (SegmentsOverlap), in 64-bit integers: on a 300x512x512 CT
+    with 5 segments that sum took longer than building every frame. Here the sum is in 8 bits over the
+    segment-major memory of :func:`_segment_major`; anything else goes to highdicom's own check.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(
+        cls,
+        pixel_array: Any,
+        segment_numbers: npt.NDArray[Any],
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[Any, hd.seg.SegmentsOverlapValues]:
+        n = len(segment_numbers)
+        if not (
+            isinstance(pixel_array, np.ndarray)
+            and pixel_array.ndim == 4
+            and pixel_array.dtype == np.uint8
+            and pixel_array.shape[-1] == n
+            and 1 < n < 256
+            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+            and int(pixel_array.max()) <= 1
+        ):
+            return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
+        voxel_counts = np.moveaxis(pixel_array, -1, 0).sum(axis=0, dtype=np.uint8)  # < 256 segments: no overflow
+        overlap = bool((voxel_counts > 1).any())
+        return pixel_array, hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
 
 
 def _declared(manifest: Manifest) -> Segmentation:
@@ -103,7 +138,19 @@ def _pixels(result: ModelResult) -> npt.NDArray[Any]:
     masks = [_mask(result, label) for label in declared.labels]
     if len(masks) == 1:
         return masks[0].view(np.uint8)
-    return np.stack(masks, axis=-1).view(np.uint8)
+    return np.moveaxis(np.stack(masks, axis=0).view(np.uint8), 0, -1)  # segment-major already: see _segment_major
+
+
+def _segment_major(frames: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """A ``[frames, R, C, n]`` stack laid out segment by segment in memory (a view when it already is).
+
+    highdicom makes one frame of each segment on each plane, ``frames[k, :, :, i]``: laid out this way each is a
+    contiguous block, so its emptiness test, copy and bit-packing run at memory speed (C order, the segments
+    interleaved voxel by voxel, took twice as long on a 300x512x512 CT with 5 segments).
+    """
+    if frames.ndim != 4:
+        return frames
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(frames, -1, 0)), 0, -1)
 
 
 def _description(
@@ -166,8 +213,8 @@ def encode_segmentation(
     provenance = Provenance.of(result, gateway_version)
     try:
         with copying_source_names():
-            seg = hd.seg.Segmentation(
-                pixel_array=plan.frames(pixels),
+            seg = _Segmentation(
+                pixel_array=_segment_major(plan.frames(pixels)),
                 segmentation_type=kind,
                 segment_descriptions=[
                     _description(n, label, result.manifest, provenance) for n, label in enumerate(labels, 1)

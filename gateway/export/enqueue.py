@@ -6,7 +6,9 @@ delivery to a final state. Both are re-exported by :mod:`gateway.export.queue`.
 
 Each destination gets only the kinds of result it takes (its ``send`` setting: a file is queued for a
 destination only when the file's kind, read from its SOP class, is one of them; a file of no known kind goes
-everywhere); the kinds left out are listed in the job's ``detail.export.not_sent``.
+everywhere); the kinds left out are listed in the job's ``detail.export.not_sent``. A run's structured reports
+(SR) and key object selections are queued first, so a destination receives the report a reader waits for before
+the larger SEG, presentation states and images.
 
 A job with results and no destination for them (none configured, a caller dropped or held by
 ``export.unmapped``, or no result of a kind its destinations take) is never silent: it ends ``exported`` with
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 NO_KIND_TAKEN = "no output is of a kind its destinations take (see not_sent)"
 NO_OUTPUT = "no output file to send"
 _KINDS: tuple[str, ...] = get_args(OutputKind)
+_FIRST = {"sr": 0, "ko": 1}  # queued (and so sent) before the other kinds, in this order
 
 #: Destination name -> the kinds of result it takes; ``None``: every file, whatever its kind.
 _Plan = dict[str, frozenset[str] | None]
@@ -126,7 +129,7 @@ def enqueue(
     """
     now = time.time() if now is None else now
     plan = _plan(destinations)
-    headers = [_header(store, Path(f), k, len(files)) for k, f in enumerate(files)]
+    headers = _reports_first([_header(store, Path(f), k, len(files)) for k, f in enumerate(files)])
     pairs, not_sent = _routed(headers, plan)
     with store.write_sessions.begin() as session:
         job = locked_job(session, job_id)
@@ -205,6 +208,16 @@ def _plan(destinations: Mapping[str, Collection[str]] | Sequence[str]) -> _Plan:
             raise ValueError(f"destinations[{name!r}] names unknown kind(s) {unknown}; known: {list(_KINDS)}")
         plan[name] = frozenset(kinds)
     return plan
+
+
+def _reports_first(headers: Sequence[_Header]) -> list[_Header]:
+    """The structured reports and key object selections first, then the rest in the order given.
+
+    A destination's deliveries go out in queue order, and a report is what a reader waits for: the few kilobytes of
+    the SR should not wait behind the tens of megabytes of a SEG (nor a SEG behind the SR's references to it: a
+    receiver resolves those when it displays them).
+    """
+    return sorted(headers, key=lambda header: _FIRST.get(output_kind(header.sop_class_uid) or "", len(_FIRST)))
 
 
 def _routed(headers: Iterable[_Header], plan: _Plan) -> tuple[list[tuple[_Header, str]], dict[str, list[str]]]:

@@ -36,6 +36,9 @@ from gateway.store.index import Instance, Job, RefusedInstance, Series, SeriesRe
 
 log = logging.getLogger(__name__)
 
+_DUE_MARGIN_S = 0.005  # wake this long after a revision falls quiet (timers fire a little early or late)
+_MIN_WAIT_S = 0.01  # never spin: a revision due but still open (another process about to claim it) waits this
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -229,8 +232,14 @@ def create_job(session: Session, rev: SeriesRevision, now: float, **detail: obje
 
 
 class CompletionMonitor:
-    """Background thread that runs :func:`complete_quiet_series` every ``poll_s`` seconds; ``on_complete`` is called
-    when it made jobs (the job runner's wake-up, so a new job does not wait for the workers' next poll)."""
+    """Background thread that runs :func:`complete_quiet_series` when the first open revision falls quiet (and at
+    least every ``poll_s`` seconds); ``on_complete`` is called when it made jobs (the job runner's wake-up, so a new
+    job does not wait for the workers' next poll).
+
+    A series is complete within a few milliseconds of its quiet period, not up to a poll interval later: after each
+    check the monitor sleeps until :func:`next_quiet_at`, capped at ``poll_s`` and at one quiet period (a series
+    that starts arriving meanwhile falls quiet no sooner than that).
+    """
 
     def __init__(
         self,
@@ -270,7 +279,8 @@ class CompletionMonitor:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._poll):
+        wait = self._first_wait()
+        while not self._stop.wait(wait):
             waiting = time.monotonic() - self._started < max(self._quiet, self._resend_wait)
             try:
                 made = complete_quiet_series(
@@ -278,5 +288,37 @@ class CompletionMonitor:
                 )
                 if made and self._on_complete is not None:
                     self._on_complete()
+                wait = self._next_wait(waiting)
             except Exception:
                 log.exception("completion check failed; retrying at the next poll")
+                wait = self._poll
+
+    def _first_wait(self) -> float:
+        return min(self._poll, self._quiet) if self._quiet > 0 else self._poll
+
+    def _next_wait(self, waiting: bool) -> float:
+        """Seconds to the next check: when the first open revision falls quiet, at most ``poll_s`` (and at most a
+        quiet period, so that a series that starts arriving now is seen before it is due)."""
+        due = next_quiet_at(self._sessions, self._quiet, self._started_at if waiting else None)
+        longest = self._first_wait()
+        if waiting:  # the revisions left open by the previous run are due when the wait after a restart ends
+            longest = min(longest, max(self._quiet, self._resend_wait) - (time.monotonic() - self._started))
+        if due is not None:
+            longest = min(longest, due - time.time() + _DUE_MARGIN_S)
+        return max(longest, _MIN_WAIT_S)
+
+
+def next_quiet_at(
+    sessions: sessionmaker[Session], quiet_period_s: float, not_last_before: float | None = None
+) -> float | None:
+    """When the first open revision falls quiet (seconds since the epoch), or ``None`` when none is open.
+
+    ``not_last_before`` leaves out the revisions :func:`complete_quiet_series` leaves open after a restart.
+    """
+    with sessions() as session:
+        last = session.scalar(
+            select(func.min(SeriesRevision.last_received_at)).where(
+                SeriesRevision.state == "open", SeriesRevision.last_received_at >= (not_last_before or 0.0)
+            )
+        )
+    return None if last is None else float(last) + quiet_period_s

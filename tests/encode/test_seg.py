@@ -41,6 +41,7 @@ from encode_cases import (
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from gateway.encode import EncodedObject, encode_result, write_objects
+from gateway.encode.common import copying_source_names
 from gateway.encode.seg import encode_segmentation, segment_numbers
 from gateway.errors import EncodeError
 from gateway.infer.results import ModelResult
@@ -147,6 +148,63 @@ def test_empty_frames_are_left_out_and_the_masks_round_trip(
     for frame, (number, k) in enumerate(zip(_frame_segments(seg), indices, strict=True)):
         label = next(value for value, n in numbers.items() if n == number)
         np.testing.assert_array_equal(pixels[frame].astype(bool), tissue.masks[label][k])
+
+
+def _highdicom_reference(
+    result: ModelResult, ds: pydicom.Dataset, sources: dict[str, pydicom.Dataset]
+) -> hd.seg.Segmentation:
+    """The same masks handed to highdicom as its documentation shows: one C-ordered ``[S, R, C, n]`` uint8 stack,
+    and highdicom's own checks."""
+    labels = result.manifest.outputs.segmentation.labels  # type: ignore[union-attr]
+    with copying_source_names():
+        return hd.seg.Segmentation(
+            source_images=[sources[ref.sop_instance_uid] for ref in result.volume.slices],
+            pixel_array=np.stack([result.masks[label.value] for label in labels], axis=-1).astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[hd.seg.SegmentDescription.from_dataset(item) for item in ds.SegmentSequence],
+            series_instance_uid=hd.UID(),
+            series_number=1,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="reference",
+            manufacturer_model_name="reference",
+            software_versions="0",
+            device_serial_number="0",
+            omit_empty_frames=True,
+        )
+
+
+def _frames_of(ds: pydicom.Dataset) -> list[tuple[int, tuple[float, ...], str]]:
+    """Per frame: segment number, position, cited source image."""
+    positions = [tuple(float(v) for v in p) for p in frame_positions(ds)]
+    cited = [
+        str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        for f in ds.PerFrameFunctionalGroupsSequence
+    ]
+    return list(zip(_frame_segments(ds), positions, cited, strict=True))
+
+
+@pytest.mark.parametrize("overlapping", [True, False], ids=["overlapping", "disjoint"])
+def test_the_frames_are_those_highdicom_makes_of_the_masks(overlapping: bool, tissue: ModelResult, ct: Case) -> None:
+    """The segment-major stack and the cheaper overlap check change nothing in the SEG: the same frames, in the same
+    order, with the same pixels, references and SegmentsOverlap as highdicom's own path."""
+    result = tissue if overlapping else dataclasses.replace(tissue, masks=_disjoint(tissue))
+    item = encode_segmentation(result, ct.sources, series_number=5, gateway_version=GATEWAY_VERSION)
+    ds, reference = item.dataset, _highdicom_reference(result, item.dataset, dict(ct.sources))
+    assert ds.SegmentsOverlap == reference.SegmentsOverlap == ("YES" if overlapping else "NO")
+    assert ds.NumberOfFrames == reference.NumberOfFrames
+    assert _frames_of(ds) == _frames_of(reference)
+    assert ds.PixelData == reference.PixelData
+
+
+def _disjoint(result: ModelResult) -> dict[int, np.ndarray]:
+    """The result's masks, each voxel kept in the last segment that holds it only."""
+    taken = np.zeros(result.volume.array.shape, dtype=bool)
+    masks = {}
+    for value in reversed(list(result.masks)):
+        masks[value] = result.masks[value] & ~taken
+        taken |= masks[value]
+    return {value: masks[value] for value in result.masks}
 
 
 def test_binary_seg_passes_dciodvfy(tissue_seg: EncodedObject, tmp_path: Path) -> None:

@@ -112,6 +112,18 @@ def test_enqueue_sends_each_destination_the_kinds_it_takes(instance_store: Insta
     assert [v["kind"] for v in queue.deliveries_of(instance_store, job)] == ["sc"]
 
 
+def test_the_report_is_queued_and_claimed_first(instance_store: InstanceStore, tmp_path: Path) -> None:
+    """The SR (then the key objects) go out before the SEG and the rest, whatever order the encoder wrote them in."""
+    files = result_files(tmp_path / "results")
+    job = make_job(instance_store)
+    written = [files[k] for k in ("seg", "gsps", "sc", "sr", "ko")]
+    assert queue.enqueue(instance_store, job, written, ["pacs"], now=T0) == 5
+    assert [v["kind"] for v in queue.deliveries_of(instance_store, job)] == ["sr", "ko", "seg", "gsps", "sc"]
+    name, items = queue.claim(instance_store, ["pacs"], 10, now=T0)  # type: ignore[misc]
+    kinds = {sop_instance_uid(p): k for k, p in files.items()}
+    assert name == "pacs" and [kinds[i.sop_instance_uid] for i in items] == ["sr", "ko", "seg", "gsps", "sc"]
+
+
 def test_enqueue_of_no_kind_a_destination_takes_exports_at_once(instance_store: InstanceStore, tmp_path: Path) -> None:
     files = result_files(tmp_path / "results")
     job = make_job(instance_store)

@@ -391,3 +391,45 @@ def test_after_a_restart_a_series_cut_off_mid_transfer_waits_a_quiet_period_for_
 def jobs_of(store: InstanceStore) -> list[Job]:
     with store.sessions() as session:
         return list(session.scalars(select(Job)))
+
+
+def test_next_quiet_at_is_when_the_first_open_revision_falls_quiet(store: InstanceStore, tmp_path: Path) -> None:
+    from gateway.ingest.completion import next_quiet_at
+
+    assert next_quiet_at(store.sessions, QUIET) is None, "nothing open"
+    a = SeriesFiles(tmp_path / "a", SERIES_A, 2)
+    b = SeriesFiles(tmp_path / "b", SERIES_B, 1)
+    a.put(store, 0, now=T0)
+    b.put(store, 0, now=T0 + 1)
+    a.put(store, 1, now=T0 + 2)  # A's quiet period starts again
+    assert next_quiet_at(store.sessions, QUIET) == T0 + 1 + QUIET
+    assert next_quiet_at(store.sessions, QUIET, not_last_before=T0 + 1.5) == T0 + 2 + QUIET, "after a restart"
+    (done,) = complete_quiet_series(store.write_sessions, QUIET, now=T0 + 1 + QUIET)
+    assert done.series_instance_uid == SERIES_B
+    assert next_quiet_at(store.sessions, QUIET) == T0 + 2 + QUIET
+    complete_quiet_series(store.write_sessions, QUIET, now=T0 + 2 + QUIET)
+    assert next_quiet_at(store.sessions, QUIET) is None
+
+
+def test_the_monitor_completes_a_series_when_it_falls_quiet_not_at_its_poll(tmp_path: Path) -> None:
+    """With a poll far longer than the test, the series still completes: the monitor wakes when it falls quiet."""
+    from gateway.ingest.completion import CompletionMonitor
+
+    store = InstanceStore(make_settings(tmp_path / "data").store)
+    try:
+        woken = threading.Event()
+        monitor = CompletionMonitor(store.write_sessions, quiet_period_s=0.5, poll_s=3600, on_complete=woken.set)
+        monitor.start()
+        try:
+            series = SeriesFiles(tmp_path / "a", SERIES_A, 3)
+            for k in range(3):
+                series.put(store, k, now=None)
+            assert woken.wait(timeout=60), "the monitor did not complete the series"
+        finally:
+            monitor.stop()
+        (job,) = jobs_of(store)
+        assert job.detail == {"revision": 1, "instances": 3}
+        (rev,) = revisions(store.sessions, SERIES_A)
+        assert rev.completed_at is not None and rev.completed_at >= rev.last_received_at + 0.5
+    finally:
+        store.close()

@@ -111,7 +111,7 @@ class GatewayProcess(PeerProcess):
         if not dicom_echo(self.dicom_port, self.aet, calling_aet=CALLING_AE, timeout_s=2.0):
             return False
         try:
-            return httpx.get(f"{self.http_url}/healthz", timeout=2.0).status_code == 200
+            return httpx.get(f"{self.http_url}/healthz", headers=ADMIN, timeout=2.0).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -3,7 +3,10 @@
 Tolerant where real scanners deviate harmlessly, strict where a wrong answer would lose or misfile data: every
 top-level element's declared length is checked against what follows (a truncated instance is refused, never
 stored), the three UIDs that file an instance must be present and well formed, and the data set's SOP Class and
-Instance UIDs must be those declared for it (file meta information, C-STORE request).
+Instance UIDs must be those declared for it (file meta information, C-STORE request). The common file is walked by
+:mod:`gateway.ingest.header` (struct over the declared lengths) and its plain ASCII values read straight from their
+bytes; anything unusual is left to pydicom's generic element generator and value conversion, which stay the
+reference (``tests/ingest/test_header_walk.py`` holds the two to the same answers).
 
 A Deflated Explicit VR Little Endian data set (PS3.5 A.5) is inflated as a stream, a megabyte at a time, into an
 unnamed temporary file, and never beyond :class:`InflateLimit`: a deflate bomb is refused (0xA700) once it has
@@ -17,23 +20,27 @@ from __future__ import annotations
 import errno
 import io
 import re
+import struct
 import tempfile
 import warnings
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from pydicom.charset import default_encoding
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import data_element_generator, read_file_meta_info
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from gateway.config import IngestSettings
 from gateway.errors import DataSetMismatch, InvalidInstance, OutOfResources, UnsupportedTransferSyntax
+from gateway.ingest.header import walk_header
 
 #: Transfer syntaxes the gateway stores as received (PS3.5 and PS3.6 Table A-1).
 ACCEPTED_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
@@ -66,6 +73,7 @@ _PREAMBLE_AND_PREFIX = 132
 _GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL, explicit VR: tag, VR, 2-byte length, 4-byte value
 _INFLATE_CHUNK = 1 << 20  # compressed bytes read, and inflated bytes produced, at a time
 _PEEK_INFLATED = 1 << 20  # what peek_uids inflates of a deflated data set, at most
+_DEFER_SIZE = 256  # a wanted element longer than this is not kept (no indexed attribute is that long)
 
 #: The attributes the index keeps, read from the header (never the pixel data).
 INDEX_KEYWORDS: tuple[str, ...] = (
@@ -93,6 +101,10 @@ INDEX_KEYWORDS: tuple[str, ...] = (
     "NumberOfFrames",
 )
 _WANTED: frozenset[BaseTag] = frozenset(Tag(kw) for kw in ("SpecificCharacterSet", *INDEX_KEYWORDS))
+_INDEX_TAGS = tuple((kw, Tag(kw), dictionary_VR(Tag(kw))) for kw in INDEX_KEYWORDS)
+_QUICK_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"})
+_INTEGER_STRING = re.compile(r"[+-]?[0-9]{1,10}")
+_SLOW = object()  # a raw value left to pydicom's conversion
 _FILING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -226,14 +238,30 @@ def read_received(
 
 
 def _read_received(path: Path, inflate: InflateLimit, scratch_dir: Path | None) -> ReceivedInstance:
+    fast = walk_header(path, _WANTED, _DEFER_SIZE, ACCEPTED_TRANSFER_SYNTAXES)
+    if fast is not None:  # the common case; anything unusual is walked by pydicom's generic element generator
+        ds = _dataset(fast.elements, UID(fast.transfer_syntax_uid.strip("\0 ")))
+        return _received(
+            ds, fast.transfer_syntax_uid, fast.media_storage_sop_class_uid, fast.media_storage_sop_instance_uid
+        )
     try:
         meta = read_file_meta_info(path)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        ts_value, group_length = meta.get("TransferSyntaxUID"), meta.get("FileMetaInformationGroupLength")
+        media = meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")
+    except (
+        InvalidDicomError,
+        BytesLengthException,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        struct.error,
+    ) as exc:
         raise InvalidInstance("not a DICOM Part 10 file (no DICM prefix or readable file meta)") from exc
-    ts = check_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
+    ts = check_uid(ts_value, "TransferSyntaxUID")
     if ts not in ACCEPTED_TRANSFER_SYNTAXES:
         raise UnsupportedTransferSyntax(f"transfer syntax {ts} is not supported")
-    group_length = meta.get("FileMetaInformationGroupLength")
     if not isinstance(group_length, int):
         raise InvalidInstance("file meta information lacks its group length")
     offset = _PREAMBLE_AND_PREFIX + _GROUP_LENGTH_ELEMENT + group_length
@@ -241,16 +269,23 @@ def _read_received(path: Path, inflate: InflateLimit, scratch_dir: Path | None) 
         ds = _read_deflated(path, offset, inflate, scratch_dir)
     else:
         ds = _scan_file(path, offset, UID(ts))
-    attributes = {kw: _value(ds, kw) for kw in INDEX_KEYWORDS}
+    return _received(ds, ts, *media)
+
+
+def _received(
+    ds: Dataset, transfer_syntax: str, media_sop_class: object, media_sop_instance: object
+) -> ReceivedInstance:
+    """The index's view of a walked data set, its filing UIDs checked, and its identity against the file meta's."""
+    attributes = _attributes(ds)
     info = ReceivedInstance(
         sop_class_uid=check_uid(attributes["SOPClassUID"], "SOPClassUID"),
         sop_instance_uid=check_uid(attributes["SOPInstanceUID"], "SOPInstanceUID"),
         study_instance_uid=check_uid(attributes["StudyInstanceUID"], "StudyInstanceUID"),
         series_instance_uid=check_uid(attributes["SeriesInstanceUID"], "SeriesInstanceUID"),
-        transfer_syntax_uid=ts,
+        transfer_syntax_uid=check_uid(transfer_syntax, "TransferSyntaxUID"),
         attributes=attributes,
     )
-    check_identity(info, meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID"))
+    check_identity(info, media_sop_class, media_sop_instance)
     return info
 
 
@@ -268,7 +303,7 @@ def _scan(fp: BinaryIO, size: int | None, ts: UID, *, partial: bool = False) -> 
     (the stream's end), keep the indexed ones. ``partial``: keep what was read before a fault, raise nothing."""
     kept: dict[BaseTag, DataElement | RawDataElement] = {}
     try:
-        for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=256):
+        for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=_DEFER_SIZE):
             if isinstance(elem, RawDataElement):
                 if size is not None:
                     _check_fits(elem, size)
@@ -277,12 +312,16 @@ def _scan(fp: BinaryIO, size: int | None, ts: UID, *, partial: bool = False) -> 
     except InvalidInstance:
         if not partial:
             raise
-    except (EOFError, OSError, ValueError, NotImplementedError, KeyError, TypeError) as exc:
+    except (EOFError, OSError, ValueError, NotImplementedError, KeyError, TypeError, struct.error) as exc:
         if not partial:
             raise InvalidInstance(
                 f"truncated or malformed data set ({type(exc).__name__})", InvalidInstance.TRUNCATED
             ) from exc
-    ds = Dataset(kept)
+    return _dataset(kept, ts)
+
+
+def _dataset(kept: Mapping[BaseTag, DataElement | RawDataElement], ts: UID) -> Dataset:
+    ds = Dataset(dict(kept))
     ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, default_encoding)
     return ds
 
@@ -402,6 +441,34 @@ def _uid_or_none(ds: Dataset, keyword: str) -> str | None:
         return check_uid(value, keyword)
     except InvalidInstance:
         return None
+
+
+def _attributes(ds: Dataset) -> dict[str, str | int | None]:
+    """The indexed attributes: plain ASCII text, integer strings and single US values are read straight from the
+    raw bytes; anything else (a character set's escapes, several values, non-ASCII bytes) is decoded by pydicom."""
+    attributes: dict[str, str | int | None] = {}
+    for keyword, tag, vr in _INDEX_TAGS:
+        raw = ds.get_item(tag)
+        value = _quick(raw, vr) if isinstance(raw, RawDataElement) else None if raw is None else _SLOW
+        attributes[keyword] = _value(ds, keyword) if value is _SLOW else cast(str | int | None, value)
+    return attributes
+
+
+def _quick(raw: RawDataElement, dictionary_vr: str) -> object:
+    """``raw``'s plain value when it is a simple case, else :data:`_SLOW`."""
+    data, vr = raw.value, raw.VR or dictionary_vr
+    if not isinstance(data, bytes):
+        return _SLOW
+    if vr == "US":
+        return int.from_bytes(data, "little") if len(data) == 2 and raw.is_little_endian else _SLOW
+    if vr not in _QUICK_TEXT_VRS or not data.isascii() or b"\\" in data or b"\x1b" in data:
+        return _SLOW
+    text = data.decode("ascii").strip("\0 ")
+    if not text:
+        return None
+    if vr == "IS":
+        return int(text) if _INTEGER_STRING.fullmatch(text) else _SLOW
+    return text
 
 
 def _value(ds: Dataset, keyword: str) -> str | int | None:

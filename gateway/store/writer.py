@@ -17,7 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Integer, bindparam, case, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Delete,
+    Engine,
+    Insert,
+    Integer,
+    Update,
+    bindparam,
+    case,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from gateway.ingest.instance import ReceivedInstance
@@ -178,7 +192,7 @@ _JOINABLE = ("open", "held")
 
 _BUMP_REVISION = (
     update(SeriesRevision)
-    .where(SeriesRevision.id == bindparam("rid"), SeriesRevision.state.in_(_JOINABLE))
+    .where(SeriesRevision.id == bindparam("rid"), or_(*(SeriesRevision.state == state for state in _JOINABLE)))
     .values(
         state="open",
         last_received_at=case(
@@ -188,6 +202,69 @@ _BUMP_REVISION = (
         instance_count=SeriesRevision.instance_count + bindparam("n"),
     )
 )
+
+
+class DriverStatement:
+    """A Core statement compiled once per dialect and run on the DB-API cursor: the hot path skips SQLAlchemy's
+    per-execution work (compilation cache look-up, parameter processing, result objects).
+
+    It runs inside the caller's transaction (the same connection), and a driver's integrity error is raised as
+    SQLAlchemy's :class:`~sqlalchemy.exc.IntegrityError`, as a Core execution would raise it. Parameters are plain
+    Python values (strings, numbers, ``None``) that every DB-API driver binds without type processing.
+    """
+
+    def __init__(self, statement: Insert | Update | Delete) -> None:
+        self._statement = statement
+        self._compiled: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def execute(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
+        """Run the statement once per parameter set in ``rows``; return the rows it changed, in all."""
+        if not rows:
+            return 0
+        sql, order, defaults = self._compile(conn)
+        params: list[Any] = [
+            tuple({**defaults, **row}[key] for key in order) if order is not None else {**defaults, **row}
+            for row in rows
+        ]
+        cursor = conn.connection.cursor()
+        try:
+            if len(params) == 1:
+                cursor.execute(sql, params[0])
+            else:
+                cursor.executemany(sql, params)
+            return int(cursor.rowcount)
+        except conn.dialect.loaded_dbapi.IntegrityError as exc:
+            raise IntegrityError(sql, params, exc) from exc
+        finally:
+            cursor.close()
+
+    def _compile(self, conn: Connection) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
+        name = conn.dialect.name
+        with self._lock:
+            if name not in self._compiled:
+                compiled = self._statement.compile(dialect=conn.dialect)
+                order = tuple(compiled.positiontup or ()) if compiled.positional else None
+                self._compiled[name] = (compiled.string, order, dict(compiled.params))
+            return self._compiled[name]
+
+
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "revision_id",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "path",
+    "size",
+    "source",
+    "received_at",
+    *INSTANCE_FIELDS,
+)
+_INSERT_INSTANCE = DriverStatement(insert(Instance).values({c: bindparam(c) for c in _INSTANCE_COLUMNS}))
+_BUMP = DriverStatement(_BUMP_REVISION)
+_CLEAR_REFUSAL = DriverStatement(delete(RefusedInstance).where(RefusedInstance.sop_instance_uid == bindparam("uid")))
 
 
 def write_rows(
@@ -224,7 +301,7 @@ def write_rows(
         revision_id = _record_arrivals(conn, series_uid, times, cache.open_revisions.get(series_uid))
         learnt.open_revisions[series_uid] = revision_id
         instances.extend(_instance_values(r, revision_id) for r in rows)
-    conn.execute(insert(Instance), instances)
+    _INSERT_INSTANCE.execute(conn, instances)
     return learnt
 
 
@@ -298,8 +375,7 @@ def _record_arrivals(conn: Connection, series_uid: str, times: list[float], cach
 
 def _bump(conn: Connection, revision_id: int, times: list[float]) -> bool:
     """Count arrivals in a revision if it is open or held (then reopened); ``False`` if it has been completed."""
-    result = conn.execute(_BUMP_REVISION, {"rid": revision_id, "last": max(times), "n": len(times)})
-    return bool(result.rowcount == 1)
+    return _BUMP.execute(conn, [{"rid": revision_id, "last": max(times), "n": len(times)}]) == 1
 
 
 def _instance_values(row: PendingRow, revision_id: int) -> dict[str, Any]:
@@ -374,7 +450,4 @@ def record_refusal(conn: Connection, series_instance_uid: str, sop_instance_uid:
 
 def clear_refusals(conn: Connection, sop_instance_uids: list[str]) -> int:
     """Forget the refusals of instances that have now arrived; return how many there were."""
-    if not sop_instance_uids:
-        return 0
-    result = conn.execute(delete(RefusedInstance).where(RefusedInstance.sop_instance_uid.in_(sop_instance_uids)))
-    return int(result.rowcount)
+    return _CLEAR_REFUSAL.execute(conn, [{"uid": uid} for uid in sop_instance_uids])

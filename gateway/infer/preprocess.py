@@ -186,12 +186,18 @@ def _resize_torch(array: npt.NDArray[Any], shape: Shape, mode: Mode) -> Array:
 
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     with torch.inference_mode():
+        if mode == "linear" and array.shape[0] == shape[0]:
+            # the slices stay (resampled in plane only): bilinear over each slice gives trilinear's values (the
+            # slice axis' weights are 0) up to rounding, in half the time
+            planes = F.interpolate(tensor[0].transpose(0, 1), size=shape[1:], mode="bilinear", align_corners=False)
+            result: Array = planes[:, 0].numpy()
+            return result
         if mode == "linear":
             out = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
         else:
             out = F.interpolate(tensor, size=shape, mode="nearest-exact")
-    result: Array = out[0, 0].numpy()
-    return result
+    resized: Array = out[0, 0].numpy()
+    return resized
 
 
 def _resize_numpy(array: npt.NDArray[Any], shape: Shape, mode: Mode) -> Array:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tiny_models import CODE, make_volume
 
-from gateway.infer.measure import measure_mask, measure_segments, measurement_units, voxel_volume_ml
+from gateway.infer.measure import _statistics, measure_mask, measure_segments, measurement_units, voxel_volume_ml
 from gateway.registry.manifest import SegmentLabel
 
 ALL = ["volume", "voxels", "mean", "stddev", "min", "max"]
@@ -52,3 +52,18 @@ def test_segments_with_units_and_4d_volumes_use_the_first_volume() -> None:
     assert result.units == {"volume": "ml", "mean": "1"}
     assert result.as_dict()["name"] == "A"
     assert measurement_units("CT")["mean"] == "[hnsf'U]"
+
+
+def test_statistics_by_slabs_equal_those_over_the_whole_segment() -> None:
+    """The slab-wise statistics (merged counts, means and squared deviations) are those of one copy of the voxels,
+    on a segment whose slabs hold very different counts and values (and some none)."""
+    rng = np.random.default_rng(7)
+    values = rng.normal(40, 300, (29, 33, 31)).astype(np.float32)
+    values[10:] += 900.0  # a level shift between slabs: a naive pooled variance would be off
+    mask = rng.random(values.shape) < np.linspace(0.0, 0.9, 29)[:, None, None]
+    mask[:9] = False  # the first slab holds nothing
+    inside = values[mask].astype(np.float64)
+    stats = _statistics(values, mask)
+    assert stats["min"] == inside.min() and stats["max"] == inside.max()
+    assert stats["mean"] == pytest.approx(inside.mean(), rel=1e-12)
+    assert stats["stddev"] == pytest.approx(inside.std(), rel=1e-12)

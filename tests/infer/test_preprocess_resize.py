@@ -95,3 +95,10 @@ def test_resize_uses_torch_once_loaded_with_the_same_values(mode: Mode) -> None:
     via_torch = _resize(array, (7, 30, 19), mode)
     np.testing.assert_array_equal(via_torch, _torch_resize(array, (7, 30, 19), mode))
     np.testing.assert_allclose(_resize_numpy(array, (7, 30, 19), mode), via_torch, rtol=1e-5, atol=1e-5 * 300 * 6)
+
+
+def test_in_plane_resize_equals_trilinear() -> None:
+    """Where the slices stay, torch's path resamples each slice bilinearly: trilinear's values up to rounding."""
+    array = np.random.default_rng(5).normal(0, 300, (6, 41, 23)).astype(np.float32)
+    ours, theirs = _resize(array, (6, 64, 17), "linear"), _torch_resize(array, (6, 64, 17), "linear")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * 300 * 6)

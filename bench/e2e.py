@@ -13,7 +13,8 @@ index) to the SR seen in Orthanc, minus the configured quiet period, and split w
 completion (beyond the quiet period), waiting for a worker, ``detail.timings`` (assemble_s, infer_s, encode_s),
 export (the deliveries' ``created_at`` to ``delivered_at``) and the last hop (delivered to seen by the poll). The
 gateway's overhead (issue 12, target <= 2 s) is that end to end minus the model's forward passes (each result's
-``timings.infer_s`` in the job's ``detail.inference``). The first study after start also loads the model (the
+``timings.forward_s``, the time inside the batcher, in the job's ``detail.inference``: sliding-window stitching
+counts as overhead). The first study after start also loads the model (the
 runtime loads it on first use); ``--studies 2`` (the default) sends a second, fresh study after the first is back,
 which shows the steady state.
 
@@ -245,7 +246,7 @@ class Run:
     waiting_s: float  # from the job to its worker, and between stages
     assemble_s: float
     infer_s: float
-    model_parts: dict[str, float]  # of infer_s: prepare_s, infer_s (the forward passes), restore_s, measure_s
+    model_parts: dict[str, float]  # of infer_s: prepare_s, infer_s (of it forward_s), restore_s, measure_s
     encode_s: float
     encode_parts: dict[str, float]
     export_s: float  # from queued to the SR delivered
@@ -255,8 +256,8 @@ class Run:
 
     @property
     def forward_s(self) -> float:
-        """The model's forward passes (queueing for the batcher included)."""
-        return self.model_parts.get("infer_s", 0.0)
+        """The model's forward passes: the time inside the batcher (``forward_s``), else all of ``infer_s``."""
+        return self.model_parts.get("forward_s", self.model_parts.get("infer_s", 0.0))
 
     @property
     def overhead_s(self) -> float:
@@ -275,6 +276,10 @@ class Run:
                 self.model_parts.get("prepare_s", 0.0),
             ),
             ("&nbsp;&nbsp;of which the model's forward passes", self.forward_s),
+            (
+                "&nbsp;&nbsp;of which stitching the patches, checking the output",
+                self.model_parts.get("infer_s", 0.0) - self.forward_s,
+            ),
             ("&nbsp;&nbsp;of which restoring the output to the source grid", self.model_parts.get("restore_s", 0.0)),
             ("&nbsp;&nbsp;of which measuring the segments", self.model_parts.get("measure_s", 0.0)),
             ("encode (SEG, SR, GSPS, KOS; written)", self.encode_s),

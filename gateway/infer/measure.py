@@ -108,62 +108,95 @@ def measure_mask(mask: Mask, volume: Volume, wanted: Sequence[Measurement]) -> d
     wanted
         The measurements to report.
     """
-    if mask.shape != volume.array.shape[-3:]:
-        raise ValueError(f"mask shape {mask.shape} does not match the volume's {volume.array.shape[-3:]}")
-    voxels = int(np.count_nonzero(mask))
-    result: dict[str, float] = {}
-    if "volume" in wanted:
-        result["volume"] = voxels * voxel_volume_ml(volume.affine)
-    if "voxels" in wanted:
-        result["voxels"] = float(voxels)
-    if voxels and any(name in wanted for name in _STATISTICS):
-        stats = _statistics(_values(volume), mask)
-        result.update({name: stats[name] for name in _STATISTICS if name in wanted})
-    return result
+    return _measure_masks([mask], volume, [wanted])[0]
+
+
+def _measure_masks(
+    masks: Sequence[Mask], volume: Volume, wanted: Sequence[Sequence[Measurement]]
+) -> list[dict[str, float]]:
+    """:func:`measure_mask` of each mask with its wanted measurements, the statistics of all in one pass over the
+    volume's values (each slab read once for every mask, while it is in cache)."""
+    results: list[dict[str, float]] = []
+    todo: list[int] = []  # the masks whose statistics are wanted: not empty
+    for index, (mask, names) in enumerate(zip(masks, wanted, strict=True)):
+        if mask.shape != volume.array.shape[-3:]:
+            raise ValueError(f"mask shape {mask.shape} does not match the volume's {volume.array.shape[-3:]}")
+        voxels = int(np.count_nonzero(mask))
+        result: dict[str, float] = {}
+        if "volume" in names:
+            result["volume"] = voxels * voxel_volume_ml(volume.affine)
+        if "voxels" in names:
+            result["voxels"] = float(voxels)
+        results.append(result)
+        if voxels and any(name in names for name in _STATISTICS):
+            todo.append(index)
+    for index, stats in zip(todo, _statistics_of(_values(volume), [masks[i] for i in todo]), strict=True):
+        results[index].update({name: stats[name] for name in _STATISTICS if name in wanted[index]})
+    return results
 
 
 #: Slices read together by :func:`_statistics`: temporaries of a few MB that stay in cache.
 _SLAB = 8
 
 
-def _statistics(values: npt.NDArray[np.float32], mask: Mask) -> dict[str, float]:
-    """Mean, population standard deviation, min and max of ``values`` inside ``mask`` (not empty).
+class _Moments:
+    """Count, mean, sum of squared deviations, min and max of values added a part at a time: each part's merged
+    as Chan et al. do (the pairwise update of Welford's algorithm)."""
 
-    A few slices at a time, in float64, each slab's count, mean and sum of squared deviations merged as Chan et
-    al. do (the pairwise update of Welford's algorithm): the same numbers as over the whole copy, without a copy
-    of every voxel inside a large segment (a body outline is most of a CT).
-    """
-    count, mean, squares = 0, 0.0, 0.0
-    low, high = np.inf, -np.inf
-    for start in range(0, values.shape[0], _SLAB):
-        inside = values[start : start + _SLAB][mask[start : start + _SLAB]].astype(np.float64)
+    def __init__(self) -> None:
+        self.count, self.mean, self.squares = 0, 0.0, 0.0
+        self.low, self.high = np.inf, -np.inf
+
+    def add(self, inside: npt.NDArray[np.float64]) -> None:
         if not inside.size:
-            continue
-        low = min(low, float(inside.min()))
-        high = max(high, float(inside.max()))
+            return
+        self.low = min(self.low, float(inside.min()))
+        self.high = max(self.high, float(inside.max()))
         part_mean = float(inside.mean())
         inside -= part_mean
         part_squares = float(np.dot(inside, inside))
-        total = count + inside.size
-        delta = part_mean - mean
-        mean += delta * inside.size / total
-        squares += part_squares + delta * delta * count * inside.size / total
-        count = total
-    return {"mean": mean, "stddev": float(np.sqrt(squares / count)), "min": low, "max": high}
+        total = self.count + inside.size
+        delta = part_mean - self.mean
+        self.mean += delta * inside.size / total
+        self.squares += part_squares + delta * delta * self.count * inside.size / total
+        self.count = total
+
+    def statistics(self) -> dict[str, float]:
+        stddev = float(np.sqrt(self.squares / self.count))
+        return {"mean": self.mean, "stddev": stddev, "min": self.low, "max": self.high}
+
+
+def _statistics(values: npt.NDArray[np.float32], mask: Mask) -> dict[str, float]:
+    """Mean, population standard deviation, min and max of ``values`` inside ``mask`` (not empty).
+
+    A few slices at a time, in float64, each slab's count, mean and sum of squared deviations merged (see
+    :class:`_Moments`): the same numbers as over the whole copy, without a copy of every voxel inside a large
+    segment (a body outline is most of a CT).
+    """
+    return _statistics_of(values, [mask])[0]
+
+
+def _statistics_of(values: npt.NDArray[np.float32], masks: Sequence[Mask]) -> list[dict[str, float]]:
+    """:func:`_statistics` of each mask (none empty), every slab of ``values`` read once for all of them."""
+    moments = [_Moments() for _ in masks]
+    for start in range(0, values.shape[0], _SLAB):
+        part = values[start : start + _SLAB]
+        for mask, moment in zip(masks, moments, strict=True):
+            moment.add(part[mask[start : start + _SLAB]].astype(np.float64))
+    return [moment.statistics() for moment in moments]
 
 
 def measure_segments(
     masks: Mapping[int, Mask], volume: Volume, labels: Sequence[SegmentLabel]
 ) -> tuple[SegmentMeasurement, ...]:
-    """Measure every declared segment that has a mask, with the measurements its label lists."""
+    """Measure every declared segment that has a mask, with the measurements its label lists (the statistics of
+    all segments in one pass over the volume's values)."""
     units = measurement_units(volume.modality)
+    measured = [label for label in labels if label.value in masks]
+    values = _measure_masks(
+        [masks[label.value] for label in measured], volume, [label.measurements for label in measured]
+    )
     return tuple(
-        SegmentMeasurement(
-            label.value,
-            label.name,
-            measure_mask(masks[label.value], volume, label.measurements),
-            {name: units[name] for name in label.measurements},
-        )
-        for label in labels
-        if label.value in masks
+        SegmentMeasurement(label.value, label.name, result, {name: units[name] for name in label.measurements})
+        for label, result in zip(measured, values, strict=True)
     )

@@ -5,7 +5,8 @@ The manifest's ``outputs`` say what the channels mean (:class:`gateway.registry.
 restored to the source grid on its own (:func:`gateway.infer.preprocess.restore_channel`), so at most a few
 full-resolution arrays exist at once: a ``labelmap`` is a running argmax over restored probabilities, ``channels``
 masks are thresholded one by one, a single integer channel (activation ``none``) is rounded on the model grid
-and restored by nearest neighbour.
+and restored by nearest neighbour. A channel thresholded without its probabilities kept (below) is restored and
+thresholded a few slices at a time (:func:`gateway.infer.preprocess.restore_mask`), never whole in float32.
 
 For a segment declared ``lesions: true`` the voxel probability of its label is kept on the source grid as well
 (each lesion reports its highest): the running argmax's winning probability for a ``labelmap``, the thresholded
@@ -23,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.errors import InferenceError
-from gateway.infer.preprocess import Prepared, restore_channel
+from gateway.infer.preprocess import Prepared, restore_channel, restore_mask
 from gateway.registry.manifest import Manifest, Segmentation
 
 __all__ = ["Decoded", "check_output", "decode", "expected_channels"]
@@ -88,8 +89,17 @@ def check_output(output: npt.NDArray[Any], manifest: Manifest, prepared: Prepare
         )
     if segmentation is not None and segmentation.activation == "softmax" and output.shape[0] < 2:
         raise InferenceError("softmax over a single output channel is always 1; the model needs 2 or more channels")
-    if not np.isfinite(output).all():
+    if not _finite(output):
         raise InferenceError("model output contains NaN or infinite values")
+
+
+def _finite(output: npt.NDArray[Any], slices: int = 8) -> bool:
+    """Whether every value is finite, a few slices of a channel at a time (no full-size boolean temporary)."""
+    return all(
+        np.isfinite(channel[start : start + slices]).all()
+        for channel in output
+        for start in range(0, channel.shape[0], slices)
+    )
 
 
 def _activate(output: Array, activation: str) -> Array:
@@ -132,6 +142,9 @@ def _rounded_labels(output: Array, prepared: Prepared, segmentation: Segmentatio
 
 def _thresholded_labels(output: Array, prepared: Prepared, segmentation: Segmentation) -> Decoded:
     """One channel of foreground probability: label 1 where it reaches the threshold."""
+    if not _lesion_labels(segmentation):  # thresholded slab by slab: no full-size float32 channel
+        mask, highest = restore_mask(output[0], prepared, segmentation.threshold)
+        return _with_masks(mask.view(np.uint8), segmentation, {1: highest})
     probability = restore_channel(output[0], prepared)
     labelmap = (probability >= segmentation.threshold).astype(np.uint8)
     kept = dict.fromkeys(_lesion_labels(segmentation), probability)
@@ -181,11 +194,16 @@ def _channel_masks(output: Array, prepared: Prepared, segmentation: Segmentation
     probabilities: dict[int, float] = {}
     kept: dict[int, Array] = {}
     for label in segmentation.labels:
+        if not label.lesions:  # thresholded slab by slab: no full-size float32 channel
+            masks[label.value], probabilities[label.value] = restore_mask(
+                output[label.value], prepared, segmentation.threshold
+            )
+            continue
         probability = restore_channel(output[label.value], prepared)
         masks[label.value] = probability >= segmentation.threshold
         probabilities[label.value] = float(probability.max())
-        if label.lesions:  # a copy where restoring was the identity, so the whole output is not kept alive
-            kept[label.value] = probability.copy() if np.shares_memory(probability, output) else probability
+        # a copy where restoring was the identity, so the whole output is not kept alive
+        kept[label.value] = probability.copy() if np.shares_memory(probability, output) else probability
     return Decoded(masks=masks, probabilities=probabilities, lesion_probabilities=kept)
 
 

@@ -81,7 +81,8 @@ class ModelResult:
     classifications
         The classifications whose segment reached ``min_volume_ml``.
     timings
-        Seconds spent in ``prepare_s``, ``infer_s`` (queueing included), ``restore_s`` and ``measure_s``.
+        Seconds spent in ``prepare_s``, ``infer_s`` (queueing included; of it ``forward_s``: the time inside the
+        batcher, the forward passes), ``restore_s`` and ``measure_s``.
     notes
         What was done to the geometry (reorientation, resampling, crop/pad) and the channels, in words.
     """

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,12 @@ Array = npt.NDArray[np.float32]
 _Finish = Callable[[], tuple[Decoded, tuple[str, ...]]]  # reads a model's output once its lease is over
 
 
+class _Run(Protocol):
+    """A batcher's :meth:`~gateway.infer.batcher.Batcher.run`: items (and extra inputs) -> the model's output."""
+
+    def __call__(self, batch: Array, extra: dict[str, Array] | None = None, /) -> Array: ...
+
+
 class _Clock:
     """Named stage timings."""
 
@@ -62,6 +69,21 @@ class _Clock:
             yield
         finally:
             self.timings[name] = round(time.perf_counter() - began, 6)
+
+    def timed(self, run: _Run) -> _Run:
+        """``run`` (a batcher's), its seconds added up in ``forward_s``: the forward passes within ``infer_s``
+        (queueing for the batcher included), apart from the gateway's own work around them (stitching patches,
+        checking the output)."""
+
+        def forward(batch: Array, extra: dict[str, Array] | None = None) -> Array:
+            began = time.perf_counter()
+            try:
+                return run(batch, extra)
+            finally:
+                seconds = self.timings.get("forward_s", 0.0) + time.perf_counter() - began
+                self.timings["forward_s"] = round(seconds, 6)
+
+        return forward
 
 
 class InferenceRuntime:
@@ -199,7 +221,7 @@ def _by_manifest(batcher: Batcher, manifest: Manifest, volume: Volume, clock: _C
     with clock.stage("prepare_s"):
         prepared = prepare(volume, manifest)
     with clock.stage("infer_s"):
-        output = _forward(batcher, prepared, manifest)
+        output = _forward(clock.timed(batcher.run), prepared, manifest)
         check_output(output, manifest, prepared)
     return lambda: (decode(output, prepared, manifest), prepared.notes)
 
@@ -212,7 +234,7 @@ def _by_bundle(batcher: Batcher, manifest: Manifest, folder: Path, volume: Volum
     with clock.stage("infer_s"):
         bundle = weights_path(folder, manifest.weights, directory=True)
         sections = pipeline.build_sections(bundle, trust_code=manifest.trust_code)
-        output = pipeline.run_sections(sections, volume, pipeline.patch_predictor(batcher.run))
+        output = pipeline.run_sections(sections, volume, pipeline.patch_predictor(clock.timed(batcher.run)))
     return lambda: (pipeline.decode_output(output, manifest), pipeline.bundle_notes(manifest))
 
 
@@ -223,13 +245,13 @@ def _extra(prepared: Prepared, manifest: Manifest, items: int) -> dict[str, Arra
     return {manifest.inference.b_values_input: np.tile(prepared.b_values, (items, 1))}
 
 
-def _forward(batcher: Batcher, prepared: Prepared, manifest: Manifest) -> Array:
+def _forward(run: _Run, prepared: Prepared, manifest: Manifest) -> Array:
     """The raw model output ``[C, s, r, c]`` on the model grid: one item, or sliding-window patches."""
     patch = manifest.inference.patch_size
     if patch is None:
-        output = batcher.run(prepared.array[None], _extra(prepared, manifest, 1))
+        output = run(prepared.array[None], _extra(prepared, manifest, 1))
         return _one(output)
-    return _sliding_window(batcher, prepared, manifest, patch)
+    return _sliding_window(run, prepared, manifest, patch)
 
 
 def _one(output: Array) -> Array:
@@ -239,32 +261,69 @@ def _one(output: Array) -> Array:
     return item
 
 
-def _sliding_window(batcher: Batcher, prepared: Prepared, manifest: Manifest, patch: tuple[int, int, int]) -> Array:
-    """MONAI sliding-window inference whose predictor submits each group of patches to the shared batcher."""
+def _sliding_window(run: _Run, prepared: Prepared, manifest: Manifest, patch: tuple[int, int, int]) -> Array:
+    """MONAI sliding-window inference whose predictor submits each group of patches to the shared batcher.
+
+    Where the image is smaller than a patch, MONAI would pad the whole image to the patch size and stitch the
+    outputs on that padded grid (a 360 x 360 CT in 512 x 512 patches: twice the voxels to weigh, add, divide and
+    crop). Here the windows are clipped to the image; each group of patches is padded as MONAI pads the image
+    (``cval``, the larger half after; into a buffer whose padding is filled once) just before the model sees it,
+    and its output cropped back; the Gaussian weights are MONAI's for the whole patch, cropped alike. Every voxel
+    gets the same patches, weights, sums and division in the same order, so the same values, and the padding is
+    never stitched.
+    """
     import torch  # torch and MONAI load on the first sliding-window model, not with the gateway
+    from monai.data.utils import compute_importance_map
     from monai.inferers.utils import sliding_window_inference
 
+    window = _window(patch, prepared.model_shape)
+    before = [(p - w) // 2 for p, w in zip(patch, window, strict=True)]  # MONAI's padding: the larger half after
+    crop = (slice(None), slice(None), *(slice(b, b + w) for b, w in zip(before, window, strict=True)))
+    cval = model_pad_value(prepared, manifest)
+    buffers: dict[int, torch.Tensor] = {}  # padded patches by batch size: the padding is filled once
+
+    def padded(patches: torch.Tensor) -> torch.Tensor:
+        if window == patch:
+            return patches
+        n = patches.shape[0]
+        if n not in buffers:  # the batcher is done with the previous batch once it returned its output
+            buffers[n] = torch.full((n, patches.shape[1], *patch), cval, dtype=patches.dtype)
+        buffers[n][crop] = patches
+        return buffers[n]
+
     def predictor(patches: torch.Tensor) -> torch.Tensor:
-        output = batcher.run(patches.numpy(), _extra(prepared, manifest, patches.shape[0]))
-        if output.ndim != 5 or output.shape[2:] != patches.shape[2:]:
-            raise InferenceError(f"model returned {output.shape} for patches of {tuple(patches.shape)}")
-        return torch.from_numpy(output)
+        batch = padded(patches)
+        output = run(batch.numpy(), _extra(prepared, manifest, patches.shape[0]))
+        if output.ndim != 5 or output.shape[2:] != batch.shape[2:]:
+            raise InferenceError(f"model returned {output.shape} for patches of {tuple(batch.shape)}")
+        return torch.from_numpy(output)[crop]
 
     inference = manifest.inference
+    weights = compute_importance_map(patch, mode="gaussian", sigma_scale=_SIGMA, device="cpu", dtype=torch.float32)
     with torch.inference_mode():
         result = sliding_window_inference(
             torch.from_numpy(prepared.array[None]),
-            roi_size=patch,
+            roi_size=window,
             sw_batch_size=inference.batch_size,
             predictor=predictor,
             overlap=inference.overlap,
             mode="gaussian",
-            padding_mode="constant",  # an image smaller than a patch is padded with the manifest's pad value
-            cval=model_pad_value(prepared, manifest),
+            sigma_scale=_SIGMA,
+            roi_weight_map=weights[crop[2:]],
+            progress=False,
         )
     assert isinstance(result, torch.Tensor)
-    output: Array = result[0].numpy().astype(np.float32, copy=False)
+    output: Array = result[0].numpy()  # float32 (the input's), contiguous: nothing was cropped
     return output
+
+
+#: MONAI's default width of the Gaussian blending weights, times the patch size.
+_SIGMA = 0.125
+
+
+def _window(patch: tuple[int, int, int], shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The sliding window on the model grid: the patch, clipped to the image along each axis."""
+    return (min(patch[0], shape[0]), min(patch[1], shape[1]), min(patch[2], shape[2]))
 
 
 def _measurements(decoded: Decoded, volume: Volume, manifest: Manifest) -> tuple[SegmentMeasurement, ...]:

@@ -94,7 +94,8 @@ def test_labelmap_measurements_and_classification(tmp_path: Path, runtime: Infer
     (finding,) = result.classifications
     assert finding.name == "Nodule" and finding.probability > 0.99
     assert finding.volume_ml == pytest.approx(measured.values["volume"])
-    assert set(result.timings) == {"prepare_s", "infer_s", "restore_s", "measure_s"}
+    assert set(result.timings) == {"prepare_s", "infer_s", "forward_s", "restore_s", "measure_s"}
+    assert 0 < result.timings["forward_s"] <= result.timings["infer_s"]  # the forward passes within infer_s
     assert any("resampled from 2.5x0.8x0.8 to" in note for note in result.notes)
 
 

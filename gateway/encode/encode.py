@@ -17,13 +17,16 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr
 
 from gateway.encode.common import EncodedObject, Provenance, with_type2_attributes
 from gateway.encode.findings import shown_findings
 from gateway.encode.gsps import encode_presentation_state
 from gateway.encode.keyimages import encode_key_images
 from gateway.encode.ko import encode_key_objects
+from gateway.encode.perframe import encoded_once
 from gateway.encode.pmap import encode_parametric_maps
 from gateway.encode.seg import encode_segmentation
 from gateway.encode.sr import encode_measurement_report
@@ -163,13 +166,40 @@ def object_filename(item: EncodedObject) -> str:
     return f"{item.kind}-{item.sop_instance_uid}.dcm"
 
 
+def _settle_encoding(dataset: Dataset) -> None:
+    """Resolve the dataset's ambiguous VRs once, for its transfer syntax, and say so to pydicom's writer.
+
+    pydicom's writer resolves the ambiguous VRs (``US or SS``...) of every dataset whose original encoding differs
+    from the file's, a fresh one included, and again for each nested sequence item on its way down (~10% of a
+    SEG's writing), and that walk would decode the per-frame groups :func:`~gateway.encode.perframe.encoded_once`
+    hands it encoded. Resolved here once over the whole tree (ancestors known, as in the writer's own first pass),
+    each dataset records the file's encoding as its original one, and the writer encodes it as it is: the same
+    bytes (tests/encode/test_write_bytes.py).
+    """
+    syntax = dataset.file_meta.TransferSyntaxUID
+    if dataset.original_encoding == (syntax.is_implicit_VR, syntax.is_little_endian):
+        return  # settled by its encoder (the GSPS, whose graphic annotations stay raw)
+    correct_ambiguous_vr(dataset, syntax.is_little_endian)
+    _record_encoding(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
+
+
+def _record_encoding(dataset: Dataset, implicit: bool, little: bool) -> None:
+    # the writer skips its walk where the original encoding and character set are those it writes with
+    dataset.set_original_encoding(implicit, little, dataset._character_set)
+    for element in dataset.elements():  # raw elements (the GSPS's graphic annotations) stay as they are
+        if isinstance(element, DataElement) and element.VR == "SQ":
+            for item in element.value:
+                _record_encoding(item, implicit, little)
+
+
 def _write_one(item: EncodedObject, folder: Path) -> Path:
     """Write into a temporary file in ``folder``, fsync it, rename it into place."""
     target = folder / object_filename(item)
     fd, name = tempfile.mkstemp(dir=folder, prefix=f".{item.kind}-", suffix=".part")
     temp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        _settle_encoding(item.dataset)
+        with os.fdopen(fd, "wb") as handle, encoded_once(item.dataset):
             item.dataset.save_as(handle, enforce_file_format=True)
             handle.flush()
             os.fsync(handle.fileno())

@@ -50,6 +50,9 @@ from gateway.registry.manifest import Manifest, Segmentation, SegmentLabel
 
 __all__ = ["encode_segmentation", "segment_numbers", "segmentation_type"]
 
+#: Frames checked at a time for 0/1 values and overlap (a few MB of masks).
+_CHECKED_FRAMES = 8
+
 AI_FAMILY = codes.cid7162.ArtificialIntelligence  # (123110, DCM, "Artificial Intelligence")
 
 _TRANSFER_SYNTAX = {
@@ -67,6 +70,14 @@ class _Segmentation(hd.seg.Segmentation):
     segment-major memory of :func:`_segment_major`; anything else goes to highdicom's own check.
     """
 
+    def _encode_pixels_native(self, planes: npt.NDArray[Any]) -> bytes:
+        """A frame's bytes, 1-bit frames packed by numpy at once: pydicom's ``pack_bits`` (highdicom's) first
+        compares each frame with a bool copy of itself, but every path to a BINARY frame has made it 0/1 already
+        (checked here or by highdicom, or compared with a segment number). The same bytes, zero-padded alike."""
+        if self.BitsAllocated == 1:
+            return np.packbits(planes.ravel().astype(np.uint8, copy=False), bitorder="little").tobytes()
+        return super()._encode_pixels_native(planes)
+
     @classmethod
     def _check_and_cast_pixel_array(
         cls,
@@ -83,12 +94,27 @@ class _Segmentation(hd.seg.Segmentation):
             and pixel_array.shape[-1] == n
             and 1 < n < 256
             and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
-            and int(pixel_array.max()) <= 1
         ):
             return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
-        voxel_counts = np.moveaxis(pixel_array, -1, 0).sum(axis=0, dtype=np.uint8)  # < 256 segments: no overflow
-        overlap = bool((voxel_counts > 1).any())
+        overlap = _binary_overlap(pixel_array)
+        if overlap is None:  # not 0/1: highdicom's own check says what it is
+            return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
         return pixel_array, hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+
+
+def _binary_overlap(frames: npt.NDArray[np.uint8]) -> bool | None:
+    """Whether the 0/1 masks ``[frames, R, C, n]`` overlap anywhere; ``None`` if a value is not 0 or 1.
+
+    A few frames at a time, in 8 bits (< 256 segments: no overflow): no temporary as large as a mask, which a
+    job's first touch of fresh memory made cost more than the sums.
+    """
+    overlap = False
+    for start in range(0, len(frames), _CHECKED_FRAMES):
+        block = np.moveaxis(frames[start : start + _CHECKED_FRAMES], -1, 0)
+        if int(block.max()) > 1:
+            return None
+        overlap = overlap or bool((block.sum(axis=0, dtype=np.uint8) > 1).any())
+    return overlap
 
 
 def _declared(manifest: Manifest) -> Segmentation:

@@ -90,10 +90,11 @@ class EncodeStage:
         outputs: list[dict[str, Any]] = []
         paths: list[Path] = []
         records: list[OutputRecord] = []
+        sources = self._sources(results)  # read once for every result: they are mostly the same images
         for k, result in enumerate(results):
             objects = encode_result(
                 result,
-                self._sources(result),
+                sources,
                 series_number=SERIES_NUMBER_BASE + 10 * k,
                 gateway_version=gateway.__version__,
                 key_images=key_images,
@@ -122,12 +123,14 @@ class EncodeStage:
             record_job_outputs(session, job_id, records)
         return outputs, paths
 
-    def _sources(self, result: ModelResult) -> dict[str, Dataset]:
-        """The source instances the result's volume names, read from the store."""
-        uids = {ref.sop_instance_uid for ref in result.volume.slices}
-        uids.update(plane.ref.sop_instance_uid for plane in result.volume.source_planes)  # images between slices
-        for refs in result.volume.slices_4d:
-            uids.update(ref.sop_instance_uid for ref in refs)
+    def _sources(self, results: Sequence[ModelResult]) -> dict[str, Dataset]:
+        """The source instances the results' volumes name, each read from the store once."""
+        uids: set[str] = set()
+        for result in results:
+            uids.update(ref.sop_instance_uid for ref in result.volume.slices)
+            uids.update(plane.ref.sop_instance_uid for plane in result.volume.source_planes)  # images between slices
+            for refs in result.volume.slices_4d:
+                uids.update(ref.sop_instance_uid for ref in refs)
         with self._store.sessions() as session:
             rows = session.execute(
                 select(Instance.sop_instance_uid, Instance.path).where(Instance.sop_instance_uid.in_(uids))

@@ -1,15 +1,16 @@
-"""Group commit: one thread writes the index rows of every association and request, in batches.
+"""Group commit: the index rows of every association and request are written in batches, one at a time.
 
 Each caller has already flushed its file's bytes; it hands the index row to :meth:`IndexWriter.submit` and waits.
-The writer takes whatever is queued, fsyncs the (few) folders the new files were linked into, writes all rows in
-one transaction and commits once, then wakes the callers. Under load many instances share one folder fsync and
-one database commit; alone, an instance pays the same two flushes it would anyway.
+Whichever caller finds no commit in progress (the leader) takes whatever is queued, fsyncs the (few) folders the new
+files were linked into, writes all rows in one transaction and commits once, then wakes the callers whose rows it
+committed; a caller whose row is still queued becomes the next leader. Under load many instances share one folder
+fsync and one database commit; alone, an instance pays the same two flushes it would anyway, in its own thread,
+with no hand-off to another thread and back.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -86,6 +87,9 @@ class PendingRow:
 class IndexWriter:
     """The single writer of instance rows (and the studies, series and revisions they create).
 
+    There is no writer thread: the callers of :meth:`submit` take turns committing, one at a time, each turn
+    committing every row queued by then (a group commit led by the caller whose turn it is).
+
     Parameters
     ----------
     engine
@@ -94,10 +98,11 @@ class IndexWriter:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._cache = WriterCache()
-        self._queue: queue.SimpleQueue[PendingRow | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
-        self._thread.start()
+        self._cache = WriterCache()  # used by the leader only
+        self._pending: list[PendingRow] = []
+        self._turn = threading.Condition()  # guards _pending, _leading and _stopped
+        self._leading = False  # a caller is committing a batch
+        self._stopped = False
 
     def submit(self, row: PendingRow) -> bool:
         """Commit ``row`` durably; ``True`` if it was inserted, ``False`` if the instance was already indexed.
@@ -109,43 +114,46 @@ class IndexWriter:
         Exception
             Whatever the database raised for the batch holding this row (nothing of the batch is committed).
         """
-        if not self._thread.is_alive():
-            raise RuntimeError("the index writer is stopped")
-        self._queue.put(row)
-        row.done.wait()
+        with self._turn:
+            if self._stopped:
+                raise RuntimeError("the index writer is stopped")
+            self._pending.append(row)
+        while (batch := self._lead_or_wait(row)) is not None:
+            self._commit_as_leader(batch)
         if row.error is not None:
             raise row.error
         return row.inserted
 
+    def _lead_or_wait(self, row: PendingRow) -> list[PendingRow] | None:
+        """Wait until ``row`` is committed (``None``) or no one leads; then lead: the queued rows to commit."""
+        with self._turn:
+            while self._leading and not row.done.is_set():
+                self._turn.wait()
+            if row.done.is_set():
+                return None
+            self._leading = True
+            batch = self._pending[:_MAX_BATCH]
+            del self._pending[:_MAX_BATCH]
+            return batch
+
+    def _commit_as_leader(self, batch: list[PendingRow]) -> None:
+        try:
+            self._commit(batch)
+        finally:
+            with self._turn:
+                self._leading = False
+                self._turn.notify_all()
+
     @property
     def running(self) -> bool:
-        """Whether the writer takes rows (its thread is alive)."""
-        return self._thread.is_alive()
+        """Whether the writer takes rows (it has not been stopped)."""
+        return not self._stopped
 
     def stop(self) -> None:
-        """Commit what is queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < _MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-            if stop:
-                return
+        """Refuse new rows, and wait (up to 30 s) until the rows already submitted are committed."""
+        with self._turn:
+            self._stopped = True
+            self._turn.wait_for(lambda: not (self._leading or self._pending), timeout=30)
 
     def _commit(self, batch: list[PendingRow]) -> None:
         try:

@@ -89,9 +89,12 @@ def procedure_code(modality: str | None) -> Code:
 
 def statement(provenance: Provenance, intended_use: str) -> str:
     """What every report says of itself: an AI result, not reviewed, and what the model is for."""
+    use = " ".join(intended_use.split())
+    if use and use[-1] not in ".!?":
+        use += "."  # a bundle's metadata may end without one; the report reads as sentences
     return (
         f"Produced automatically by the AI model {provenance.model_name} {provenance.model_version}; "
-        f"not reviewed by a physician. Intended use: {' '.join(intended_use.split())}"
+        f"not reviewed by a physician. Intended use: {use}"
     )
 
 

@@ -62,15 +62,16 @@ class SegmentMeasurement:
 def for_reading(name: str, value: float) -> float | int:
     """A measured value rounded as a radiologist would write it.
 
-    Volumes to 0.01 ml below 10 ml and to 0.1 ml from there; diameters (``long_axis``, ``short_axis``) to 0.1 mm;
-    statistics of modality values (``mean``, ``stddev``, ``min``, ``max``: Hounsfield units for CT) to 0.1;
-    probabilities to 0.01 (as a ``percent``, to 1 %); voxel counts are whole numbers. Anything else keeps 4
+    Volumes to 0.01 ml below 10 ml, to 0.1 ml below 100 ml and to whole ml from there (an organ of 540 ml is
+    ``540``, not ``540.3``: no more digits than a segmentation supports); diameters (``long_axis``, ``short_axis``)
+    to 0.1 mm; statistics of modality values (``mean``, ``stddev``, ``min``, ``max``: Hounsfield units for CT) to
+    0.1; probabilities to 0.01 (as a ``percent``, to 1 %); voxel counts are whole numbers. Anything else keeps 4
     significant digits. A value with nothing after the point is an ``int``, so it is written ``12``, not ``12.0``.
     """
     if name in ("voxels", "percent"):
         return round(value)
     if name == "volume":
-        decimals = 2 if abs(value) < 10 else 1
+        decimals = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
     elif name in ("long_axis", "short_axis", *_STATISTICS):
         decimals = 1
     elif name == "probability":

@@ -26,7 +26,8 @@ from encode_cases import (
 from pydicom.sr.codedict import codes
 
 from gateway.encode import EncodedObject, encode_result, write_objects
-from gateway.encode.sr import procedure_code
+from gateway.encode.common import Provenance
+from gateway.encode.sr import procedure_code, statement
 from gateway.infer.lesions import LesionSet
 from gateway.infer.measure import for_reading
 from gateway.infer.results import ModelResult
@@ -309,3 +310,11 @@ def test_procedure_follows_the_modality() -> None:
     assert procedure_code("CT") == codes.SCT.ComputedTomography
     assert procedure_code("MR").value == "113091000"
     assert procedure_code(None).value == "363679005"
+
+
+def test_an_intended_use_without_a_full_stop_gets_one(nodules: ModelResult) -> None:
+    """A bundle's metadata may end its intended use without a full stop; the report still reads as sentences."""
+    provenance = Provenance.of(nodules, "1.0")
+    said = statement(provenance, "This is an example,\n not to be used for diagnostic purposes")
+    assert said.endswith("Intended use: This is an example, not to be used for diagnostic purposes.")
+    assert statement(provenance, "Research only!").endswith("Intended use: Research only!")

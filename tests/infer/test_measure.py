@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from tiny_models import CODE, make_volume
 
-from gateway.infer.measure import _statistics, measure_mask, measure_segments, measurement_units, voxel_volume_ml
+from gateway.infer.measure import (
+    _statistics,
+    for_reading,
+    measure_mask,
+    measure_segments,
+    measurement_units,
+    voxel_volume_ml,
+)
 from gateway.registry.manifest import SegmentLabel
 
 ALL = ["volume", "voxels", "mean", "stddev", "min", "max"]
@@ -67,3 +74,12 @@ def test_statistics_by_slabs_equal_those_over_the_whole_segment() -> None:
     assert stats["min"] == inside.min() and stats["max"] == inside.max()
     assert stats["mean"] == pytest.approx(inside.mean(), rel=1e-12)
     assert stats["stddev"] == pytest.approx(inside.std(), rel=1e-12)
+
+
+def test_volumes_are_rounded_as_written() -> None:
+    """Hundredths below 10 ml, tenths below 100 ml, whole ml above: 3 significant digits up to a litre."""
+    assert for_reading("volume", 0.2749) == 0.27
+    assert for_reading("volume", 95.44) == 95.4
+    assert for_reading("volume", 207.8) == 208
+    assert for_reading("volume", 540.3) == 540
+    assert isinstance(for_reading("volume", 540.3), int)

@@ -499,9 +499,10 @@ class StoreSCP(PeerProcess):
 _MINIMAL_SCP = r"""
 import os, sys, threading
 from pathlib import Path
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
+_config.LOG_HANDLER_LEVEL = "none"  # as the gateway sets it: no log text formatted per message
 outdir, aet, max_pdu, ready = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 durable = sys.argv[5] == "fsync"
 

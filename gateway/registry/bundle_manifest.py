@@ -43,6 +43,7 @@ from gateway.registry.manifest import (
     Manifest,
     load_manifest,
     manifest_from_data,
+    read_yaml_mapping,
 )
 
 __all__ = ["BUNDLE_METADATA", "PALETTE", "is_bundle", "label_codes", "merge_override", "package_manifest"]
@@ -110,7 +111,7 @@ def package_manifest(folder: Path, name: str | None = None) -> Manifest:
         or the resulting manifest breaks the schema (the message names each key and where it came from).
     """
     path = folder / MANIFEST_NAME
-    override = _read_override(path) if path.is_file() else None
+    override = read_yaml_mapping(path) if path.is_file() else None
     if override is None:
         if not is_bundle(folder):
             return load_manifest(folder)  # its "no model.yaml" error
@@ -144,16 +145,6 @@ def _bundle_subfolder(folder: Path, weights: Any, path: Path) -> Path:
             "backend overrides a bundle's own description"
         )
     return bundle
-
-
-def _read_override(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a mapping at the top level")
-    return data
 
 
 # --- synthesis ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -38,6 +38,7 @@ __all__ = [
     "Selection",
     "load_manifest",
     "manifest_from_data",
+    "read_yaml_mapping",
 ]
 
 MANIFEST_NAME = "model.yaml"
@@ -405,6 +406,23 @@ class Manifest(_Strict):
         return f"{self.name}@{self.version}"
 
 
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The mapping a ``model.yaml`` (a manifest or a bundle's override) holds, read as plain data.
+
+    Raises
+    ------
+    ManifestError
+        If the file is not valid YAML or does not hold a mapping at the top level.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def load_manifest(folder: Path) -> Manifest:
     """Read and validate ``folder/model.yaml``.
 
@@ -416,12 +434,7 @@ def load_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{folder}: no {MANIFEST_NAME}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path)
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

@@ -13,6 +13,7 @@ from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
 
 from gateway.encode import EncodedObject, encode_result, write_objects
 from gateway.encode.gsps import layer_name
+from gateway.infer.measure import for_reading
 from gateway.infer.results import ModelResult
 
 
@@ -120,7 +121,7 @@ def test_labels_of_findings_on_their_key_image(written: dict[str, Path], labels:
     lung_key = int(np.argmax((labels.labelmap == 1).sum(axis=(1, 2))))
     key_uid = labels.volume.slices[lung_key].sop_instance_uid
     volume = labels.measurements[0].values["volume"]
-    assert texts[("LUNG", key_uid)] == [f"lung: {round(volume, 1)} ml"]
+    assert texts[("LUNG", key_uid)] == [f"lung: {for_reading('volume', volume)} ml"]
     assert sum(1 for layer, _ in texts if layer == "BONE") == 1, "one label per finding"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from model_packages import manifest_dict, write_package, zip_folder
+from monai_bundles import spleen_bundle, spleen_weights
 from ui_data import TOKENS, add_job, bearer, routing, ui_client, ui_settings
 
 ADMIN = bearer(TOKENS["admin"])
@@ -98,3 +99,17 @@ def test_each_models_latency_and_counts_are_shown(client: Any, tmp_path: Path) -
     assert row is not None
     cells = re.findall(r'<td class="num">([^<]*)</td>', row[0])
     assert cells[:1] == ["3"] and cells[-2:] == ["1.00 s", "1.00 s"], cells
+
+
+def test_a_bundle_as_it_comes_is_uploaded_from_the_page_and_says_how_it_runs(client: Any, tmp_path: Path) -> None:
+    """The data scientist's model-zoo download, zipped as it is, registers from the page; the page says the bundle's
+    own pipeline runs."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    bundle = spleen_bundle(tmp_path, spleen_weights(weights))
+    archive = zip_folder(bundle, tmp_path / "spleen.zip", top=bundle.name)
+    assert "MONAI model-zoo bundle" in client.get("/ui/models").text, "the upload form says bundles are welcome"
+    done = upload(client, archive.read_bytes(), "spleen.zip")
+    assert done.status_code == 201 and "spleen_ct_segmentation@0.5.9 is registered and enabled" in done.text, done.text
+    page = client.get("/ui/models").text
+    assert "the bundle's own preprocessing, inferer and postprocessing" in page

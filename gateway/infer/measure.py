@@ -136,7 +136,7 @@ def _measure_masks(
     return results
 
 
-#: Slices read together by :func:`_statistics`: temporaries of a few MB that stay in cache.
+#: Slices read together by :func:`_statistics_of`: temporaries of a few MB that stay in cache.
 _SLAB = 8
 
 
@@ -167,18 +167,13 @@ class _Moments:
         return {"mean": self.mean, "stddev": stddev, "min": self.low, "max": self.high}
 
 
-def _statistics(values: npt.NDArray[np.float32], mask: Mask) -> dict[str, float]:
-    """Mean, population standard deviation, min and max of ``values`` inside ``mask`` (not empty).
+def _statistics_of(values: npt.NDArray[np.float32], masks: Sequence[Mask]) -> list[dict[str, float]]:
+    """Mean, population standard deviation, min and max of ``values`` inside each mask (none empty).
 
     A few slices at a time, in float64, each slab's count, mean and sum of squared deviations merged (see
     :class:`_Moments`): the same numbers as over the whole copy, without a copy of every voxel inside a large
-    segment (a body outline is most of a CT).
+    segment (a body outline is most of a CT); every slab of ``values`` is read once for all the masks.
     """
-    return _statistics_of(values, [mask])[0]
-
-
-def _statistics_of(values: npt.NDArray[np.float32], masks: Sequence[Mask]) -> list[dict[str, float]]:
-    """:func:`_statistics` of each mask (none empty), every slab of ``values`` read once for all of them."""
     moments = [_Moments() for _ in masks]
     for start in range(0, values.shape[0], _SLAB):
         part = values[start : start + _SLAB]

@@ -186,14 +186,12 @@ def _resize_torch(array: npt.NDArray[Any], shape: Shape, mode: Mode) -> Array:
     import torch
     import torch.nn.functional as F
 
+    if mode == "linear" and array.shape[0] == shape[0]:
+        # the slices stay (resampled in plane only): bilinear over each slice gives trilinear's values (the slice
+        # axis' weights are 0) up to rounding, in half the time
+        return _gathered(_bilinear_slabs(array, shape), shape)
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     with torch.inference_mode():
-        if mode == "linear" and array.shape[0] == shape[0]:
-            # the slices stay (resampled in plane only): bilinear over each slice gives trilinear's values (the
-            # slice axis' weights are 0) up to rounding, in half the time
-            planes = F.interpolate(tensor[0].transpose(0, 1), size=shape[1:], mode="bilinear", align_corners=False)
-            result: Array = planes[:, 0].numpy()
-            return result
         if mode == "linear":
             out = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
         else:
@@ -208,8 +206,13 @@ def _resize_numpy(array: npt.NDArray[Any], shape: Shape, mode: Mode) -> Array:
     Trilinear interpolation is separable: one linear pass per axis gives the same values (up to float rounding).
     The output is made ``_SLAB`` slices at a time, so the temporaries stay a few slices large.
     """
+    return _gathered(_numpy_slabs(array, shape, mode), shape)
+
+
+def _gathered(slabs: Iterator[tuple[int, Array]], shape: Shape) -> Array:
+    """The whole array made of ``(first slice, slab)`` parts."""
     out = np.empty(shape, dtype=np.float32)
-    for start, slab in _numpy_slabs(array, shape, mode):
+    for start, slab in slabs:
         out[start : start + len(slab)] = slab
     return out
 

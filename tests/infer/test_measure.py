@@ -7,7 +7,7 @@ import pytest
 from tiny_models import CODE, make_volume
 
 from gateway.infer.measure import (
-    _statistics,
+    _statistics_of,
     for_reading,
     measure_mask,
     measure_segments,
@@ -70,7 +70,7 @@ def test_statistics_by_slabs_equal_those_over_the_whole_segment() -> None:
     mask = rng.random(values.shape) < np.linspace(0.0, 0.9, 29)[:, None, None]
     mask[:9] = False  # the first slab holds nothing
     inside = values[mask].astype(np.float64)
-    stats = _statistics(values, mask)
+    stats = _statistics_of(values, [mask])[0]
     assert stats["min"] == inside.min() and stats["max"] == inside.max()
     assert stats["mean"] == pytest.approx(inside.mean(), rel=1e-12)
     assert stats["stddev"] == pytest.approx(inside.std(), rel=1e-12)

@@ -46,13 +46,13 @@ import yaml
 
 from gateway.errors import ModelError
 from gateway.infer.failures import reason
+from gateway.registry.bundle_manifest import BUNDLE_CONFIGS
 
 __all__ = ["ALLOWED_PREFIXES", "Rule", "build_network", "bundle_config", "check_and_build", "read_config"]
 
 #: Where the classes of an untrusted bundle's network may come from (a module and its submodules).
 ALLOWED_PREFIXES = ("monai.networks", "torch.nn")
 
-_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 _SEP = "::"
 _SPECIAL = frozenset({"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"})
 _REFERENCE = re.compile(r"@\w*(?:::\w*)*")
@@ -117,7 +117,7 @@ def bundle_config(bundle: Path) -> Path:
     ModelError
         If it has none.
     """
-    for name in _CONFIGS:
+    for name in BUNDLE_CONFIGS:
         path = bundle / "configs" / name
         if path.is_file():
             return path

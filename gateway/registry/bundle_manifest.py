@@ -40,13 +40,22 @@ from gateway.registry.manifest import (
     GENERIC_CATEGORY,
     GENERIC_TYPE,
     MANIFEST_NAME,
+    NAME_PATTERN,
     Manifest,
     load_manifest,
     manifest_from_data,
     read_yaml_mapping,
 )
 
-__all__ = ["BUNDLE_METADATA", "PALETTE", "is_bundle", "label_codes", "merge_override", "package_manifest"]
+__all__ = [
+    "BUNDLE_CONFIGS",
+    "BUNDLE_METADATA",
+    "PALETTE",
+    "is_bundle",
+    "label_codes",
+    "merge_override",
+    "package_manifest",
+]
 
 #: The file that makes a folder a MONAI bundle.
 BUNDLE_METADATA = "configs/metadata.json"
@@ -75,8 +84,9 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (128, 128, 128),
 )
 
-_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+#: A bundle's inference config under ``configs/``, in the order MONAI looks for it.
+BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
+_NAME = re.compile(NAME_PATTERN)
 _SIDES = re.compile(r"\b(left|right)\b")
 _ABNORMAL = {"Tumor", "Neoplasm", "Lesion", "Nodule", "Mass", "Cyst", "Metastasis"}
 _CODE = dict[str, str]
@@ -286,7 +296,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _config_name(bundle: Path) -> str:
-    for name in _CONFIGS:
+    for name in BUNDLE_CONFIGS:
         if (bundle / "configs" / name).is_file():
             return f"configs/{name}"
     raise ManifestError(f"MONAI bundle {bundle.name} has no configs/inference.json or .yaml")

@@ -25,6 +25,7 @@ __all__ = [
     "GENERIC_CATEGORY",
     "GENERIC_TYPE",
     "MANIFEST_NAME",
+    "NAME_PATTERN",
     "Classification",
     "Code",
     "Inference",
@@ -51,7 +52,8 @@ Triple = tuple[float, float, float]
 OptionalTriple = tuple[float | None, float | None, float | None]
 IntTriple = tuple[int, int, int]
 
-_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+#: What a model name may be: lower case letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _VERSION = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$"
 _AXES = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
 
@@ -360,7 +362,7 @@ class Manifest(_Strict):
     gateway's inference workers (at registration, in the dry run's child process).
     """
 
-    name: Annotated[str, Field(pattern=_NAME)]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
     version: Annotated[str, Field(pattern=_VERSION)]
     description: str = Field(min_length=1)
     authors: list[str] = Field(min_length=1)

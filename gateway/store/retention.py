@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from gateway.config import RetentionSettings
@@ -271,11 +271,12 @@ class Retention:
         try:
             with self._lock:
                 report = PurgeReport()
-                self._free_space(time.time(), report, incoming=incoming, tried=set())
+                short = self._free_space(time.time(), report, incoming=incoming, tried=set())
             if report.series or report.outputs:
                 log.info("retention, to make room for an instance: %s", report.summary())
-            else:  # nothing to purge: the refusals that follow this one do not each look again
+            elif short:  # nothing could be purged: the refusals that follow this one do not each look again
                 self._idle_until = time.monotonic() + _MAKE_ROOM_BACKOFF_S
+            # else the space was back by the time it was measured again (a temporary file gone): no back-off
         except Exception:
             log.exception("retention could not make room; the instance is refused if space is short")
 
@@ -376,23 +377,24 @@ class Retention:
 
     def _free_space(
         self, now: float, report: PurgeReport, *, incoming: int | None, tried: set[tuple[str, str]]
-    ) -> None:
-        """Purge oldest-first, measuring again after each round, until :meth:`_need` is met or nothing is left."""
+    ) -> bool:
+        """Purge oldest-first, measuring again after each round, until :meth:`_need` is met or nothing is left;
+        whether space is still short (``False`` when it was met, or there was no shortage at all)."""
         while True:
             disk = self.disk()
             short = incoming is not None and disk.free_bytes - incoming < disk.min_free_bytes
             if not (disk.above_high or short):
                 self._starved = False
-                return
+                return False
             candidates = [c for c in self.candidates(now) if c.key not in tried]
             need = self._need(disk, incoming, candidates)
             if need <= 0:  # short for this instance, but purging all there is would not make it fit
-                return
+                return True
             chosen = _oldest_first(candidates, need)
             if not chosen:
                 report.starved = True
                 self._warn_starved(disk)
-                return
+                return True
             tried.update(c.key for c in chosen)
             self._purge(chosen, SPACE, now, report)
 
@@ -413,6 +415,7 @@ class Retention:
             journal = Journal.create(self._journals)
             try:
                 with self._index.write_sessions.begin() as session:
+                    _hold_writers(session)
                     done, instances, folders = self._take_out(session, batch, reason, now)
                     journal.write(instances, folders)  # durable before the commit
             except BaseException:
@@ -572,6 +575,22 @@ def _oldest_first(candidates: Iterable[Candidate], need: int) -> list[Candidate]
         chosen.append(c)
         need -= c.bytes
     return chosen
+
+
+#: What a purge's transaction keeps still on PostgreSQL: the tables whose writes could change its checks.
+_HELD_STILL = ("series_revisions", "jobs", "deliveries")
+
+
+def _hold_writers(session: Session) -> None:
+    """Keep every other writer out of the tables a purge checks until ``session``'s transaction ends.
+
+    SQLite's ``BEGIN IMMEDIATE`` already does (one writer at a time). On PostgreSQL, where several gateway
+    processes write at once, the tables are locked ``SHARE ROW EXCLUSIVE``: reads go on, while an arrival (which
+    opens or bumps a revision), a job's move or a delivery's change waits for the purge batch to commit, so no
+    instance arrives in a series being purged and no delivery is queued for outputs being removed.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"LOCK TABLE {', '.join(_HELD_STILL)} IN SHARE ROW EXCLUSIVE MODE"))
 
 
 def _batches(candidates: Sequence[Candidate]) -> Iterator[list[Candidate]]:

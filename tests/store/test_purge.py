@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 
 from gateway.config import HttpSettings, RetentionSettings, StoreSettings, TokenSettings, hash_token
 from gateway.ingest.completion import complete_quiet_series
@@ -24,7 +25,7 @@ from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Instance, Job, Output, Series, SeriesRevision, Study
 from gateway.store.outputs import OutputRecord, record_job_outputs
 from gateway.store.purge_journal import InstanceEntry, Journal
-from gateway.store.retention import DAY_S, PurgeReport, Retention
+from gateway.store.retention import DAY_S, PurgeReport, Retention, _hold_writers
 from gateway.store.store import InstanceStore
 
 from conftest import LiveServer, make_settings
@@ -44,9 +45,12 @@ class StoredSeries:
     paths: list[Path]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[InstanceStore]:
-    s = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[InstanceStore]:
+    """A store whose index is SQLite, or a fresh database on a real PostgreSQL (several processes may write there
+    while a purge runs: its transaction holds them off, as SQLite's write lock does)."""
+    url = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    s = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0, database_url=url))
     try:
         yield s
     finally:
@@ -329,20 +333,21 @@ def test_dry_run_frees_nothing_and_reports_what_the_real_run_frees(store: Instan
     assert "would free 2 series (5 instances), the outputs of 1 jobs" in dry.summary()
 
 
-def kill_during_unlinks(data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """Run a purge in a child process that is SIGKILLed once its transaction has committed, before any file is
-    removed: a crash, with no cleanup of any kind."""
+def kill_during_unlinks(data_dir: Path, url: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a purge in a child process (on the index at ``url``, else the folder's SQLite) that is SIGKILLed once its
+    transaction has committed, before any file is removed: a crash, with no cleanup of any kind."""
     script = (
         "import os, signal, sys\n"
         "import gateway.store.retention as retention\n"
         "from gateway.config import HttpSettings, RetentionSettings, StoreSettings, TokenSettings, hash_token\n"
         "from gateway.registry.registry import RegistryIndex\n"
         "retention.remove_files = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "index = RegistryIndex(StoreSettings(data_dir=sys.argv[1], min_free_bytes=0))\n"
+        "url = sys.argv[3] or None\n"
+        "index = RegistryIndex(StoreSettings(data_dir=sys.argv[1], min_free_bytes=0, database_url=url))\n"
         "retention.Retention(index, RetentionSettings(disk_high_watermark=1.0), 0).run(now=float(sys.argv[2]))\n"
     )
     return subprocess.run(
-        [sys.executable, "-c", script, str(data_dir), str(NOW)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, str(data_dir), str(NOW), url or ""], capture_output=True, text=True, timeout=120
     )
 
 
@@ -353,7 +358,7 @@ def test_a_crash_between_commit_and_unlinks_is_finished_by_the_next_run(store: I
     finish(store, gone.job_id, JobState.EXPORTED, 8)
     finish(store, again.job_id, JobState.EXPORTED, 8)
 
-    crashed = kill_during_unlinks(store.data_dir)
+    crashed = kill_during_unlinks(store.data_dir, store.settings.database_url)
 
     assert crashed.returncode == -9, crashed.stderr
     assert held(store, gone) == held(store, again) == 0, "the transaction committed"
@@ -423,9 +428,11 @@ def test_gateway_purge_command(store: InstanceStore, tmp_path: Path) -> None:
         assert row is not None
         row.finished_at = time.time() - 8 * DAY_S
     config = tmp_path / "gateway.yaml"
+    url = store.settings.database_url
     config.write_text(
         f"store:\n  data_dir: {store.data_dir}\n  min_free_bytes: 0\n"
-        "retention:\n  instances_days: 7\n  disk_high_watermark: 1.0\n  disk_low_watermark: 1.0\n"
+        + (f"  database_url: {url}\n" if url else "")
+        + "retention:\n  instances_days: 7\n  disk_high_watermark: 1.0\n  disk_low_watermark: 1.0\n"
     )
     size = sum(p.stat().st_size for p in old.paths)
 
@@ -465,3 +472,35 @@ def test_healthz_and_storage_show_the_disk(tmp_path: Path) -> None:
     assert storage["held"] == {"instances": 0, "instance_bytes": 0}
     assert storage["retention"]["instances_days"] == 7 and storage["retention"]["interval_s"] == 300
     assert storage["last_purge"]["series"] == 0 and storage["last_purge"]["dry_run"] is False
+
+
+def test_a_purge_batch_holds_off_other_processes_writers_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL another process's arrival waits for the purge batch's commit (SQLite's write lock does so
+    for every writer): no instance lands in a series while its rows are being taken out."""
+    store = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0, database_url=postgres_url))
+    try:
+        series = add_series(store, tmp_path)
+        arrived: list[bool] = []
+        with store.write_sessions.begin() as purge:
+            _hold_writers(purge)
+            src = minimal_ct(tmp_path / "late.dcm", StudyInstanceUID=series.study, SeriesInstanceUID=series.uid)
+            writer = threading.Thread(target=lambda: arrived.append(not store.put(src, source="test").duplicate))
+            writer.start()
+            watcher = create_engine(postgres_url)
+            waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation IS NOT NULL")
+            try:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    with watcher.connect() as conn:
+                        if conn.execute(waiting).scalar():
+                            break
+                    time.sleep(0.02)
+                else:
+                    pytest.fail("the arrival never waited for the purge's lock")
+            finally:
+                watcher.dispose()
+            assert arrived == [], "the arrival was indexed while the purge batch held the tables"
+        writer.join(timeout=30)
+        assert arrived == [True], "the arrival went ahead once the purge batch committed"
+    finally:
+        store.close()

@@ -49,6 +49,7 @@ bench: $(VENV)/.installed-test system-deps
 	$(PY) bench/e2e.py
 	$(PY) bench/memory.py
 	$(PY) bench/ui.py
+	$(PY) bench/scale.py
 
 # What people see, rendered as they see it (dsr2html in Chromium, dcmp2pgm, a key image), kept for the README.
 pictures: $(VENV)/.installed-test system-deps

@@ -63,8 +63,23 @@ def serve(
     dicom_port: Annotated[int | None, typer.Option(help="DICOM listener port (default 11112).")] = None,
     http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8080).")] = None,
     ae_title: Annotated[str | None, typer.Option(help="The gateway's AE title (default GATEWAY).")] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="What this process runs, among processes sharing one index: all (default), or a comma-separated "
+            "list of ingest (DICOM listener, DICOMweb, API, UI, completion), worker (assembly, inference, "
+            "encoding) and export (sending results)."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Where this process runs models: auto, cpu, cuda or cuda:N (models.device).")
+    ] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(help="Worker: the comma-separated model names this process runs (default: every model)."),
+    ] = None,
 ) -> None:
-    """Run the gateway: DICOM listener, DICOMweb and the JSON API."""
+    """Run the gateway: DICOM listener, DICOMweb and the JSON API, job workers and export (or some: --role)."""
     import uvicorn
 
     from gateway.admin_token import ensure_admin_token
@@ -72,13 +87,19 @@ def serve(
     from gateway.api.limits import server_config
     from gateway.errors import ConfigError
 
-    overrides: dict[str, dict[str, Any]] = {"dicom": {}, "http": {}}
+    overrides: dict[str, dict[str, Any]] = {"dicom": {}, "http": {}, "cluster": {}, "models": {}}
     if dicom_port is not None:
         overrides["dicom"]["port"] = dicom_port
     if ae_title is not None:
         overrides["dicom"]["ae_title"] = ae_title
     if http_port is not None:
         overrides["http"]["port"] = http_port
+    if role is not None:
+        overrides["cluster"]["roles"] = _roles(role)
+    if models is not None:
+        overrides["cluster"]["models"] = [name.strip() for name in models.split(",") if name.strip()]
+    if device is not None:
+        overrides["models"]["device"] = device
     settings = load_settings(config, data_dir, **{k: v for k, v in overrides.items() if v})
     _check_ports_free(settings)
     DataFolder(settings).announce()
@@ -95,6 +116,19 @@ def serve(
         server.run()
     if not server.started:
         raise typer.Exit(EXIT_NOT_STARTED)  # as uvicorn.run: the server did not start (the log says why)
+
+
+def _roles(text: str) -> list[str]:
+    """``--role``'s roles: ``all``, or a comma-separated list of ``ingest``, ``worker`` and ``export``."""
+    from gateway.config import ROLES
+
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(ROLES)
+    unknown = [name for name in names if name not in ROLES]
+    if unknown or not names:
+        _fail(f"--role takes all, or a comma-separated list of {', '.join(ROLES)}; not {text!r}")
+    return names
 
 
 def _announce_admin_token(token: str, settings: Settings) -> None:
@@ -116,10 +150,10 @@ def _announce_admin_token(token: str, settings: Settings) -> None:
 
 def _check_ports_free(settings: Settings) -> None:
     """Fail with a readable message, before anything starts, when a listening port is taken."""
-    for what, host, port in (
-        ("DICOM", settings.dicom.host, settings.dicom.port),
-        ("HTTP", settings.http.host, settings.http.port),
-    ):
+    listeners = [("HTTP", settings.http.host, settings.http.port)]
+    if "ingest" in settings.cluster.roles:  # only the ingest role runs the DICOM listener
+        listeners.insert(0, ("DICOM", settings.dicom.host, settings.dicom.port))
+    for what, host, port in listeners:
         if port == 0:
             continue
         try:
@@ -305,12 +339,17 @@ def _registry(
     """
     from gateway.errors import ModelConflict, ModelError, NotFound
     from gateway.registry.registry import Registry, RegistryIndex
+    from gateway.store.notify import MODELS, make_notifier
 
     settings = folder.settings if folder is not None else _data_settings(config, data_dir)
     folder = folder or DataFolder(settings)
     index = RegistryIndex(settings.store)
     try:
         registry = Registry.from_settings(index, settings.models)
+        # Running gateways on the same PostgreSQL index hear of a change at once (LISTEN/NOTIFY); on SQLite there is
+        # no one to tell: they read the registry at each job.
+        notifier = make_notifier(index.write_engine, enabled=settings.cluster.notify)
+        registry.on_change = lambda: notifier.publish(MODELS)
         if shipped:
             _register_shipped(registry, settings)
         yield registry

@@ -238,6 +238,9 @@ class ExportSettings(_Section):
     calling_ae_title: str = Field(default="GATEWAY", min_length=1, max_length=16)
     timeout_s: float = Field(default=60.0, gt=0)  # connect, association, response and HTTP timeouts
     batch_size: int = Field(default=64, ge=1)  # deliveries sent over one association or in one STOW-RS request
+    # A claim of deliveries is this process's for lease_s, renewed while it lives; another export process takes
+    # back the claims of a process that is gone (its lease lapsed, or it was this host's and its pid is gone).
+    lease_s: float = Field(default=120.0, gt=0)
 
     @model_validator(mode="after")
     def _names_exist(self) -> ExportSettings:
@@ -251,6 +254,33 @@ class ExportSettings(_Section):
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must not be below backoff_initial_s")
         return self
+
+
+Role = Literal["ingest", "worker", "export"]
+ROLES: tuple[Role, ...] = ("ingest", "worker", "export")
+
+
+class ClusterSettings(_Section):
+    """What this process does among the processes that share one index and data folder (``gateway serve --role``).
+
+    ``ingest`` runs the DICOM listener, the HTTP faces (DICOMweb, API, UI) and series completion; ``worker`` claims
+    jobs and runs assembly, inference and encoding; ``export`` sends the results. Every role serves ``/healthz``
+    and ``/metrics``. The default runs all three in one process, the embedded (SQLite) setup.
+    """
+
+    roles: list[Role] = Field(default_factory=lambda: list(ROLES), min_length=1)
+    # worker: the model names this process runs (None: every model); a job whose series a model outside this
+    # list applies to is left to another worker.
+    models: list[str] | None = None
+    heartbeat_s: float = Field(default=5.0, gt=0)  # how often this process reports itself in the workers table
+    # PostgreSQL: wake idle processes with LISTEN/NOTIFY (jobs ready, deliveries queued, models changed); the polls
+    # (jobs.poll_s, export.poll_s) stay as the fallback. SQLite wakes within the process only.
+    notify: bool = True
+
+    @field_validator("roles")
+    @classmethod
+    def _distinct(cls, roles: list[Role]) -> list[Role]:
+        return [role for role in ROLES if role in roles]
 
 
 class UiSettings(_Section):
@@ -297,6 +327,7 @@ class Settings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     ui: UiSettings = Field(default_factory=UiSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

@@ -18,6 +18,12 @@ Read from the index and the gateway at scrape time (two ``GROUP BY`` queries and
 ``gateway_jobs{state}``, ``gateway_queue_oldest_seconds`` (how long the oldest ``received`` job has waited),
 ``gateway_deliveries{destination,state}``, ``gateway_disk_free_bytes`` and ``gateway_accepting``.
 
+Several gateway processes may share one index (``gateway serve --role``): each serves its own ``/metrics``, and
+every sample it serves carries the label ``worker="<host/pid/token>"`` (the process's owner name, the one its job
+leases and the workers table carry), so that the series of several processes never collide, also when a
+Prometheus job scrapes them behind one address. The index gauges are the same from every process: aggregate them
+with ``max by (state)``, not ``sum``.
+
 This module sits below every stage: it imports only the index's tables, never a stage.
 """
 
@@ -39,12 +45,23 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.store.index import Delivery, Job
 
-__all__ = ["CONTENT_TYPE", "GatewayMetrics", "IndexCounts", "IngestState", "RecentIngest", "count_index"]
+__all__ = [
+    "CONTENT_TYPE",
+    "WORKER_LABEL",
+    "GatewayMetrics",
+    "IndexCounts",
+    "IngestState",
+    "RecentIngest",
+    "count_index",
+]
 
 log = logging.getLogger(__name__)
 
 #: The text exposition format's content type (what ``GET /metrics`` answers with).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: The label every sample of a process's exposition carries: which gateway process it comes from.
+WORKER_LABEL = "worker"
 
 #: Outcomes of an offered instance that count as received (the rest count as refused).
 RECEIVED_OUTCOMES = frozenset({"stored", "duplicate"})
@@ -227,6 +244,23 @@ def _ingest_gauges(state: IngestState) -> Iterator[Metric]:
     )
 
 
+class _Labelled(Collector):
+    """Every metric of ``registry`` with the constant label ``name=value`` added to each of its samples."""
+
+    def __init__(self, registry: CollectorRegistry, name: str, value: str) -> None:
+        self._registry = registry
+        self._name = name
+        self._value = value
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, self._name: self._value}) for sample in metric.samples
+            ]
+            yield labelled
+
+
 class GatewayMetrics:
     """The metrics of one gateway, in their own registry.
 
@@ -238,6 +272,9 @@ class GatewayMetrics:
         Called at scrape time for the free disk and whether ingest accepts (left out: no such gauges).
     job_states
         Every job state, so that ``gateway_jobs`` shows a state with no job as 0.
+    worker
+        This process's owner name (``host/pid/token``): :meth:`render` adds it to every sample as the label
+        ``worker``. Left out: no such label (one process alone). :attr:`registry` holds the samples without it.
     """
 
     def __init__(
@@ -246,8 +283,14 @@ class GatewayMetrics:
         sessions: sessionmaker[Session] | None = None,
         ingest: Callable[[], IngestState] | None = None,
         job_states: Iterable[str] = (),
+        worker: str | None = None,
     ) -> None:
+        if worker is not None and not worker:
+            raise ValueError("worker must name the process (host/pid/token), or be None")
         self.registry = CollectorRegistry(auto_describe=False)
+        #: This process's name, the ``worker`` label of every sample :meth:`render` serves (``None``: no label).
+        self.worker = worker
+        self._exposed: Collector = self.registry if worker is None else _Labelled(self.registry, WORKER_LABEL, worker)
         #: When counting began (the gateway was made): the start of :meth:`recent_ingest`'s windows.
         self.started_at = time.time()
         self._recent = _MinuteCounts()
@@ -336,5 +379,6 @@ class GatewayMetrics:
         return RecentIngest(self.started_at, received_hour, refused_hour, received_day, refused_day)
 
     def render(self) -> bytes:
-        """The text exposition of every metric (the scrape-time gauges read now)."""
-        return generate_latest(self.registry)
+        """The text exposition of every metric (the scrape-time gauges read now), each sample labelled with
+        :attr:`worker` when it is set."""
+        return generate_latest(self._exposed)

@@ -35,6 +35,8 @@ import prometheus_client.metrics
 import pydicom.config
 from pynetdicom import _config as pynetdicom_config
 
+from gateway.store.files import temp_prefix
+
 __all__ = ["LibrarySettings", "library_settings", "release_memory"]
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class LibrarySettings:
         if self._tmp_dir is not None:
             self._tmp_dir.mkdir(parents=True, exist_ok=True)
             self._set(tempfile, "tempdir", str(self._tmp_dir.resolve()))
+            # Libraries' temporary files (pynetdicom's received data sets) carry this process's name, as the store's
+            # own do: another process sharing the folder removes them at its start only once this one is gone.
+            self._set(tempfile, "template", temp_prefix())
         for name in _QUIET_LOGGERS:
             logger = logging.getLogger(name)
             previous = logger.level

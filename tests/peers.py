@@ -447,6 +447,48 @@ class GatewayServer(PeerProcess):
             return False
 
 
+class ServedGateway(GatewayServer):
+    """The gateway served over ``data_dir`` without shipped models; ``sections`` are further settings sections
+    (``ingest``, ``jobs``, ``export``, ...); ``args`` further ``gateway serve`` options (``--role worker``)."""
+
+    def __init__(self, tmpdir: Path, data_dir: Path, sections: Mapping[str, Any], args: Sequence[str] = ()) -> None:
+        super().__init__(tmpdir, data_dir, {"models": {"register_shipped": False}, **sections})
+        self.args = list(args)
+
+    def _command(self) -> Sequence[str]:
+        return [*super()._command(), *self.args]
+
+    @property
+    def address(self) -> str:
+        """``AET@HOST:PORT`` of the DICOM listener."""
+        return f"GATEWAY@127.0.0.1:{self.dicom_port}"
+
+    def cli(self, *args: str, timeout_s: float = 300) -> str:
+        """Run ``gateway ARGS`` (another process) against this gateway's settings; its output (fails on error)."""
+        done = subprocess.run(
+            [str(GATEWAY_SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=dict(self._env()),
+        )
+        assert done.returncode == 0, f"gateway {' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    def api(self, path: str) -> Any:
+        """``GET /api/...`` as JSON."""
+        answer = httpx.get(f"http://127.0.0.1:{self.http_port}/api{path}", timeout=10)
+        answer.raise_for_status()
+        return answer.json()
+
+    def kill9(self) -> None:
+        """SIGKILL the server and reap it: no shutdown code runs."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.stop()  # closes the log
+
+
 class StoreSCP(PeerProcess):
     """DCMTK ``storescp`` writing every received instance into ``tmpdir/received``.
 

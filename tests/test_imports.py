@@ -82,3 +82,20 @@ def test_gateway_volume_imports_no_model_runtime_nor_settings(tmp_path: Path) ->
 def test_light_commands_import_no_model_runtime_nor_settings(args: tuple[str, ...]) -> None:
     modules = imported_by_command(*args)
     assert not modules & {*MODEL_RUNTIMES, "pydantic_settings", "gateway.config"}
+
+
+def test_a_server_on_sqlite_needs_no_postgresql_driver() -> None:
+    """psycopg is the ``postgres`` extra: a gateway on the default SQLite index neither imports nor needs it."""
+    start = (
+        "import tempfile, pathlib\n"
+        "from gateway.api.app import create_app\n"
+        "from gateway.config import Settings\n"
+        "from gateway.runtime import Gateway\n"
+        "with tempfile.TemporaryDirectory() as d:\n"
+        "    store = {'data_dir': pathlib.Path(d), 'min_free_bytes': 0}\n"
+        "    gateway = Gateway(Settings(store=store, models={'register_shipped': False}), dimse=False)\n"
+        "    gateway.start()\n"
+        "    gateway.wake_jobs()\n"
+        "    gateway.stop()\n"
+    )
+    assert loaded_after(start, ("psycopg",)) == []

@@ -1,5 +1,8 @@
 """The FastAPI application factory: DICOMweb (STOW/QIDO/WADO), the JSON API, metrics, and the web UI at ``/ui``.
 
+A process without the ``ingest`` role (``gateway serve --role worker``, ``--role export``) serves only
+``/healthz``, ``/api/storage``, ``/metrics`` (and the workers list): its port is for load balancers and scrapers.
+
 Every request passes, in this order: the ``Host`` check (:mod:`gateway.api.hosts`), the guard that refuses a change
 without an ``Authorization`` header or a page's CSRF token (:class:`gateway.api.auth.ChangesNeedAuthorization`), the
 body timeout (:mod:`gateway.api.limits`), then its route, whose dependencies check the token's (or the browser
@@ -24,7 +27,7 @@ from starlette.responses import Response
 
 from gateway import __version__
 from gateway.admin_token import AdminTokenFile
-from gateway.api import health, jobs, metrics, models, qido, stow, wado
+from gateway.api import health, jobs, metrics, models, qido, stow, wado, workers
 from gateway.api.auth import Authenticator, ChangesNeedAuthorization, SessionSigner
 from gateway.api.hosts import HostCheck, allowed_hosts
 from gateway.api.limits import BodyTimeout, RequestBodyTimeout, body_timed_out
@@ -88,9 +91,13 @@ def create_app(settings: Settings, *, start_dimse: bool = True) -> FastAPI:
     refusals = RefusalLog(logging.getLogger("gateway.api.refusals"))
     sessions = SessionSigner(session_key.key)
     app.state.authenticator = Authenticator(settings.http, AdminTokenFile(settings.store.data_dir), refusals, sessions)
-    for module in (stow, qido, wado, jobs, models, health, metrics):
+    # Every process serves its health and metrics; the DICOMweb, JSON API and UI faces are the ingest role's.
+    ingest = "ingest" in settings.cluster.roles
+    faces = (stow, qido, wado, jobs, models, workers, health, metrics) if ingest else (workers, health, metrics)
+    for module in faces:
         app.include_router(module.router)
-    include_ui(app)
+    if ingest:
+        include_ui(app)
     # A page under /ui gets its error as a page (the sign-in form for 401); the API its JSON.
     app.add_exception_handler(StarletteHTTPException, pages_too(_http_error))
     app.add_exception_handler(NotFound, pages_too(_not_found))

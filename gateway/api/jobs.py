@@ -27,6 +27,7 @@ from gateway.errors import ExportError, JobConflict, NotFound
 from gateway.export.queue import deliveries_of, retry_job
 from gateway.ingest.completion import release_series
 from gateway.jobs import operations, views
+from gateway.runtime import Gateway
 from gateway.store.index import Instance, Job, Series, SeriesRevision, Study
 from gateway.store.store import InstanceStore
 
@@ -97,9 +98,8 @@ def _wake(request: Request, stage: Literal["jobs", "export"]) -> None:
     """A job is ``received`` (``jobs``) or has deliveries queued (``export``): the running gateway's idle workers
     of that stage look now rather than at their next poll."""
     gateway = getattr(request.app.state, "gateway", None)
-    workers = getattr(gateway, stage, None)
-    if workers is not None:
-        workers.wake()
+    if isinstance(gateway, Gateway):
+        (gateway.wake_jobs if stage == "jobs" else gateway.wake_export)()
 
 
 @router.post("/jobs/{job_id}/rerun", dependencies=_write, response_model=None)

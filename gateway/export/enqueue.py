@@ -33,6 +33,7 @@ from gateway.config import ExportSettings, OutputKind
 from gateway.errors import ExportError, JobConflict, LeaseLost, one_line
 from gateway.export.destinations import NO_DESTINATION, Routing, destinations_for, output_kind
 from gateway.export.rows import PENDING, locked_job, outputs_purged, requeue_row
+from gateway.jobs.lifecycle import end_claim
 from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Job
 from gateway.store.store import StoreIndex
@@ -141,6 +142,8 @@ def enqueue(
         nothing = _why_nothing(plan, headers, destinations)
         held = _held(destinations, headers) if not queued else None
         _mark_queued(job, queued, list(plan), nothing, not_sent, held, now)
+        if owner is not None:  # the worker's lease ends with the job queued for export: its record closes with it
+            end_claim(session, job_id, owner, str(job.state), now)
         undelivered = bool(headers) and not queued
     log.info(
         "job %d: %d deliveries queued for %d destination(s)%s",

@@ -7,10 +7,20 @@ A delivery is ``pending`` until a worker claims it (``sending``, under a claim t
 then each attempt's outcome is committed as soon as it is known: ``delivered``; ``pending`` again with a later
 ``next_attempt_at`` (exponential backoff); ``refused`` with the reason, when the destination does not take
 objects of that SOP class (it rejected the presentation context as an unsupported abstract syntax, or answered
-0x0122); or ``dead`` with the reason. ``delivered``, ``refused`` and ``dead`` are final. A gateway that stops or
-crashes leaves ``sending`` rows behind; the next start puts them back to ``pending`` (an instance whose success
-was committed is never sent again; one whose answer was lost in the crash may be, under the same SOP Instance
-UID).
+0x0122); or ``dead`` with the reason. ``delivered``, ``refused`` and ``dead`` are final.
+
+Several export processes may share one index (``gateway serve --role export`` on PostgreSQL). A claim picks its
+rows ``FOR UPDATE SKIP LOCKED`` and names its process (``claim_owner``, ``host/pid/token``:
+:func:`gateway.jobs.lifecycle.owner_identity`) with a lease (``claim_expires_at``) that the process renews while it
+lives (:func:`renew_claims`). A process that stops or crashes leaves ``sending`` rows behind: they go back to
+``pending`` when their lease has expired (:func:`reclaim_expired_claims`, run by every export process), or at
+once when a process of the same host starts and finds their process gone (:func:`resume`). A live process's
+claims are never taken. An outcome is written only by the claim it was sent under (same token): a process whose
+claim was taken meanwhile writes nothing, and the new claimer sends the instance again. Export is therefore
+at least once: an instance whose success was committed is never sent again, but one whose answer was lost (a
+crash, a claim taken back) may be, under the same SOP Instance UID. That is harmless: a PACS that receives a SOP
+Instance UID it holds already keeps one instance (it overwrites or ignores the copy, as its PS3.2 conformance
+statement says), by C-STORE as by STOW-RS.
 
 A transient failure (unreachable, busy, timed out) is tried again with exponential backoff until the policy gives
 up (by default after 24 hours: :class:`~gateway.export.outcome.RetryPolicy`); a delivery given up that way is
@@ -37,9 +47,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from gateway.errors import one_line
@@ -55,6 +66,7 @@ from gateway.export.rows import (
     SENDING,
     appended,
 )
+from gateway.jobs.lifecycle import process_running
 from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Job
 from gateway.store.store import StoreIndex
@@ -71,14 +83,17 @@ __all__ = [
     "PENDING",
     "REFUSED",
     "SENDING",
+    "ClaimedItem",
     "StoreIndex",
     "claim",
     "deliveries_of",
     "depth",
     "enqueue",
+    "reclaim_expired_claims",
     "record",
     "release",
     "release_held",
+    "renew_claims",
     "resend_job",
     "resume",
     "retry_job",
@@ -93,10 +108,29 @@ _REASONS_LISTED = 5  # distinct reasons quoted in a job's failure or refused_rea
 _REASON_MAX = 1024  # characters of a delivery's last_error (the column's size)
 
 
+@dataclass(frozen=True)
+class ClaimedItem(Item):
+    """A delivery as :func:`claim` hands it out: the item, and the claim token it is ``sending`` under (an outcome
+    is recorded only while the row is still under that token: :func:`record`)."""
+
+    claim: str = ""
+
+
 def claim(
-    store: StoreIndex, destinations: Collection[str], limit: int, *, now: float | None = None
-) -> tuple[str, list[Item]] | None:
+    store: StoreIndex,
+    destinations: Collection[str],
+    limit: int,
+    *,
+    owner: str,
+    lease_s: float,
+    now: float | None = None,
+) -> tuple[str, list[ClaimedItem]] | None:
     """Claim up to ``limit`` due deliveries of the destination whose oldest delivery is due first.
+
+    The rows are picked ``FOR UPDATE SKIP LOCKED`` (PostgreSQL: another process's claim under way is passed over,
+    not waited for; SQLite's writer lock serialises claims) and stamped with ``owner`` (the process,
+    ``host/pid/token``) and a lease of ``lease_s`` seconds, which :func:`renew_claims` extends while it lives.
+    Only deliveries of an ``encoded`` job are claimed.
 
     Returns the destination and the claimed items (``sending`` under one claim token), or ``None``.
     """
@@ -109,35 +143,96 @@ def claim(
     )
     order = (Delivery.next_attempt_at, Delivery.id)
     with store.write_sessions.begin() as session:
-        name = session.scalar(_joined(select(Delivery.destination)).where(*due).order_by(*order).limit(1))
+        name = session.scalar(
+            _joined(select(Delivery.destination))
+            .where(*due)
+            .order_by(*order)
+            .limit(1)
+            .with_for_update(of=Delivery, skip_locked=True)
+        )
         if name is None:
             return None
-        ids = session.scalars(
-            _joined(select(Delivery.id)).where(*due, Delivery.destination == name).order_by(*order).limit(limit)
+        rows = session.scalars(
+            _joined(select(Delivery))
+            .where(*due, Delivery.destination == name)
+            .order_by(*order)
+            .limit(limit)
+            .with_for_update(of=Delivery, skip_locked=True)
         ).all()
+        if not rows:
+            return None
         token = uuid.uuid4().hex
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(ids), Delivery.state == PENDING)
-            .values(state=SENDING, claim=token, updated_at=now)
-        )
-        rows = session.scalars(select(Delivery).where(Delivery.claim == token).order_by(*order)).all()
-        return name, [_item(store, row) for row in rows]
+        for row in rows:
+            row.state, row.claim, row.updated_at = SENDING, token, now
+            row.claim_owner, row.claim_expires_at = owner, now + lease_s
+        return name, [_item(store, row, token) for row in rows]
 
 
 def _joined(query: Any) -> Any:
     return query.join(Job, Job.id == Delivery.job_id)
 
 
-def _item(store: StoreIndex, row: Delivery) -> Item:
-    return Item(
+def _item(store: StoreIndex, row: Delivery, token: str) -> ClaimedItem:
+    return ClaimedItem(
         row.id,
         row.job_id,
         store.data_dir / row.path,
         row.sop_class_uid,
         row.sop_instance_uid,
         row.transfer_syntax_uid,
+        token,
     )
+
+
+def renew_claims(store: StoreIndex, owner: str, lease_s: float, *, now: float | None = None) -> int:
+    """Extend the lease of every ``sending`` delivery ``owner`` holds to ``lease_s`` from now; return how many
+    (the export process's heartbeat)."""
+    now = time.time() if now is None else now
+    with store.write_sessions.begin() as session:
+        result = session.execute(
+            update(Delivery)
+            .where(Delivery.claim_owner == owner, Delivery.state == SENDING)
+            .values(claim_expires_at=now + lease_s)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _expired(now: float) -> Any:
+    """A claim whose lease lapsed, or one without owner or lease (made by a gateway older than claim leases)."""
+    return or_(Delivery.claim_owner.is_(None), Delivery.claim_expires_at.is_(None), Delivery.claim_expires_at < now)
+
+
+def reclaim_expired_claims(store: StoreIndex, *, now: float | None = None) -> int:
+    """Put ``sending`` deliveries whose claim's lease expired (their process is gone, on any host) back to
+    ``pending``; return how many."""
+    now = time.time() if now is None else now
+    taken = _take_back(store, _expired(now), now)
+    if taken:
+        log.warning("export: %d deliveries taken back from an export process whose claim expired", taken)
+    return taken
+
+
+def _take_back(store: StoreIndex, where: Any, now: float) -> int:
+    with store.write_sessions.begin() as session:
+        rows = session.scalars(
+            select(Delivery).where(Delivery.state == SENDING, where).with_for_update(skip_locked=True)
+        ).all()
+        for row in rows:
+            row.state, row.updated_at = PENDING, now
+            row.claim = row.claim_owner = row.claim_expires_at = None
+        return len(rows)
+
+
+def _gone_owners(store: StoreIndex, owner: str) -> list[str]:
+    """The owners of ``sending`` claims that name a process of ``owner``'s host that is not running (this very
+    process's earlier life included: same pid, another token)."""
+    host = owner.split("/", 1)[0]
+    with store.sessions() as session:
+        owners = session.scalars(
+            select(Delivery.claim_owner).where(Delivery.state == SENDING, Delivery.claim_owner.is_not(None)).distinct()
+        ).all()
+    return [o for o in owners if o is not None and o.split("/", 1)[0] == host and not process_running(o)]
 
 
 def record(
@@ -150,7 +245,13 @@ def record(
     now: float | None = None,
     retry_from: float | None = None,
 ) -> str | None:
-    """Commit one attempt's outcome for a claimed delivery; return its new state (``None`` if it was not claimed).
+    """Commit one attempt's outcome for a claimed delivery; return its new state (``None`` if it is not claimed
+    under ``item``'s claim any more).
+
+    The outcome is written only while the row is still ``sending`` under the token ``item`` was claimed with. If
+    the claim was taken back meanwhile (this process's lease expired), nothing is written: the delivery is sent
+    again by whoever claims it next (export is at least once; a duplicate C-STORE of the same SOP Instance UID is
+    harmless at the PACS).
 
     A retryable outcome puts the delivery back to ``pending`` after the policy's backoff (scaled by ``jitter``, a
     draw in [0, 1): :meth:`RetryPolicy.next_attempt_at`) counted from ``retry_from`` (default ``now``; the
@@ -159,17 +260,21 @@ def record(
     ``max_attempts``). The first attempt's time is kept in each retry's history entry (``first_attempt_at``).
     Reasons are recorded as one line.
     """
+    if not isinstance(item, ClaimedItem):
+        raise TypeError(f"item must be a delivery claimed by queue.claim, not {type(item).__name__}")
     now = time.time() if now is None else now
     with store.write_sessions.begin() as session:
         row = session.get(Delivery, item.id, with_for_update=True)
-        if row is None or row.state != SENDING:
+        if row is None or row.state != SENDING or row.claim != item.claim:
+            if row is not None and row.state == SENDING:
+                log.info("export: delivery %d was claimed again meanwhile; this attempt's outcome is dropped", item.id)
             return None
         row.attempts += 1
         start = now if retry_from is None else retry_from
         first = start if row.attempts == 1 else _first_attempt_at(row)
         state, reason = _next_state(row.attempts, outcome, policy, first, now)
         row.state = state
-        row.claim = None
+        row.claim = row.claim_owner = row.claim_expires_at = None
         row.last_status = outcome.status
         row.last_error = one_line(reason, _REASON_MAX) or None
         row.updated_at = now
@@ -206,31 +311,43 @@ def _next_state(
     return PENDING, outcome.reason
 
 
-def release(store: StoreIndex, ids: Collection[int], *, at: float, now: float | None = None) -> int:
-    """Put claimed deliveries that were not attempted back to ``pending``, due at ``at``; return how many."""
+def release(
+    store: StoreIndex, ids: Collection[int], *, at: float, claim: str | None = None, now: float | None = None
+) -> int:
+    """Put claimed deliveries that were not attempted back to ``pending``, due at ``at``; return how many.
+
+    With ``claim``, only those still under that claim token (a claim taken back and claimed again meanwhile is
+    another process's now).
+    """
     if not ids:
         return 0
     now = time.time() if now is None else now
+    mine = Delivery.claim == claim if claim is not None else true()
     with store.write_sessions.begin() as session:
         result = session.execute(
             update(Delivery)
-            .where(Delivery.id.in_(ids), Delivery.state == SENDING)
-            .values(state=PENDING, claim=None, next_attempt_at=at, updated_at=now)
+            .where(Delivery.id.in_(ids), Delivery.state == SENDING, mine)
+            .values(
+                state=PENDING, claim=None, claim_owner=None, claim_expires_at=None, next_attempt_at=at, updated_at=now
+            )
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def resume(store: StoreIndex, configured: Collection[str], *, now: float | None = None) -> tuple[int, int]:
-    """At start: ``sending`` deliveries go back to ``pending``, those of unconfigured destinations are dead.
+def resume(store: StoreIndex, configured: Collection[str], *, owner: str, now: float | None = None) -> tuple[int, int]:
+    """At start: take back the deliveries a gone process left ``sending``; those of unconfigured destinations
+    are dead.
 
-    Jobs whose deliveries all ended before a crash let their job move on (:func:`settle`). Returns (resumed,
-    dead-lettered).
+    ``owner`` is the starting process (``host/pid/token``). A ``sending`` delivery goes back to ``pending`` if its
+    claim expired or has no owner (:func:`reclaim_expired_claims`), or if its owner is a process of this host that
+    is not running (a pid check; this process's own earlier life included). Claims of live processes, of this
+    host or another, are left alone. Jobs whose deliveries all ended before a crash move on (:func:`settle`).
+    Returns (resumed, dead-lettered).
     """
     now = time.time() if now is None else now
+    gone = _gone_owners(store, owner)
+    resumed = _take_back(store, or_(_expired(now), Delivery.claim_owner.in_(gone)), now)
     with store.write_sessions.begin() as session:
-        resumed = session.execute(
-            update(Delivery).where(Delivery.state == SENDING).values(state=PENDING, claim=None, updated_at=now)
-        )
         orphans = session.scalars(
             select(Delivery).where(Delivery.state == PENDING, Delivery.destination.not_in(configured))
         ).all()
@@ -243,7 +360,7 @@ def resume(store: StoreIndex, configured: Collection[str], *, now: float | None 
         ).all()
     for job_id in jobs:
         settle(store, job_id, now=now)
-    return int(resumed.rowcount), len(orphans)  # type: ignore[attr-defined]
+    return resumed, len(orphans)
 
 
 def settle(

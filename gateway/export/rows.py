@@ -54,6 +54,7 @@ def locked_job(session: Session, job_id: int) -> Job:
 def requeue_row(row: Delivery, now: float, reason: str) -> None:
     """Put a delivery back to ``pending``, due now, with a fresh count of attempts (its history says why)."""
     row.state, row.claim, row.attempts = PENDING, None, 0
+    row.claim_owner = row.claim_expires_at = None
     row.next_attempt_at = row.updated_at = now
     row.history = appended(row.history, now, REQUEUED, None, reason)
 

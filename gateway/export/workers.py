@@ -6,6 +6,11 @@ one's reachability), then every ``export.check_interval_s`` the destinations tha
 retrying; when one answers, those deliveries go back in the queue and their jobs back to ``encoded``
 (:func:`gateway.export.queue.revive_destination`). Results held for an unmapped caller that now has a
 destination are queued at start (:func:`gateway.export.queue.release_held`).
+
+Several export processes may share one index: each claims under its own name (:attr:`ExportWorkers.owner`) and a
+lease of ``export.lease_s``. A keeper thread renews this process's leases every ``lease_s / 3`` and takes back the
+claims of any process whose lease expired (:func:`gateway.export.queue.reclaim_expired_claims`), waking the
+workers when it took some.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from gateway.export.destinations import Sender
 from gateway.export.dimse import DimseSender
 from gateway.export.outcome import Item, Kind, Outcome, RetryPolicy
 from gateway.export.stow import StowSender
+from gateway.jobs.lifecycle import owner_identity
 from gateway.store.store import StoreIndex
 
 if TYPE_CHECKING:
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 #: The log level of an attempt's outcome: a delivery is routine (DEBUG), a retry worth a line, an end a warning.
 _LEVELS = {"delivered": logging.DEBUG, "warning": logging.INFO, "retry": logging.INFO}
 _ENDED = logging.WARNING
+_OWNER_MAX = 64  # characters of deliveries.claim_owner
 
 
 def make_sender(settings: ExportSettings, name: str) -> Sender:
@@ -69,6 +76,14 @@ class ExportWorkers:
         Seconds since the epoch (tests may pass their own).
     metrics
         The gateway's metrics: each attempt's outcome per destination, each job's export time.
+    owner
+        The name of this process in the claims it makes (``host/pid/token``, at most 64 characters); a new
+        :func:`~gateway.jobs.lifecycle.owner_identity` when omitted.
+
+    Raises
+    ------
+    ValueError
+        If ``owner`` is empty or longer than 64 characters.
     """
 
     def __init__(
@@ -79,7 +94,13 @@ class ExportWorkers:
         senders: Mapping[str, Sender] | None = None,
         clock: Callable[[], float] = time.time,
         metrics: GatewayMetrics | None = None,
+        owner: str | None = None,
     ) -> None:
+        owner = owner_identity() if owner is None else owner
+        if not 0 < len(owner) <= _OWNER_MAX:
+            raise ValueError(f"owner must be 1 to {_OWNER_MAX} characters, got {len(owner)}")
+        #: The name this process's claims carry (``host/pid/token``).
+        self.owner = owner
         self._store = store
         self._settings = settings
         self._policy = RetryPolicy.from_settings(settings)
@@ -95,13 +116,14 @@ class ExportWorkers:
             threading.Thread(target=self._run, name=f"export-{k}", daemon=True) for k in range(settings.workers)
         ]
         self._checker = threading.Thread(target=self._check_loop, name="export-checker", daemon=True)
+        self._keeper = threading.Thread(target=self._keep_loop, name="export-leases", daemon=True)
         self._checks: dict[str, DestinationCheck] = {}
         self._checks_lock = threading.Lock()
 
     def start(self) -> None:
-        """Resume what a previous run left ``sending``, queue held results that now have a destination, then
-        start the threads and the checker."""
-        resumed, orphaned = queue.resume(self._store, list(self._senders), now=self._clock())
+        """Resume what a gone process left ``sending``, queue held results that now have a destination, then
+        start the threads, the lease keeper and the checker."""
+        resumed, orphaned = queue.resume(self._store, list(self._senders), owner=self.owner, now=self._clock())
         if resumed or orphaned:
             log.warning(
                 "export: %d interrupted deliveries resumed, %d to unconfigured destinations dead", resumed, orphaned
@@ -109,6 +131,7 @@ class ExportWorkers:
         queue.release_held(self._store, self._settings, now=self._clock())
         for thread in self._threads:
             thread.start()
+        self._keeper.start()
         if self._settings.destinations:
             self._checker.start()
 
@@ -117,7 +140,7 @@ class ExportWorkers:
         the queue."""
         self._stop.set()
         self._wake.set()
-        for thread in [*self._threads, self._checker]:
+        for thread in [*self._threads, self._checker, self._keeper]:
             if thread.is_alive():
                 thread.join(timeout=self._settings.timeout_s + 10)
         for sender in self._senders.values():
@@ -192,11 +215,37 @@ class ExportWorkers:
         found = [f"{dead} of {len(self._threads)} export workers stopped"] if dead else []
         if self._checker.ident is not None and not self._checker.is_alive():
             found.append("the export destination checker stopped")
+        if self._keeper.ident is not None and not self._keeper.is_alive():
+            found.append("the export lease heartbeat stopped")
         return found
+
+    def keep_leases(self) -> int:
+        """Renew this process's claims, take back the expired claims of any process; how many were taken back
+        (the workers are woken if some were). The keeper thread calls this every ``export.lease_s / 3``."""
+        now = self._clock()
+        queue.renew_claims(self._store, self.owner, self._settings.lease_s, now=now)
+        taken = queue.reclaim_expired_claims(self._store, now=now)
+        if taken:
+            self.wake()
+        return taken
+
+    def _keep_loop(self) -> None:
+        while not self._stop.wait(self._settings.lease_s / 3):
+            try:
+                self.keep_leases()
+            except Exception:  # the index is unavailable for a moment: the next beat tries again
+                log.exception("export: renewing or taking back delivery claims failed")
 
     def run_once(self) -> bool:
         """Claim one batch for one destination and send it; whether there was one (the threads loop on this)."""
-        claimed = queue.claim(self._store, list(self._senders), self._settings.batch_size, now=self._clock())
+        claimed = queue.claim(
+            self._store,
+            list(self._senders),
+            self._settings.batch_size,
+            owner=self.owner,
+            lease_s=self._settings.lease_s,
+            now=self._clock(),
+        )
         if claimed is None:
             return False
         name, items = claimed
@@ -214,7 +263,7 @@ class ExportWorkers:
                 self._wake.wait(self._settings.poll_s)
                 self._wake.clear()
 
-    def _deliver(self, name: str, items: list[Item]) -> None:
+    def _deliver(self, name: str, items: list[queue.ClaimedItem]) -> None:
         reported: set[int] = set()
         delivered = 0
         started, jitter = self._clock(), self._rng.random()  # what failed together is due again together
@@ -243,7 +292,7 @@ class ExportWorkers:
             for item in items:
                 if item.id not in reported:
                     report(item, outcome)
-        self._release([item.id for item in items if item.id not in reported])
+        self._release([item.id for item in items if item.id not in reported], items[0].claim if items else None)
         if delivered:  # the destination answered: that is as good as a check (the overview shows it)
             self._record_check(
                 DestinationCheck(name, True, f"delivered {delivered} object(s)", started, self._clock() - started)
@@ -251,11 +300,11 @@ class ExportWorkers:
         for job_id in sorted({item.job_id for item in items}):
             queue.settle(self._store, job_id, metrics=self._metrics, now=self._clock())
 
-    def _release(self, ids: list[int]) -> None:
+    def _release(self, ids: list[int], claim: str | None) -> None:
         """Claimed but not attempted: due now when stopping, else after the first backoff (the peer misbehaved)."""
         now = self._clock()
         at = now if self._stop.is_set() else now + self._policy.backoff_initial_s
-        queue.release(self._store, ids, at=at, now=now)
+        queue.release(self._store, ids, at=at, claim=claim, now=now)
 
 
 def _status(outcome: Outcome) -> str:

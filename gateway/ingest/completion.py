@@ -1,8 +1,9 @@
 """Series completion: a series revision is complete after a quiet period with no new instance for it.
 
 Completion is a conditional update committed together with the job it creates, so it fires exactly once per
-revision, across threads, processes and restarts (``last_received_at`` is durable: a gateway restarted in the
-middle of the quiet period completes the revision once the period has passed since the last arrival).
+revision, across threads, processes (several ``ingest`` processes on one PostgreSQL index) and restarts
+(``last_received_at`` is durable: a gateway restarted in the middle of the quiet period completes the revision once
+the period has passed since the last arrival).
 
 A series some of whose instances were refused for want of resources (0xA700, recorded by
 :meth:`gateway.store.store.InstanceStore.record_refusal`) is not run on what was stored of it: its quiet revision
@@ -17,6 +18,13 @@ given up and the held revision completes at once::
 
 An operator's reprocessing of a series (:func:`gateway.jobs.operations.reprocess_series`) adds a revision that is
 complete at once, with no new instance, and its job (:func:`create_job`).
+
+Against the index writer (:mod:`gateway.store.writer`) of this process or another, the revision's row decides: an
+arrival's update and the completion's conditional update wait for each other's commit (PostgreSQL re-reads the row
+then; SQLite lets one writer in at a time). An arrival committed first makes the revision not quiet, and it is not
+completed; one committed after the completion opens revision n+1. Both take the revisions' row locks in the order of
+their Series Instance UIDs, so they do not deadlock; a transaction that loses a race all the same (PostgreSQL's
+deadlock or serialization failure) is run again.
 """
 
 from __future__ import annotations
@@ -28,16 +36,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.errors import NotFound
 from gateway.jobs.states import JobState
 from gateway.store.index import Instance, Job, RefusedInstance, Series, SeriesRevision
+from gateway.store.writer import is_conflict
 
 log = logging.getLogger(__name__)
 
 _DUE_MARGIN_S = 0.005  # wake this long after a revision falls quiet (timers fire a little early or late)
 _MIN_WAIT_S = 0.01  # never spin: a revision due but still open (another process about to claim it) waits this
+_ATTEMPTS = 5  # runs of one completion check that lost a race to another transaction (deadlock, serialization)
 
 
 @dataclass(frozen=True)
@@ -87,26 +98,14 @@ def complete_quiet_series(
         off and has not re-sent yet).
     """
     now = time.time() if now is None else now
-    cutoff = now - quiet_period_s
-    done: list[Completion] = []
-    held: list[tuple[SeriesRevision, int]] = []
-    with write_sessions.begin() as session:
-        candidates = session.scalars(
-            select(SeriesRevision).where(
-                SeriesRevision.state == "open",
-                SeriesRevision.last_received_at <= cutoff,
-                SeriesRevision.last_received_at >= (not_last_before or 0.0),
-            )
-        ).all()
-        missing = _outstanding(session, {rev.series_instance_uid for rev in candidates})
-        for rev in candidates:
-            outstanding = missing.get(rev.series_instance_uid, 0)
-            if not _claim(session, rev, cutoff, now, outstanding):
-                continue
-            if outstanding:
-                held.append((rev, outstanding))
-            else:
-                done.append(create_job(session, rev, now))
+    for attempt in range(_ATTEMPTS):
+        try:
+            done, held = _complete_quiet(write_sessions, now - quiet_period_s, now, not_last_before or 0.0)
+            break
+        except DBAPIError as exc:  # nothing was committed: the transaction is run again
+            if attempt + 1 == _ATTEMPTS or not is_conflict(exc):
+                raise
+            log.debug("completion check lost a race (%s); running it again", type(exc).__name__)
     for rev, outstanding in held:
         log.info(
             "series revision %d held: %d instance(s) refused for want of resources not received since (%d refused "
@@ -118,6 +117,32 @@ def complete_quiet_series(
     for c in done:
         log.info("series complete: job %d, revision %d, %d instance(s)", c.job_id, c.revision, c.instance_count)
     return done
+
+
+def _complete_quiet(
+    write_sessions: sessionmaker[Session], cutoff: float, now: float, not_last_before: float
+) -> tuple[list[Completion], list[tuple[SeriesRevision, int]]]:
+    """One transaction of :func:`complete_quiet_series`: the completions made, and the revisions held."""
+    done: list[Completion] = []
+    held: list[tuple[SeriesRevision, int]] = []
+    with write_sessions.begin() as session:
+        candidates = session.scalars(
+            select(SeriesRevision).where(
+                SeriesRevision.state == "open",
+                SeriesRevision.last_received_at <= cutoff,
+                SeriesRevision.last_received_at >= not_last_before,
+            )
+        ).all()
+        missing = _outstanding(session, {rev.series_instance_uid for rev in candidates})
+        for rev in sorted(candidates, key=lambda rev: rev.series_instance_uid):  # the index writer's lock order
+            outstanding = missing.get(rev.series_instance_uid, 0)
+            if not _claim(session, rev, cutoff, now, outstanding):
+                continue
+            if outstanding:
+                held.append((rev, outstanding))
+            else:
+                done.append(create_job(session, rev, now))
+    return done, held
 
 
 def _outstanding(session: Session, series_uids: set[str]) -> dict[str, int]:

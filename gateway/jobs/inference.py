@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ class InferenceStage:
     results_dir
         Where each job's NIfTI results go (``<results_dir>/job-<id>/``), or ``None`` to write none (the
         measurements are on the job, the DICOM outputs come from the encode stage).
+    runs
+        The model names this worker runs (``cluster.models``); ``None``: every active model.
     """
 
     def __init__(
@@ -85,17 +88,21 @@ class InferenceStage:
         registry: Registry,
         runtime: InferenceRuntime,
         results_dir: Path | None,
+        *,
+        runs: Collection[str] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._runtime = runtime
         self._results_dir = results_dir
+        self._runs = None if runs is None else frozenset(runs)
 
     def __call__(self, job_id: int, assembly: AssemblyResult) -> Inferred:
         """Route and run the models for ``job_id`` on the volumes assembly built; the runner records the outcome."""
         started = time.monotonic()
         facts = self._facts(assembly)
-        outcome = run_models(facts, assembly.volumes, self._registry.active(), self._runtime)
+        active = [m for m in self._registry.active() if self._runs is None or m.name in self._runs]
+        outcome = run_models(facts, assembly.volumes, active, self._runtime)
         files = self._write(job_id, outcome)
         failure = "; ".join(f"{f.model}: {f.reason}" for f in outcome.failures) or None
         inferred = Inferred(outcome, files, failure, time.monotonic() - started)

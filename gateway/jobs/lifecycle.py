@@ -9,11 +9,18 @@ and a detail merge never loses another's update.
 A lease is (owner, expiry). The owner names the process (``host/pid/token``), so that at start a process can
 take back at once the jobs of a process on its own host that is gone (kill -9) instead of waiting for their
 leases to expire; jobs of other hosts are reclaimed by anyone once their lease has expired.
+
+Every lease is recorded in ``job_claims`` (:class:`~gateway.store.index.JobClaim`) in the transaction that takes
+or ends it: a claim opens a row; a move to a state no worker holds, a hand-back, a failure or a take-back closes
+it, with when and how. :func:`overlapping_claims` checks that record: no two leases of a job may overlap. A
+writer outside this module that ends a lease (the export queue's enqueue, an operator's cancel) closes the claim
+with :func:`end_claim` in its own transaction.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -28,17 +35,23 @@ from sqlalchemy.orm import Session
 
 from gateway.errors import LeaseLost, one_line
 from gateway.jobs.states import FINISHED, LEASED, JobState, allowed
-from gateway.store.index import Job
+from gateway.store.index import Job, JobClaim
 from gateway.store.store import StoreIndex
 
 __all__ = [
+    "Claim",
     "Lease",
     "claim",
+    "claims_of",
+    "end_claim",
+    "fail",
     "hand_back",
     "move",
     "next_claimable",
     "note",
+    "overlapping_claims",
     "owner_identity",
+    "process_running",
     "reclaim_expired",
     "reclaim_orphans",
     "renew",
@@ -75,24 +88,28 @@ def claim(
     for want of space, is a not-before time). Each claim counts an attempt; a job claimed ``max_attempts`` times
     without finishing (each time its worker died with it) fails with that reason instead of being claimed again.
     The claim records ``detail.claimed_at`` and the wait in the queue, ``detail.timings.queue_s``: from when the job
-    last became ``received`` (``detail.queued_at`` after a hand-back or a re-run, else its creation).
+    last became ``received`` (``detail.queued_at`` after a hand-back or a re-run, else its creation), and opens
+    the lease's row in ``job_claims``.
     """
-    now = time.time() if now is None else now
     while True:
         with store.write_sessions.begin() as session:
-            job = _next_claimable(session, now, job_id)
+            job = _next_claimable(session, time.time() if now is None else now, job_id)
             if job is None:
                 return None
+            # Read the clock once the row is locked: after the commit that ended the job's previous lease, so
+            # that the record of this one starts after that one's end.
+            at = time.time() if now is None else now
             if job.attempts >= max_attempts:
-                _exhausted(job, max_attempts, now)
+                _exhausted(job, max_attempts, at)
                 if job_id is not None:
                     return None
                 continue
             job.state = JobState.ASSEMBLING
-            job.lease_owner, job.lease_expires_at = owner, now + lease_s
+            job.lease_owner, job.lease_expires_at = owner, at + lease_s
             job.attempts += 1
-            job.updated_at = now
-            job.detail = _claimed(job, now)
+            job.updated_at = at
+            job.detail = _claimed(job, at)
+            session.add(JobClaim(job_id=job.id, owner=owner, claimed_at=at))
             return Lease(int(job.id), owner)
 
 
@@ -111,11 +128,15 @@ def _claimable(now: float) -> Any:
     return and_(Job.state == JobState.RECEIVED, or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now))
 
 
-def next_claimable(store: StoreIndex, *, now: float | None = None) -> int | None:
-    """The id of the job :func:`claim` would take next, without taking it (a worker sizes it up first)."""
+def next_claimable(store: StoreIndex, *, now: float | None = None, skip: Collection[int] = ()) -> int | None:
+    """The id of the job :func:`claim` would take next, without taking it (a worker sizes it up first); jobs in
+    ``skip`` (those a worker leaves to others: :class:`gateway.jobs.placement.Placement`) are passed over."""
     now = time.time() if now is None else now
+    query = select(Job.id).where(_claimable(now))
+    if skip:
+        query = query.where(Job.id.not_in(list(skip)))
     with store.sessions() as session:
-        job_id = session.scalar(select(Job.id).where(_claimable(now)).order_by(Job.id).limit(1))
+        job_id = session.scalar(query.order_by(Job.id).limit(1))
     return None if job_id is None else int(job_id)
 
 
@@ -179,13 +200,14 @@ def move(
     failure = entries.get("failure")
     if isinstance(failure, dict) and isinstance(failure.get("reason"), str):
         entries["failure"] = {**failure, "reason": one_line(failure["reason"])}  # the traceback is in the log
-    with _held(store, lease, current) as (_session, job):
+    with _held(store, lease, current) as (session, job):
         job.detail = merged_detail(job.detail, entries, timing)
         job.state, job.updated_at = to, now
         if to in LEASED:
             job.lease_expires_at = now + lease_s
         else:
             job.lease_owner = job.lease_expires_at = None
+            end_claim(session, lease.job_id, lease.owner, to.value, now)
         if to in FINISHED:
             job.finished_at = now
 
@@ -252,6 +274,7 @@ def hand_back(
             query = query.where(Job.id.in_(job_ids))
         jobs = session.scalars(query).all()
         for job in jobs:
+            end_claim(session, int(job.id), owner, HANDED_BACK, now)
             _to_received(job, now, not_before, reason)
             if refund:
                 job.attempts = max(0, job.attempts - 1)
@@ -286,12 +309,12 @@ def reclaim_orphans(store: StoreIndex, owner: str, *, now: float | None = None) 
         owners = session.scalars(
             select(Job.lease_owner).where(Job.state.in_(LEASED), Job.lease_owner.like(f"{host}/%")).distinct()
         ).all()
-    gone = [o for o in owners if o is not None and o != owner and not _running(o)]
+    gone = [o for o in owners if o is not None and o != owner and not process_running(o)]
     ids = _reclaim(store, and_(Job.state.in_(LEASED), Job.lease_owner.in_(gone)), now, "its process is gone")
     return ids + reclaim_expired(store, now=now)
 
 
-def _running(owner: str) -> bool:
+def process_running(owner: str) -> bool:
     """Whether the process an owner name of this host names is alive (a pid reused by another process counts)."""
     try:
         pid = int(owner.split("/")[1])
@@ -312,6 +335,9 @@ def _reclaim(store: StoreIndex, where: Any, now: float, reason: str) -> list[int
     with store.write_sessions.begin() as session:
         jobs = session.scalars(select(Job).where(where).with_for_update(skip_locked=True)).all()
         for job in jobs:
+            if job.lease_owner is not None:  # a job of a gateway older than leases has no claim to close
+                ended = now if job.lease_expires_at is None else min(now, job.lease_expires_at)
+                end_claim(session, int(job.id), job.lease_owner, TAKEN_BACK, ended)
             _to_received(job, now, None, reason)
         ids = [int(job.id) for job in jobs]
     if ids:
@@ -336,4 +362,70 @@ def fail(store: StoreIndex, lease: Lease, stage: str, reason: str, *, now: float
         job.detail = {**(job.detail or {}), "failure": {"stage": stage, "reason": one_line(reason)}}
         job.state, job.finished_at, job.updated_at = JobState.FAILED, now, now
         job.lease_owner = job.lease_expires_at = None
+        end_claim(session, lease.job_id, lease.owner, JobState.FAILED.value, now)
     return True
+
+
+# -- the record of leases ------------------------------------------------------------------------------------------
+
+#: How a lease ended besides the state its job reached (``job_claims.outcome``).
+HANDED_BACK, TAKEN_BACK = "handed back", "taken back"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One lease of a job, from its claim to its end (``ended_at`` and ``outcome`` are ``None`` while it runs)."""
+
+    id: int
+    job_id: int
+    owner: str
+    claimed_at: float
+    ended_at: float | None
+    outcome: str | None
+
+
+def end_claim(session: Session, job_id: int, owner: str, outcome: str, ended_at: float) -> int:
+    """Close the open claims ``owner`` holds on ``job_id``, in the caller's transaction; return how many (0 or 1).
+
+    Call it in the transaction that ends the lease: the job's move to a state no worker holds, its hand-back,
+    failure or take-back. ``outcome`` is the state reached, :data:`HANDED_BACK` or :data:`TAKEN_BACK`.
+    """
+    result = session.execute(
+        update(JobClaim)
+        .where(JobClaim.job_id == job_id, JobClaim.owner == owner, JobClaim.ended_at.is_(None))
+        .values(ended_at=ended_at, outcome=outcome[:64])
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def claims_of(store: StoreIndex, job_id: int) -> list[Claim]:
+    """Every lease ``job_id`` was held under, oldest first."""
+    with store.sessions() as session:
+        rows = session.scalars(select(JobClaim).where(JobClaim.job_id == job_id).order_by(JobClaim.id)).all()
+        return [_claim(row) for row in rows]
+
+
+def _claim(row: JobClaim) -> Claim:
+    return Claim(int(row.id), int(row.job_id), row.owner, row.claimed_at, row.ended_at, row.outcome)
+
+
+def overlapping_claims(store: StoreIndex) -> list[tuple[int, int, int]]:
+    """Every pair of leases of one job whose times overlap: ``(job_id, claim id, claim id)``; empty when none did.
+
+    A lease lasts ``[claimed_at, ended_at)``; an open one lasts until now and on. Leases that only touch (one ends
+    when the next begins) do not overlap. The times are each process's clock: hosts whose clocks disagree by more
+    than the gap between one lease's end and the next claim show as an overlap. This reads the whole
+    ``job_claims`` table: for tests and audits.
+    """
+    with store.sessions() as session:
+        rows = session.scalars(select(JobClaim).order_by(JobClaim.job_id, JobClaim.claimed_at, JobClaim.id)).all()
+        claims = [_claim(row) for row in rows]
+    found: list[tuple[int, int, int]] = []
+    for k, first in enumerate(claims):
+        end = math.inf if first.ended_at is None else first.ended_at
+        for later in claims[k + 1 :]:
+            if later.job_id != first.job_id or later.claimed_at >= end:
+                break
+            found.append((first.job_id, first.id, later.id))
+    return found

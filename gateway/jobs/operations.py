@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from gateway.errors import ExportError, JobConflict, NotFound
 from gateway.ingest.completion import create_job
+from gateway.jobs.lifecycle import end_claim
 from gateway.jobs.states import DURABLE, FINISHED, LEASED, JobState, allowed
 from gateway.store.index import Delivery, Instance, Job, Series, SeriesRevision
 from gateway.store.store import StoreIndex
@@ -186,12 +187,14 @@ def cancel(store: StoreIndex, job_id: int, *, by: str | None = None, now: float 
         stopped = session.execute(
             update(Delivery)
             .where(Delivery.job_id == job_id, Delivery.state.in_(_UNSENT))
-            .values(state=CANCELLED_DELIVERY, claim=None, updated_at=now)
+            .values(state=CANCELLED_DELIVERY, claim=None, claim_owner=None, claim_expires_at=None, updated_at=now)
             .execution_options(synchronize_session=False)
         ).rowcount  # type: ignore[attr-defined]
         detail = {**(job.detail or {}), "requested": _requested("cancel", by, now)}
         detail["cancelled"] = {"from": state.value, "deliveries_not_sent": int(stopped)}
         job.detail = detail
+        if job.lease_owner is not None:  # cancelled under a worker's lease: the lease's record ends here
+            end_claim(session, job_id, job.lease_owner, JobState.CANCELLED.value, now)
         job.state, job.updated_at, job.finished_at = JobState.CANCELLED, now, now
         job.lease_owner = job.lease_expires_at = None
     log.info("job %d cancelled (was %s; %d deliveries not sent)", job_id, state.value, stopped)

@@ -36,6 +36,7 @@ from gateway.jobs.assembly import assemble_job, of_job_series
 from gateway.jobs.encoding import Encoded
 from gateway.jobs.inference import Inferred
 from gateway.jobs.lifecycle import Lease
+from gateway.jobs.placement import Placement
 from gateway.jobs.states import JobState
 from gateway.metrics import GatewayMetrics
 from gateway.process import release_memory
@@ -130,6 +131,10 @@ class JobRunner:
         Where each stage's seconds are observed once the stage's outcome is written.
     on_encoded
         Called when a job's deliveries are queued (the export workers' ``wake``): the export starts at once.
+    owner
+        The process's lease owner name (:func:`gateway.jobs.lifecycle.owner_identity`; made when omitted).
+    placement
+        Which jobs this pool takes (:class:`~gateway.jobs.placement.Placement`); every job when omitted.
     """
 
     def __init__(
@@ -140,13 +145,17 @@ class JobRunner:
         *,
         metrics: GatewayMetrics | None = None,
         on_encoded: Callable[[], None] | None = None,
+        owner: str | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._pipeline = pipeline
         self._metrics = metrics
         self._on_encoded = on_encoded
-        self.owner = lifecycle.owner_identity()
+        #: The name this pool's leases carry: its process's (``host/pid/token``).
+        self.owner = owner or lifecycle.owner_identity()
+        self._placement = placement
         self.budget = MemoryBudget(settings.memory_budget_bytes or default_memory_budget())
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -172,6 +181,8 @@ class JobRunner:
 
     def stop(self) -> None:
         """Claim nothing more; running stages get the grace period; hand back what is still held."""
+        if self._keeper is None:
+            return  # never started (a process without the worker role, or jobs.workers = 0): nothing is held
         self._stop.set()
         self._wake.set()
         deadline = time.monotonic() + self._settings.shutdown_grace_s
@@ -241,9 +252,12 @@ class JobRunner:
             self._store.check_space()
         except OutOfResources:
             return False  # outputs could not be written: jobs stay received until space is back (retention purges)
-        candidate = lifecycle.next_claimable(self._store)
+        placement = self._placement
+        candidate = lifecycle.next_claimable(self._store, skip=placement.passed_over() if placement else ())
         if candidate is None:
             return False
+        if placement is not None and not placement.takes(candidate):
+            return True  # left to a worker that runs its models: look at the next one at once
         share = estimate_job_bytes(self._store, candidate)
         if not self.budget.acquire(share, self._stop, timeout_s=self._settings.poll_s):
             return False

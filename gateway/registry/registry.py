@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import gateway
@@ -86,6 +86,11 @@ class RegistryIndex:
         self._engines: tuple[Engine, Engine] = (make_engine(url), make_engine(url, writer=True))
         self.sessions: sessionmaker[Session] = make_sessionmaker(self._engines[0])
         self.write_sessions: sessionmaker[Session] = make_sessionmaker(self._engines[1])
+
+    @property
+    def write_engine(self) -> Engine:
+        """The engine that writes (and, on PostgreSQL, tells running gateways of a change: NOTIFY)."""
+        return self._engines[1]
 
     def close(self) -> None:
         """Release the index's connections."""
@@ -248,6 +253,18 @@ def _same_or_conflict(row: ModelVersion, manifest: Manifest, sha256: str) -> Non
         )
 
 
+#: PostgreSQL advisory lock key held by a registration's transaction (gateway.store.migrations uses another).
+_REGISTRATION_LOCK = 0x6761_7465_0002
+
+
+def _serialise_registrations(session: Session) -> None:
+    """Hold the index's registration lock until ``session``'s transaction ends: two processes registering at once
+    (the shipped models at start, an upload) take turns, so one never moves the other's package folder away.
+    SQLite's write transaction (``BEGIN IMMEDIATE``) already serialises them."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _REGISTRATION_LOCK})
+
+
 class Registry:
     """Registered model packages, their versions and which of them routing sees.
 
@@ -273,6 +290,17 @@ class Registry:
         self.staging = self.root / ".staging"
         self.staging.mkdir(parents=True, exist_ok=True)
         self._clear_stale_staging()
+        #: Called after each committed change (a version registered, enabled, disabled or removed): the running
+        #: gateway tells its processes (:meth:`gateway.runtime.Gateway.models_changed`). A failure is logged.
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change()
+        except Exception:
+            log.exception("telling the other processes of a model change failed; they see it at their next job")
 
     @classmethod
     def from_settings(cls, store: StoreIndex, settings: ModelsSettings) -> Registry:
@@ -409,6 +437,7 @@ class Registry:
         moved = False
         try:
             with self._store.write_sessions.begin() as session:
+                _serialise_registrations(session)
                 row = self._row(session, manifest.name, manifest.version)
                 if row is not None:  # registered meanwhile by another process
                     _same_or_conflict(row, manifest, sha256)
@@ -428,6 +457,7 @@ class Registry:
             raise
         state = "enabled" if record.enabled else "disabled"
         log.info("registered model %s (sha256 %s, %s)", record.ref, sha256[:12], state)
+        self._changed()
         return record
 
     def _add(
@@ -518,6 +548,7 @@ class Registry:
             session.flush()
             record = _record(target, self.root)
         log.info("enabled model %s", record.ref)
+        self._changed()
         return record
 
     def disable(self, name: str) -> builtins.list[RegisteredModel]:
@@ -542,6 +573,7 @@ class Registry:
             session.flush()
             records = [_record(row, self.root) for row in rows]
         log.info("disabled model %s", model)
+        self._changed()
         return records
 
     def remove(self, ref: str) -> RegisteredModel:
@@ -572,6 +604,7 @@ class Registry:
                 remaining[-1].active, remaining[-1].pinned = True, False
         self._discard(record.folder)
         log.info("removed model %s", record.ref)
+        self._changed()
         return record
 
     # --- helpers --------------------------------------------------------------------------------------------

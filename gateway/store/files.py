@@ -13,7 +13,10 @@ import errno
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 from gateway.errors import OutOfResources
@@ -50,11 +53,48 @@ def make_dirs_durably(path: Path) -> None:
         fsync_dir(path.parent)
 
 
+#: Tells this process's temporary files from those of an earlier process with the same pid (a container's pid 1).
+_TOKEN = uuid.uuid4().hex[:8]
+#: A partial file of another host's process (or of an older gateway) untouched this long is abandoned.
+ABANDONED_AFTER_S = 3600.0
+
+
+def _host() -> str:
+    return socket.gethostname()[:40]
+
+
+def temp_prefix() -> str:
+    """The name prefix of this process's temporary files: ``<pid>-<token>-<host>-`` (several processes may share
+    the folder; :func:`clear_directory` removes only what a gone process left)."""
+    return f"{os.getpid()}-{_TOKEN}-{_host()}-"
+
+
 def new_temp_path(tmp_dir: Path, suffix: str = ".part") -> Path:
-    """Create an empty, uniquely named file in ``tmp_dir`` and return its path."""
-    fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
+    """Create an empty, uniquely named file in ``tmp_dir`` (named by :func:`temp_prefix`) and return its path."""
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=temp_prefix(), suffix=suffix)
     os.close(fd)
     return Path(name)
+
+
+def _abandoned(entry: Path, now: float, stale_after_s: float) -> bool:
+    """Whether a temporary file was left by a process that is gone: one of this host whose pid is not running (or
+    this process's pid, from an earlier life), or, for another host's or an unprefixed file, one untouched for
+    ``stale_after_s``."""
+    pid, token, rest = [*entry.name.split("-", 2), "", ""][:3]
+    if pid.isdigit() and rest.startswith(f"{_host()}-"):
+        if int(pid) == os.getpid():
+            return token != _TOKEN
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        return entry.stat().st_mtime < now - stale_after_s
+    except FileNotFoundError:
+        return False
 
 
 def stage(src: Path, tmp_dir: Path) -> Path:
@@ -120,11 +160,16 @@ def _move_into(src: Path, tmp_dir: Path) -> Path:
     return staged
 
 
-def clear_directory(path: Path) -> int:
-    """Remove every file in ``path`` (left-over partial files after a crash); return how many."""
+def clear_directory(path: Path, *, stale_after_s: float = ABANDONED_AFTER_S, now: float | None = None) -> int:
+    """Remove the partial files in ``path`` that a gone process left (a crash); return how many.
+
+    Several gateway processes may share the folder: a file of a live process (this host's, by its pid) is left
+    alone; another host's is removed once untouched for ``stale_after_s``.
+    """
+    now = time.time() if now is None else now
     removed = 0
     for entry in path.iterdir():
-        if entry.is_file():
+        if entry.is_file() and _abandoned(entry, now, stale_after_s):
             entry.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -211,6 +211,10 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float)
     claim: Mapped[str | None] = mapped_column(String(32), index=True)
+    # The process whose workers hold the claim (``host/pid/token``) and until when: a claim whose process is gone
+    # or whose lease lapsed goes back to ``pending``; a live one is left alone (several export processes).
+    claim_owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    claim_expires_at: Mapped[float | None] = mapped_column(Float)
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(1024))
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
@@ -346,3 +350,45 @@ def _check_foreign_keys(conn: Connection) -> None:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
     """Return the session factory used by every stage (objects stay usable after commit)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class JobClaim(Base):
+    """One lease of a job by a worker, from its claim to its end: the record that no two leases of a job overlap.
+
+    Written in the transactions that claim, move, hand back, fail or take back the job (:mod:`gateway.jobs.lifecycle`).
+    ``ended_at`` is when the lease ended: when the job reached a state no worker holds, was handed back or failed,
+    or, for a lease taken back from a gone worker, when that lease expired (or when it was taken, if earlier);
+    ``outcome`` says how (the state reached, ``handed back``, ``taken back``). An open claim has neither.
+    """
+
+    __tablename__ = "job_claims"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    claimed_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+    outcome: Mapped[str | None] = mapped_column(String(64))
+
+
+class Worker(Base):
+    """A gateway process sharing the index (``gateway serve --role ...``), as it last reported itself.
+
+    ``owner`` is the name its job leases and delivery claims carry (``host/pid/token``); ``roles`` the comma-separated
+    roles it runs (``ingest``, ``worker``, ``export``); ``device`` the inference device of a worker role;
+    ``models`` the model names it runs (``None``: every model). ``heartbeat_at`` is renewed while it runs;
+    ``stopped_at`` is set when it stops cleanly. A process whose heartbeat is older than a few leases is gone.
+    """
+
+    __tablename__ = "workers"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    roles: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str | None] = mapped_column(String(32))
+    models: Mapped[list[str] | None] = mapped_column(JSON)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
+    stopped_at: Mapped[float | None] = mapped_column(Float)

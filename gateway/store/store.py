@@ -257,7 +257,10 @@ class InstanceStore:
                 return True
             if self.is_indexed(sop_instance_uid):
                 return False
-            log.warning("replacing an unindexed file left by an interrupted run")
+            log.warning(
+                "replacing an unindexed copy of an instance (left by an interrupted run, or being stored at this "
+                "moment by another ingest process)"
+            )
             replace_into_place(staged, dest)
             return True
         finally:

@@ -6,12 +6,21 @@ files were linked into, writes all rows in one transaction and commits once, the
 committed; a caller whose row is still queued becomes the next leader. Under load many instances share one folder
 fsync and one database commit; alone, an instance pays the same two flushes it would anyway, in its own thread,
 with no hand-off to another thread and back.
+
+Several processes may write one PostgreSQL index at once (several ``ingest`` roles): their transactions may race to
+create the same study, series or revision, or index the same instance. Parents and revisions are inserted so that
+a race is not an error (``ON CONFLICT DO NOTHING``, then a look at what the other process made); whatever still
+conflicts (an instance indexed by the other process, a deadlock) rolls the batch back, and it is written again,
+checking each instance (:data:`_ATTEMPTS` times at most). Locks are taken in one order in every transaction (series
+by UID), which keeps deadlocks rare. SQLite's single writer lock makes none of this happen there.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +42,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from gateway.ingest.instance import ReceivedInstance
 from gateway.store.files import fsync_dir
@@ -42,6 +52,11 @@ from gateway.store.index import Instance, RefusedInstance, Series, SeriesRevisio
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 256
+_ATTEMPTS = 5  # tries of one batch: the first, then retries after a conflict with another writer
+_RETRY_SLEEP_S = 0.005  # up to this long (times the retry's number) between tries: jitter, so racers part ways
+#: SQLSTATEs of a transaction that lost a race and may simply be run again: serialization failure, deadlock.
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+_JITTER = random.SystemRandom()  # jitter only; SystemRandom needs no seeding
 
 STUDY_FIELDS = {
     "patient_id": "PatientID",
@@ -159,13 +174,7 @@ class IndexWriter:
         try:
             for folder in {row.folder for row in batch}:
                 fsync_dir(folder)
-            try:
-                with self._engine.begin() as conn:
-                    learnt = write_rows(conn, batch, self._cache)
-            except IntegrityError:  # an instance indexed meanwhile: redo the batch checking each row
-                with self._engine.begin() as conn:
-                    learnt = write_rows(conn, batch, self._cache, check_existing=True)
-            self._cache.learn(learnt)  # only once committed
+            self._cache.learn(self._write(batch))  # only once committed
         except BaseException as exc:
             log.exception("index commit of %d instance(s) failed", len(batch))
             for row in batch:
@@ -173,6 +182,31 @@ class IndexWriter:
         finally:
             for row in batch:
                 row.done.set()
+
+    def _write(self, batch: list[PendingRow]) -> WriterCache:
+        """Write and commit ``batch``; after a conflict (an instance indexed meanwhile, here or by another process,
+        or a race lost to another writer) write it again, checking each row, up to :data:`_ATTEMPTS` times."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                with self._engine.begin() as conn:
+                    return write_rows(conn, batch, self._cache, check_existing=attempt > 0)
+            except DBAPIError as exc:
+                if attempt + 1 == _ATTEMPTS or not is_conflict(exc):
+                    raise
+                log.debug("index batch of %d row(s) conflicted (%s); writing it again", len(batch), type(exc).__name__)
+            if attempt:  # the first retry (a duplicate, most often) goes at once
+                time.sleep(_JITTER.uniform(0, _RETRY_SLEEP_S * attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether a database error is one that running the transaction again may not meet: a unique key taken
+    meanwhile (``IntegrityError``), or PostgreSQL's serialization failure or deadlock (SQLSTATE 40001, 40P01)."""
+    if isinstance(exc, IntegrityError):
+        return True
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg 3, psycopg2
+    return code in _TRANSIENT_SQLSTATES
 
 
 @dataclass
@@ -216,9 +250,10 @@ class DriverStatement:
     """A Core statement compiled once per dialect and run on the DB-API cursor: the hot path skips SQLAlchemy's
     per-execution work (compilation cache look-up, parameter processing, result objects).
 
-    It runs inside the caller's transaction (the same connection), and a driver's integrity error is raised as
-    SQLAlchemy's :class:`~sqlalchemy.exc.IntegrityError`, as a Core execution would raise it. Parameters are plain
-    Python values (strings, numbers, ``None``) that every DB-API driver binds without type processing.
+    It runs inside the caller's transaction (the same connection), and a driver's error is raised as SQLAlchemy's
+    (:class:`~sqlalchemy.exc.IntegrityError`, :class:`~sqlalchemy.exc.OperationalError`, ...), as a Core execution
+    would raise it. Parameters are plain Python values (strings, numbers, ``None``) that every DB-API driver binds
+    without type processing (sqlite3's ``qmark`` tuples, psycopg's ``pyformat`` dicts).
     """
 
     def __init__(self, statement: Insert | Update | Delete) -> None:
@@ -242,8 +277,9 @@ class DriverStatement:
             else:
                 cursor.executemany(sql, params)
             return int(cursor.rowcount)
-        except conn.dialect.loaded_dbapi.IntegrityError as exc:
-            raise IntegrityError(sql, params, exc) from exc
+        except conn.dialect.loaded_dbapi.Error as exc:
+            dbapi_error = conn.dialect.loaded_dbapi.Error
+            raise DBAPIError.instance(sql, params, exc, dbapi_error, dialect=conn.dialect) from exc
         finally:
             cursor.close()
 
@@ -304,7 +340,7 @@ def write_rows(
     for row in fresh:
         by_series[row.info.series_instance_uid].append(row)
     instances: list[dict[str, Any]] = []
-    for series_uid, rows in by_series.items():
+    for series_uid, rows in sorted(by_series.items()):  # lock revisions in one order, as the completion monitor
         times = [r.received_at for r in rows]
         revision_id = _record_arrivals(conn, series_uid, times, cache.open_revisions.get(series_uid))
         learnt.open_revisions[series_uid] = revision_id
@@ -331,9 +367,17 @@ def _insert_new(
     if not candidates:
         return
     present = set(conn.scalars(select(key).where(key.in_(candidates))))
-    new = [values(uid, row) for uid, row in candidates.items() if uid not in present]
-    if new:
-        conn.execute(insert(key.class_), new)
+    new = [values(uid, row) for uid, row in sorted(candidates.items()) if uid not in present]
+    if new:  # another process may be inserting the same UIDs: on PostgreSQL, its row is as good as ours
+        conn.execute(_insert_ignoring_conflicts(conn, key.class_), new)
+
+
+def _insert_ignoring_conflicts(conn: Connection, entity: Any) -> Insert:
+    """An insert that skips rows whose key is taken, where writers race (PostgreSQL); a plain insert elsewhere
+    (SQLite's writers take turns: a taken key there is a bug to hear of)."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(entity).on_conflict_do_nothing()
+    return insert(entity)
 
 
 def _study_values(uid: str, row: PendingRow) -> dict[str, Any]:
@@ -354,31 +398,45 @@ def _series_values(uid: str, row: PendingRow) -> dict[str, Any]:
 
 
 def _record_arrivals(conn: Connection, series_uid: str, times: list[float], cached: int | None) -> int:
-    """Add arrivals to the series' open or held revision (opening revision n+1 after a completion); its id."""
+    """Add arrivals to the series' open or held revision (opening revision n+1 after a completion); its id.
+
+    Another transaction may complete the revision read here before it is bumped (the completion monitor, in this
+    process or another), or open the next revision first (another writer): the revision is read again until the
+    arrivals are counted in one. Each round follows a change committed meanwhile, and a completion is final.
+    """
     if cached is not None and _bump(conn, cached, times):
         return cached
-    latest = conn.execute(
-        select(SeriesRevision.id, SeriesRevision.revision, SeriesRevision.state, SeriesRevision.last_received_at)
-        .where(SeriesRevision.series_instance_uid == series_uid)
-        .order_by(SeriesRevision.revision.desc())
-        .limit(1)
-    ).first()
-    if latest is None or latest.state not in _JOINABLE:
-        result = conn.execute(
-            insert(SeriesRevision).values(
-                series_instance_uid=series_uid,
-                revision=1 if latest is None else latest.revision + 1,
-                state="open",
-                first_received_at=min(times),
-                last_received_at=max(times),
-                instance_count=len(times),
-            )
-        )
-        key = result.inserted_primary_key
-        assert key is not None
-        return int(key[0])
-    _bump(conn, int(latest.id), times)
-    return int(latest.id)
+    while True:
+        latest = conn.execute(
+            select(SeriesRevision.id, SeriesRevision.revision, SeriesRevision.state)
+            .where(SeriesRevision.series_instance_uid == series_uid)
+            .order_by(SeriesRevision.revision.desc())
+            .limit(1)
+        ).first()
+        if latest is not None and latest.state in _JOINABLE and _bump(conn, int(latest.id), times):
+            return int(latest.id)
+        opened = _open_revision(conn, series_uid, 1 if latest is None else latest.revision + 1, times)
+        if opened is not None:
+            return opened
+
+
+def _open_revision(conn: Connection, series_uid: str, revision: int, times: list[float]) -> int | None:
+    """Insert an open revision holding the arrivals; its id, or ``None`` if another writer opened it first."""
+    values = {
+        "series_instance_uid": series_uid,
+        "revision": revision,
+        "state": "open",
+        "first_received_at": min(times),
+        "last_received_at": max(times),
+        "instance_count": len(times),
+    }
+    if conn.dialect.name == "postgresql":
+        statement = postgresql.insert(SeriesRevision).values(values).on_conflict_do_nothing()
+        inserted = conn.execute(statement.returning(SeriesRevision.id)).scalar()
+        return None if inserted is None else int(inserted)
+    key = conn.execute(insert(SeriesRevision).values(values)).inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def _bump(conn: Connection, revision_id: int, times: list[float]) -> bool:

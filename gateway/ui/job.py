@@ -127,8 +127,8 @@ async def _act(request: Request, job_id: int, action: Callable[[], str]) -> HTML
     except (JobConflict, ExportError) as exc:
         return _page(request, job_id, ("bad", exc.reason), status_code=409)
     gateway: Gateway = request.app.state.gateway
-    gateway.jobs.wake()  # a re-run from assembly
-    gateway.export.wake()  # a retry, or a re-run from export
+    gateway.wake_jobs()  # a re-run from assembly
+    gateway.wake_export()  # a retry, or a re-run from export
     return _page(request, job_id, ("ok", done))
 
 

@@ -7,7 +7,7 @@ import importlib.util
 
 from fastapi import APIRouter, FastAPI
 
-from gateway.ui import assets, destinations, job, jobs, login, models, overview, studies
+from gateway.ui import assets, destinations, job, jobs, login, models, overview, studies, workers
 
 #: The UI's routers, in the order they are matched.
 ROUTERS: tuple[APIRouter, ...] = (
@@ -19,6 +19,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     studies.router,
     models.router,
     destinations.router,
+    workers.router,
 )
 
 

@@ -164,6 +164,6 @@ async def reprocess(
         job_id = await run_in_threadpool(operations.reprocess_series, gateway.store, series_uid, by=who.name)
     except JobConflict as exc:
         return _page(request, page, ("bad", exc.reason), status_code=409)
-    gateway.jobs.wake()
+    gateway.wake_jobs()
     notice = ("ok", f"Job {job_id} reprocesses the series with the current models.", f"{UI_PREFIX}/jobs/{job_id}")
     return _page(request, page, notice)

@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.api.app import create_app
 from gateway.config import JobsSettings, StoreSettings, TokenSettings, hash_token
 from gateway.jobs.states import JobState
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import WORKER_LABEL, GatewayMetrics
 from gateway.runtime import Gateway
+from gateway.store.store import InstanceStore
 from gateway.synth.ct import write_synthetic_ct
 
 from conftest import ADMIN, LiveServer, api_client, http_settings, make_settings, require_tool
@@ -31,12 +32,11 @@ READER_TOKEN = "test-metrics-reader-5d2a"
 
 
 def parse(text: str) -> Samples:
-    """Every sample of an exposition, keyed by (sample name, labels)."""
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    """Every sample of an exposition, keyed by (sample name, labels), the ``worker`` label left out: every sample of
+    one exposition carries the same (the serving process's name), or none."""
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert len({s.labels.get(WORKER_LABEL) for s in samples}) <= 1, "one process per exposition"
+    return {(s.name, frozenset((k, v) for k, v in s.labels.items() if k != WORKER_LABEL)): s.value for s in samples}
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -258,3 +258,48 @@ def test_each_gateway_has_its_own_registry() -> None:
         == 1
     )
     assert value(parse(first.render().decode()), "gateway_jobs_undelivered_total") == 1
+
+
+def test_every_sample_carries_the_worker_label_so_processes_do_not_collide(tmp_path: Path) -> None:
+    store = InstanceStore(StoreSettings(data_dir=tmp_path / "data", min_free_bytes=0))
+    try:
+        add_job(store, state="received")
+        names = ("gpu-1/41/aa11bb22", "web-1/7/cc33dd44")
+        processes = [GatewayMetrics(sessions=store.sessions, job_states=["received"], worker=name) for name in names]
+        for metrics in processes:
+            metrics.instance_received("stow", "stored", 0.01)
+            metrics.job_stage("infer", "tiny@1", 2.0)
+        texts = [metrics.render().decode() for metrics in processes]
+    finally:
+        store.close()
+    for name, text in zip(names, texts, strict=True):
+        families = list(text_string_to_metric_families(text))
+        samples = [s for family in families for s in family.samples]
+        assert {f.name for f in families} >= {"gateway_instances_received", "gateway_job_stage_seconds", "gateway_jobs"}
+        assert samples and all(s.labels.get(WORKER_LABEL) == name for s in samples), name
+        labelled = [(s.name, s.labels) for s in samples]
+        assert (
+            "gateway_job_stage_seconds_bucket",
+            {"stage": "infer", "model": "tiny@1", "le": "2.5", WORKER_LABEL: name},
+        ) in labelled
+        assert ("gateway_jobs", {"state": "received", WORKER_LABEL: name}) in labelled
+    keys = [
+        {(s.name, frozenset(s.labels.items())) for f in text_string_to_metric_families(t) for s in f.samples}
+        for t in texts
+    ]
+    assert not keys[0] & keys[1], "the two processes' series are told apart by the label"
+    assert (
+        processes[0].registry.get_sample_value(
+            "gateway_instances_received_total", {"transport": "stow", "outcome": "stored"}
+        )
+        == 1
+    ), "the registry itself keeps its samples without it"
+    with pytest.raises(ValueError, match="worker"):
+        GatewayMetrics(worker="")
+
+
+def test_without_a_worker_name_the_samples_have_no_worker_label() -> None:
+    metrics = GatewayMetrics()
+    metrics.job_undelivered()
+    samples = [s for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples]
+    assert samples and all(WORKER_LABEL not in s.labels for s in samples)

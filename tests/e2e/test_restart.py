@@ -11,20 +11,16 @@ succeeded exactly once, and the job must be ``exported`` without being run again
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from gateway.synth.ct import write_synthetic_ct
 
 from conftest import require_tool
-from peers import GATEWAY_SCRIPT, GatewayServer, Orthanc, OrthancOn, PeerProcess, free_port, orthanc_binary, wait_until
+from peers import Orthanc, OrthancOn, PeerProcess, ServedGateway, free_port, orthanc_binary, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,44 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "ct-tissue"
 DESTINATION = "pacs"
 MODALITIES = {"SEG": "SEG", "SR": "SR", "GSPS": "PR", "KO": "KO"}  # output kind -> Modality in Orthanc
-
-
-class ServedGateway(GatewayServer):
-    """The gateway served over ``data_dir`` without shipped models; ``sections`` are further settings sections
-    (``ingest``, ``jobs``, ``export``, ...)."""
-
-    def __init__(self, tmpdir: Path, data_dir: Path, sections: Mapping[str, Any]) -> None:
-        super().__init__(tmpdir, data_dir, {"models": {"register_shipped": False}, **sections})
-
-    @property
-    def address(self) -> str:
-        """``AET@HOST:PORT`` of the DICOM listener."""
-        return f"GATEWAY@127.0.0.1:{self.dicom_port}"
-
-    def cli(self, *args: str, timeout_s: float = 300) -> str:
-        """Run ``gateway ARGS`` (another process) against this gateway's settings; its output (fails on error)."""
-        done = subprocess.run(
-            [str(GATEWAY_SCRIPT), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=dict(self._env()),
-        )
-        assert done.returncode == 0, f"gateway {' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
-        return done.stdout
-
-    def api(self, path: str) -> Any:
-        """``GET /api/...`` as JSON."""
-        answer = httpx.get(f"http://127.0.0.1:{self.http_port}/api{path}", timeout=10)
-        answer.raise_for_status()
-        return answer.json()
-
-    def kill9(self) -> None:
-        """SIGKILL the server and reap it: no shutdown code runs."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self.stop()  # closes the log
 
 
 @pytest.fixture

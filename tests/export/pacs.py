@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from gateway.config import ExportSettings
 from gateway.export.workers import ExportWorkers
+from gateway.jobs.lifecycle import owner_identity
 from gateway.jobs.states import JobState
 from gateway.store.index import Delivery, Job, Series, SeriesRevision, Study
 from gateway.store.store import StoreIndex
@@ -28,6 +29,10 @@ from gateway.synth.ct import write_synthetic_ct
 from peers import StoreSCP, free_port
 
 _jobs = iter(range(1, 1_000_000))
+
+#: The claim owner of deliveries the tests claim by hand: this process in an earlier life (its host and pid,
+#: another token), as a gateway that crashed and was started again finds them; a start takes them back.
+EARLIER = owner_identity().rsplit("/", 1)[0] + "/earlier"
 
 
 def fast_export(**values: Any) -> ExportSettings:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pacs import (
+    EARLIER,
     ProfileStoreSCP,
     StatusSCP,
     deliveries,
@@ -315,7 +316,7 @@ def test_restart_resumes_sending_and_never_resends_a_delivered_instance(
         assert before.run_once()  # the first file is delivered...
         before.stop()
         assert (
-            queue.claim(instance_store, ["pacs"], 10) is not None
+            queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0) is not None
         )  # ...then the gateway dies while sending the others
         assert [r.state for r in deliveries(instance_store, job)] == ["delivered", "sending", "sending"]
         after = ExportWorkers(instance_store, to_pacs(scp.port))

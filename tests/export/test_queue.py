@@ -7,13 +7,14 @@ import itertools
 from pathlib import Path
 
 import pytest
-from pacs import deliveries, job_of, make_job, outputs, result_files, sop_instance_uid
+from pacs import EARLIER, deliveries, job_of, make_job, outputs, result_files, sop_instance_uid
 from sqlalchemy import update
 
 from gateway.config import DEFAULT_SEND, ExportSettings
 from gateway.errors import ExportError, NotFound
 from gateway.export import queue
 from gateway.export.outcome import Kind, Outcome, RetryPolicy
+from gateway.jobs.lifecycle import owner_identity
 from gateway.jobs.states import JobState
 from gateway.store.index import Job
 from gateway.store.store import InstanceStore
@@ -56,7 +57,7 @@ def test_enqueue_again_is_a_new_run(instance_store: InstanceStore, tmp_path: Pat
     files = outputs(tmp_path / "out", 2)
     assert queue.enqueue(instance_store, job, files, ["pacs", "vna"], now=T0) == 4
     for _ in range(2):  # one destination per claim
-        for item in queue.claim(instance_store, ["pacs", "vna"], 10, now=T0)[1]:  # type: ignore[index]
+        for item in queue.claim(instance_store, ["pacs", "vna"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]:  # type: ignore[index]
             queue.record(instance_store, item, Outcome(Kind.DELIVERED, "", 0), POLICY, now=T0 + 1)
     assert queue.settle(instance_store, job, now=T0 + 2) == JobState.EXPORTED
     before = {(r.sop_instance_uid, r.destination): r.id for r in deliveries(instance_store, job)}
@@ -119,7 +120,7 @@ def test_the_report_is_queued_and_claimed_first(instance_store: InstanceStore, t
     written = [files[k] for k in ("seg", "gsps", "sc", "sr", "ko")]
     assert queue.enqueue(instance_store, job, written, ["pacs"], now=T0) == 5
     assert [v["kind"] for v in queue.deliveries_of(instance_store, job)] == ["sr", "ko", "seg", "gsps", "sc"]
-    name, items = queue.claim(instance_store, ["pacs"], 10, now=T0)  # type: ignore[misc]
+    name, items = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)  # type: ignore[misc]
     kinds = {sop_instance_uid(p): k for k, p in files.items()}
     assert name == "pacs" and [kinds[i.sop_instance_uid] for i in items] == ["sr", "ko", "seg", "gsps", "sc"]
 
@@ -159,15 +160,18 @@ def test_enqueue_refuses_an_unreadable_file_and_queues_nothing(instance_store: I
 def test_claim_takes_due_deliveries_of_one_destination(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 3), ["pacs", "vna"], now=T0)
-    assert queue.claim(instance_store, ["pacs", "vna"], 10, now=T0 - 1) is None, "not due yet"
-    assert queue.claim(instance_store, ["ris"], 10, now=T0) is None, "no delivery for that destination"
-    name, items = queue.claim(instance_store, ["pacs", "vna"], 2, now=T0) or ("", [])
+    early = queue.claim(instance_store, ["pacs", "vna"], 10, owner=EARLIER, lease_s=60.0, now=T0 - 1)
+    assert early is None, "not due yet"
+    elsewhere = queue.claim(instance_store, ["ris"], 10, owner=EARLIER, lease_s=60.0, now=T0)
+    assert elsewhere is None, "no delivery for that destination"
+    name, items = queue.claim(instance_store, ["pacs", "vna"], 2, owner=EARLIER, lease_s=60.0, now=T0) or ("", [])
     assert name == "pacs" and len(items) == 2 and all(i.path.is_file() for i in items)
-    name, items = queue.claim(instance_store, ["pacs", "vna"], 10, now=T0) or ("", [])
+    name, items = queue.claim(instance_store, ["pacs", "vna"], 10, owner=EARLIER, lease_s=60.0, now=T0) or ("", [])
     assert name == "vna" and len(items) == 3, "the destination whose oldest delivery is due first"
-    name, items = queue.claim(instance_store, ["pacs", "vna"], 10, now=T0) or ("", [])
+    name, items = queue.claim(instance_store, ["pacs", "vna"], 10, owner=EARLIER, lease_s=60.0, now=T0) or ("", [])
     assert name == "pacs" and len(items) == 1
-    assert queue.claim(instance_store, ["pacs", "vna"], 10, now=T0) is None, "everything is sending"
+    rest = queue.claim(instance_store, ["pacs", "vna"], 10, owner=EARLIER, lease_s=60.0, now=T0)
+    assert rest is None, "everything is sending"
     assert {r.state for r in deliveries(instance_store, job)} == {"sending"}
 
 
@@ -177,14 +181,15 @@ def test_retry_backs_off_then_gives_up(instance_store: InstanceStore, tmp_path: 
     busy = Outcome(Kind.RETRY, "out of resources, status 0xA700", 0xA700)
     now = T0
     for attempt in (1, 2):
-        (item,) = (queue.claim(instance_store, ["pacs"], 10, now=now) or ("", []))[1]
+        (item,) = (queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=now) or ("", []))[1]
         assert queue.record(instance_store, item, busy, POLICY, jitter=0.5, now=now) == "pending"
         (row,) = deliveries(instance_store, job)
         assert row.next_attempt_at == now + 0.75 * 10 * 2 ** (attempt - 1) and row.attempts == attempt
-        assert queue.claim(instance_store, ["pacs"], 10, now=row.next_attempt_at - 0.001) is None
+        early = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=row.next_attempt_at - 0.001)
+        assert early is None
         now = row.next_attempt_at
         assert queue.settle(instance_store, job, now=now) is None, "still pending"
-    (item,) = (queue.claim(instance_store, ["pacs"], 10, now=now) or ("", []))[1]
+    (item,) = (queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=now) or ("", []))[1]
     assert queue.record(instance_store, item, busy, POLICY, jitter=0.5, now=now) == "dead"
     (row,) = deliveries(instance_store, job)
     assert row.last_error == "gave up after 3 attempts; last: out of resources, status 0xA700"
@@ -199,7 +204,7 @@ def test_retry_backs_off_then_gives_up(instance_store: InstanceStore, tmp_path: 
 def test_job_exported_when_all_delivered_with_warnings_counted(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    first, second = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     assert (
         queue.record(instance_store, first, Outcome(Kind.DELIVERED, "", 0), POLICY, jitter=0.5, now=T0) == "delivered"
     )
@@ -216,7 +221,7 @@ def test_job_exported_when_all_delivered_with_warnings_counted(instance_store: I
 def test_dead_outcome_is_final_at_once(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
-    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    (item,) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     outcome = Outcome(Kind.DEAD, "rejected, status 0xA900", 0xA900)
     assert queue.record(instance_store, item, outcome, POLICY, jitter=0.5, now=T0) == "dead"
     (row,) = deliveries(instance_store, job)
@@ -228,7 +233,7 @@ def test_refused_is_final_and_the_job_is_exported_with_the_reasons(
 ) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 3), ["pacs"], now=T0)
-    first, second, third = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    first, second, third = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     refused = Outcome(Kind.REFUSED, "SOP class 1.2.3 not supported, status 0x0122", 0x0122)
     assert queue.record(instance_store, first, refused, POLICY, jitter=0.5, now=T0) == "refused"
     assert queue.record(instance_store, second, refused, POLICY, jitter=0.5, now=T0) == "refused"
@@ -248,13 +253,14 @@ def test_refused_is_final_and_the_job_is_exported_with_the_reasons(
     row = deliveries(instance_store, job)[0]
     assert (row.state, row.attempts, row.last_status, row.delivered_at) == ("refused", 1, 0x0122, None)
     assert [(h["outcome"], h["status"]) for h in row.history] == [("refused", 0x0122)]
-    assert queue.claim(instance_store, ["pacs"], 10, now=T0 + 1000) is None, "never sent again by itself"
+    later = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0 + 1000)
+    assert later is None, "never sent again by itself"
 
 
 def test_dead_fails_the_job_even_beside_refused_ones(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    first, second = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     queue.record(instance_store, first, Outcome(Kind.REFUSED, "not supported"), POLICY, jitter=0.5, now=T0)
     queue.record(instance_store, second, Outcome(Kind.DEAD, "rejected, status 0xC000"), POLICY, jitter=0.5, now=T0)
     assert queue.settle(instance_store, job) == JobState.FAILED
@@ -266,7 +272,7 @@ def test_dead_fails_the_job_even_beside_refused_ones(instance_store: InstanceSto
 def test_refused_reasons_are_listed_once_each_and_at_most_five(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 8), ["pacs"], now=T0)
-    items = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    items = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     for k, item in enumerate(items):
         outcome = Outcome(Kind.REFUSED, f"SOP class 1.2.{min(k, 6)} not supported")
         queue.record(instance_store, item, outcome, POLICY, jitter=0.5, now=T0)
@@ -279,10 +285,10 @@ def test_refused_reasons_are_listed_once_each_and_at_most_five(instance_store: I
 def test_resume_and_release(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 3), ["pacs", "gone"], now=T0)
-    items = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    items = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     queue.record(instance_store, items[0], Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
     assert queue.release(instance_store, [items[1].id], at=T0 + 5, now=T0) == 1
-    assert queue.resume(instance_store, ["pacs"], now=T0 + 1) == (1, 3)
+    assert queue.resume(instance_store, ["pacs"], owner=owner_identity(), now=T0 + 1) == (1, 3)
     states = [(r.destination, r.state) for r in deliveries(instance_store, job)]
     assert states.count(("pacs", "pending")) == 2 and states.count(("pacs", "delivered")) == 1
     assert states.count(("gone", "dead")) == 3
@@ -295,19 +301,19 @@ def test_resume_and_release(instance_store: InstanceStore, tmp_path: Path) -> No
 def test_resume_settles_a_job_whose_deliveries_all_ended(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
-    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    (item,) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     queue.record(
         instance_store, item, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0
     )  # then a crash before settle
     assert job_of(instance_store, job).state == JobState.ENCODED
-    queue.resume(instance_store, ["pacs"])
+    queue.resume(instance_store, ["pacs"], owner=owner_identity())
     assert job_of(instance_store, job).state == JobState.EXPORTED
 
 
 def test_retry_job_requeues_dead_deliveries(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    first, second = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     queue.record(instance_store, first, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
     queue.record(
         instance_store, second, Outcome(Kind.DEAD, "rejected, status 0xC000", 0xC000), POLICY, jitter=0.5, now=T0
@@ -332,7 +338,7 @@ def test_retry_job_requeues_refused_deliveries_of_an_exported_job(
 ) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    first, second = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    first, second = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     queue.record(instance_store, first, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0)
     queue.record(instance_store, second, Outcome(Kind.REFUSED, "not supported"), POLICY, jitter=0.5, now=T0)
     assert queue.settle(instance_store, job) == JobState.EXPORTED
@@ -343,7 +349,7 @@ def test_retry_job_requeues_refused_deliveries_of_an_exported_job(
     assert delivered.state == "delivered"
     assert (requeued.state, requeued.attempts, requeued.next_attempt_at) == ("pending", 0, T0 + 60)
     assert [h["outcome"] for h in requeued.history] == ["refused", "requeued"]
-    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0 + 60)[1]  # type: ignore[index]
+    (item,) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0 + 60)[1]  # type: ignore[index]
     queue.record(instance_store, item, Outcome(Kind.DELIVERED), POLICY, jitter=0.5, now=T0 + 61)
     assert queue.settle(instance_store, job) == JobState.EXPORTED
     export = job_of(instance_store, job).detail["export"]
@@ -365,12 +371,12 @@ def test_deliveries_view(instance_store: InstanceStore, tmp_path: Path) -> None:
 def test_a_batch_that_failed_together_is_due_again_together(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    items = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    items = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     busy = Outcome(Kind.RETRY, "HTTP 503", 503)
     for k, item in enumerate(items):  # the answers came in at different times
         queue.record(instance_store, item, busy, POLICY, jitter=0.2, now=T0 + 3 + k, retry_from=T0)
     assert {r.next_attempt_at for r in deliveries(instance_store, job)} == {T0 + 10 * 0.6}
-    assert len(queue.claim(instance_store, ["pacs"], 10, now=T0 + 6)[1]) == 2  # type: ignore[index]
+    assert len(queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0 + 6)[1]) == 2  # type: ignore[index]
 
 
 def _attempts_until(
@@ -385,7 +391,7 @@ def _attempts_until(
         if row.state != "pending":
             return times
         now = row.next_attempt_at
-        (item,) = queue.claim(store, ["pacs"], 10, now=now)[1]  # type: ignore[index]
+        (item,) = queue.claim(store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=now)[1]  # type: ignore[index]
         outcome = down if now - T0 < outage_s else Outcome(Kind.DELIVERED, "", 0)
         queue.record(store, item, outcome, policy, jitter=0.0, now=now)
         times.append(now)
@@ -431,7 +437,7 @@ def test_an_outage_longer_than_give_up_after_kills_them(instance_store: Instance
 def test_reasons_are_recorded_on_one_line(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
-    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    (item,) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     text = "the output file cannot be sent: OSError:\n  line two\n" + "x" * 2000
     queue.record(instance_store, item, Outcome(Kind.DEAD, text), POLICY, now=T0)
     (row,) = deliveries(instance_store, job)
@@ -447,7 +453,7 @@ def test_depth_counts_deliveries_by_destination_and_state(instance_store: Instan
     assert queue.depth(instance_store) == {}
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 3), ["pacs", "vna"], now=T0)
-    (item, *_) = queue.claim(instance_store, ["pacs"], 1, now=T0)[1]  # type: ignore[index]
+    (item, *_) = queue.claim(instance_store, ["pacs"], 1, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     queue.record(instance_store, item, Outcome(Kind.DEAD, "rejected, status 0xC000"), POLICY, now=T0)
     assert queue.depth(instance_store) == {"pacs": {"pending": 2, "dead": 1}, "vna": {"pending": 3}}
 
@@ -457,4 +463,4 @@ def test_only_deliveries_of_an_encoded_job_are_claimed(instance_store: InstanceS
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 1), ["pacs"], now=T0)
     with instance_store.write_sessions.begin() as session:  # as a cancel, or a re-run from assembly, leaves it
         session.execute(update(Job).where(Job.id == job).values(state=JobState.RECEIVED))
-    assert queue.claim(instance_store, ["pacs"], 10, now=T0) is None
+    assert queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0) is None

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pacs import StatusSCP, deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for_job
+from pacs import EARLIER, StatusSCP, deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for_job
 from starlette.exceptions import StarletteDeprecationWarning
 from typer.testing import CliRunner
 
@@ -109,7 +109,7 @@ def test_cli_retry(tmp_path: Path) -> None:
     try:
         job = make_job(store)
         queue.enqueue(store, job, outputs(tmp_path / "out", 2), ["pacs"])
-        _, items = queue.claim(store, ["pacs"], 10) or ("", [])
+        _, items = queue.claim(store, ["pacs"], 10, owner=EARLIER, lease_s=60.0) or ("", [])
         for item in items:
             queue.record(store, item, Outcome(Kind.DEAD, "rejected, status 0xA900", 0xA900), RetryPolicy())
         assert queue.settle(store, job) == JobState.FAILED

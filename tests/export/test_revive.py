@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pacs import deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for
+from pacs import EARLIER, deliveries, fast_export, job_of, make_job, outputs, sop_instance_uid, wait_for
 from sqlalchemy import update
 
 from gateway.config import ExportSettings, StoreSettings
@@ -41,12 +41,12 @@ def instance_store(index_store: InstanceStore) -> InstanceStore:
 def test_revive_resends_only_what_was_given_up(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs", "vna"], now=T0)
-    (first, second) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+    (first, second) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
     assert queue.record(instance_store, first, DOWN, POLICY, now=T0) == "pending"
     assert queue.record(instance_store, second, Outcome(Kind.DEAD, "rejected, status 0xC000", 0xC000), POLICY) == "dead"
-    (again,) = queue.claim(instance_store, ["pacs"], 10, now=T0 + 60)[1]  # type: ignore[index]
+    (again,) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0 + 60)[1]  # type: ignore[index]
     assert queue.record(instance_store, again, DOWN, POLICY, now=T0 + 60) == "dead", "60 s since the first attempt"
-    for item in queue.claim(instance_store, ["vna"], 10, now=T0)[1]:  # type: ignore[index]
+    for item in queue.claim(instance_store, ["vna"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]:  # type: ignore[index]
         queue.record(instance_store, item, Outcome(Kind.DELIVERED, "", 200), POLICY, now=T0)
     assert queue.settle(instance_store, job, now=T0 + 60) == JobState.FAILED
 
@@ -64,9 +64,9 @@ def test_revive_resends_only_what_was_given_up(instance_store: InstanceStore, tm
     assert state.detail["previous_failures"][0]["stage"] == "export"
     assert queue.revivable_destinations(instance_store) == []
 
-    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0 + 100)[1]  # type: ignore[index]
+    (item,) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0 + 100)[1]  # type: ignore[index]
     assert queue.record(instance_store, item, DOWN, POLICY, now=T0 + 100) == "pending", "a fresh round of retries"
-    (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0 + 200)[1]  # type: ignore[index]
+    (item,) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0 + 200)[1]  # type: ignore[index]
     assert queue.record(instance_store, item, Outcome(Kind.DELIVERED, "", 0), POLICY, now=T0 + 200) == "delivered"
     assert queue.settle(instance_store, job, now=T0 + 200) == JobState.FAILED, "the rejected one is still dead"
 
@@ -75,7 +75,7 @@ def test_revive_leaves_jobs_being_run_again_and_purged_ones(instance_store: Inst
     jobs = [make_job(instance_store) for _ in range(2)]
     for k, job in enumerate(jobs):
         queue.enqueue(instance_store, job, outputs(tmp_path / f"out{k}", 1, seed=k), ["pacs"], now=T0)
-        (item,) = queue.claim(instance_store, ["pacs"], 10, now=T0)[1]  # type: ignore[index]
+        (item,) = queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]  # type: ignore[index]
         queue.record(instance_store, item, DOWN, RetryPolicy(max_attempts=1), now=T0)
         assert queue.settle(instance_store, job, now=T0) == JobState.FAILED
     rerun, purged = jobs
@@ -93,7 +93,7 @@ def test_revive_leaves_jobs_being_run_again_and_purged_ones(instance_store: Inst
 def test_resend_job_sends_every_delivery_again(instance_store: InstanceStore, tmp_path: Path) -> None:
     job = make_job(instance_store)
     queue.enqueue(instance_store, job, outputs(tmp_path / "out", 2), ["pacs"], now=T0)
-    for item in queue.claim(instance_store, ["pacs"], 10, now=T0)[1]:  # type: ignore[index]
+    for item in queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0)[1]:  # type: ignore[index]
         queue.record(instance_store, item, Outcome(Kind.DELIVERED, "", 0), POLICY, now=T0 + 1)
     assert queue.settle(instance_store, job, now=T0 + 2) == JobState.EXPORTED
     assert job_of(instance_store, job).detail["timings"]["export_s"] == 2.0
@@ -104,7 +104,7 @@ def test_resend_job_sends_every_delivery_again(instance_store: InstanceStore, tm
     rows = deliveries(instance_store, job)
     assert {(r.state, r.attempts, r.delivered_at) for r in rows} == {("pending", 0, None)}
     assert rows[0].history[-1]["reason"] == "re-run from export"
-    for item in queue.claim(instance_store, ["pacs"], 10, now=T0 + 50)[1]:  # type: ignore[index]
+    for item in queue.claim(instance_store, ["pacs"], 10, owner=EARLIER, lease_s=60.0, now=T0 + 50)[1]:  # type: ignore[index]
         queue.record(instance_store, item, Outcome(Kind.DELIVERED, "", 0), POLICY, now=T0 + 53)
     assert queue.settle(instance_store, job, now=T0 + 53) == JobState.EXPORTED
     assert job_of(instance_store, job).detail["timings"]["export_s"] == 3.0

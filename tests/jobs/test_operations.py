@@ -75,8 +75,10 @@ def test_cancelling_an_encoded_job_stops_its_deliveries_not_yet_sent(index_store
     operations.cancel(index_store, job_id)
     assert delivery_states(index_store, job_id) == ["delivered", "cancelled", "cancelled"]
     assert job(index_store, job_id).detail["cancelled"]["deliveries_not_sent"] == 2
-    assert queue.claim(index_store, ["pacs"], 10, now=1.0) is None, "no export worker takes a cancelled delivery"
-    claimed = queue.claim(index_store, ["pacs", "archive"], 10, now=1.0)
+    assert queue.claim(index_store, ["pacs"], 10, owner="host/1/a", lease_s=60.0, now=1.0) is None, (
+        "no export worker takes a cancelled delivery"
+    )
+    claimed = queue.claim(index_store, ["pacs", "archive"], 10, owner="host/1/a", lease_s=60.0, now=1.0)
     assert claimed is not None and [item.job_id for item in claimed[1]] == [other]
     with index_store.sessions() as session:
         assert session.get(Delivery, sent) is not None

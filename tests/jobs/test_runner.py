@@ -218,6 +218,8 @@ def test_a_job_runs_to_exported_and_the_lease_ends_with_it(
     assert row.state == JobState.EXPORTED, row.detail  # no destination: nothing to send
     assert row.lease_owner is None and row.lease_expires_at is None and row.finished_at is not None
     assert {o["kind"] for o in row.detail["outputs"]} >= {"SEG", "SR"}
+    (claim,) = lifecycle.claims_of(instance_store, job_id)
+    assert claim.ended_at is not None and claim.outcome == "exported", claim
 
 
 def test_queued_deliveries_wake_the_export_at_once(
@@ -320,6 +322,7 @@ def test_a_job_cancelled_while_it_runs_is_dropped_by_its_worker_not_failed(
     row = job(instance_store, job_id)
     assert row.state == JobState.CANCELLED and "failure" not in row.detail
     assert "inference" not in row.detail and "outputs" not in row.detail, "nothing written after the cancel"
+    assert [c.outcome for c in lifecycle.claims_of(instance_store, job_id)] == ["cancelled"]
     assert row.detail["cancelled"]["from"] == "inferring"
 
 

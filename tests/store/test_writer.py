@@ -1,5 +1,6 @@
-"""The index writer on a real SQLite index: its hot path (DB-API statements: rows, revisions, refusals, conflicts) and
-the group commit led by the submitting threads (every row committed once, errors to their own batch, stop)."""
+"""The index writer on a real SQLite index and a real PostgreSQL one: its hot path (DB-API statements: rows,
+revisions, refusals, conflicts) and the group commit led by the submitting threads (every row committed once, errors
+to their own batch, stop). Several writers at once on one PostgreSQL index: tests/store/test_two_ingest.py."""
 
 from __future__ import annotations
 
@@ -8,20 +9,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.ingest.instance import ReceivedInstance
 from gateway.store.index import Instance, RefusedInstance, SeriesRevision, make_engine
-from gateway.store.writer import IndexWriter, PendingRow, WriterCache, record_refusal, write_rows
+from gateway.store.writer import IndexWriter, PendingRow, WriterCache, clear_refusals, record_refusal, write_rows
 
 SERIES, STUDY = "1.2.3.4", "1.2.3"
 THREADS, PER_THREAD = 8, 25
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}", writer=True)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A writer engine on a fresh SQLite index, or a fresh database of a real PostgreSQL server (psycopg)."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    engine = make_engine(url, writer=True)
     yield engine
     engine.dispose()
 
@@ -128,3 +133,27 @@ def test_a_stopped_writer_refuses_rows(engine: Engine, tmp_path: Path) -> None:
     assert not writer.running
     with pytest.raises(RuntimeError, match="stopped"):
         writer.submit(_row("1.2.3.4.1", tmp_path))
+
+
+def test_driver_statements_count_every_parameter_set(engine: Engine, tmp_path: Path) -> None:
+    with engine.begin() as conn:
+        write_rows(conn, [_row("1.2.3.4.1", tmp_path)])
+        for uid in ("1.2.3.4.2", "1.2.3.4.3"):
+            assert record_refusal(conn, SERIES, uid, "disk full", 1001.0)
+    with engine.begin() as conn:  # one executemany: the rows changed by all of its parameter sets
+        assert clear_refusals(conn, ["1.2.3.4.2", "1.2.3.4.9", "1.2.3.4.3"]) == 2
+
+
+def test_arrivals_after_a_completion_open_the_next_revision(engine: Engine, tmp_path: Path) -> None:
+    cache = WriterCache()
+    with engine.begin() as conn:
+        cache.learn(write_rows(conn, [_row("1.2.3.4.1", tmp_path)], cache))
+        conn.execute(update(SeriesRevision).values(state="complete", completed_at=1002.0))  # as the monitor does
+    for at, writer_cache in ((1003.0, cache), (1004.0, WriterCache())):  # the cached id, and another process's
+        with engine.begin() as conn:
+            cache.learn(write_rows(conn, [_row(f"1.2.3.4.{at:.0f}", tmp_path, at)], writer_cache))
+    with engine.connect() as conn:
+        revisions = conn.execute(select(SeriesRevision).order_by(SeriesRevision.revision)).all()
+        second = conn.scalars(select(Instance.revision_id).where(Instance.sop_instance_uid != "1.2.3.4.1")).all()
+    assert [(r.revision, r.state, r.instance_count) for r in revisions] == [(1, "complete", 1), (2, "open", 2)]
+    assert second == [revisions[1].id] * 2

@@ -7,6 +7,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+
 from gateway.ingest.completion import complete_quiet_series
 from gateway.store.index import Delivery, Job, Series, SeriesRevision, Study
 from gateway.store.store import InstanceStore, StoreIndex
@@ -107,12 +109,26 @@ def add_delivery(store: StoreIndex, job_id: int, *, state: str = "pending", dest
         return int(row.id)
 
 
-def add_stored_series(store: InstanceStore, folder: Path, *, slices: int = 4, seed: int = 0, now: float = 0.0) -> int:
-    """Store a small synthetic CT series and complete it (real ingest and completion); the new job's id."""
+def add_stored_series(
+    store: InstanceStore,
+    folder: Path,
+    *,
+    slices: int = 4,
+    seed: int = 0,
+    now: float = 0.0,
+    modality: str | None = None,
+) -> int:
+    """Store a small synthetic CT series (its Modality changed to ``modality`` if given, for routing) and complete it
+    (real ingest and completion); the new job's id."""
     write_synthetic_ct(folder, slices, rows=32, columns=32, seed=seed)
     for path in sorted(folder.glob("*.dcm")):
         copy = folder / f"copy-{path.name}"
-        copy.write_bytes(path.read_bytes())
+        if modality is None:
+            copy.write_bytes(path.read_bytes())
+        else:
+            ds = dcmread(path)
+            ds.Modality = modality
+            ds.save_as(copy)
         store.put(copy, source="test", now=now)
     (done,) = complete_quiet_series(store.write_sessions, 0.0, now=now + 1)
     return done.job_id

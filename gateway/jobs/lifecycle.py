@@ -42,6 +42,8 @@ __all__ = [
     "Claim",
     "Lease",
     "claim",
+    "claim_many",
+    "claimable_ids",
     "claims_of",
     "end_claim",
     "fail",
@@ -104,13 +106,47 @@ def claim(
                 if job_id is not None:
                     return None
                 continue
-            job.state = JobState.ASSEMBLING
-            job.lease_owner, job.lease_expires_at = owner, at + lease_s
-            job.attempts += 1
-            job.updated_at = at
-            job.detail = _claimed(job, at)
-            session.add(JobClaim(job_id=job.id, owner=owner, claimed_at=at))
-            return Lease(int(job.id), owner)
+            return _take(session, job, owner, lease_s, at)
+
+
+def claim_many(
+    store: StoreIndex,
+    owner: str,
+    lease_s: float,
+    job_ids: Collection[int],
+    *,
+    max_attempts: int,
+    now: float | None = None,
+) -> list[Lease]:
+    """Claim, in one transaction, those of ``job_ids`` that are still claimable, as :func:`claim` claims one.
+
+    A job another worker holds or has just claimed is skipped (``FOR UPDATE SKIP LOCKED``), one out of attempts
+    fails as in :func:`claim`. A worker takes a model's batch worth of jobs at once this way
+    (:class:`gateway.jobs.runner.JobRunner`), so that their patches share forward passes.
+    """
+    if not job_ids:
+        return []
+    leases: list[Lease] = []
+    with store.write_sessions.begin() as session:
+        at = time.time() if now is None else now
+        query = select(Job).where(_claimable(at), Job.id.in_(list(job_ids))).order_by(Job.id)
+        for job in session.scalars(query.with_for_update(skip_locked=True)).all():
+            if job.attempts >= max_attempts:
+                _exhausted(job, max_attempts, at)
+                continue
+            leases.append(_take(session, job, owner, lease_s, at))
+    return leases
+
+
+def _take(session: Session, job: Job, owner: str, lease_s: float, at: float) -> Lease:
+    """Move a locked claimable job to ``assembling`` under ``owner``'s lease and open the lease's record."""
+    job.state = JobState.ASSEMBLING
+    job.lease_owner, job.lease_expires_at = owner, at + lease_s
+    job.attempts += 1
+    job.updated_at = at
+    job.detail = _claimed(job, at)
+    session.add(JobClaim(job_id=job.id, owner=owner, claimed_at=at))
+    return Lease(int(job.id), owner)
 
 
 def _claimed(job: Job, now: float) -> dict[str, Any]:
@@ -131,13 +167,21 @@ def _claimable(now: float) -> Any:
 def next_claimable(store: StoreIndex, *, now: float | None = None, skip: Collection[int] = ()) -> int | None:
     """The id of the job :func:`claim` would take next, without taking it (a worker sizes it up first); jobs in
     ``skip`` (those a worker leaves to others: :class:`gateway.jobs.placement.Placement`) are passed over."""
+    found = claimable_ids(store, now=now, skip=skip, limit=1)
+    return found[0] if found else None
+
+
+def claimable_ids(
+    store: StoreIndex, *, now: float | None = None, skip: Collection[int] = (), limit: int = 1
+) -> list[int]:
+    """The ids of up to ``limit`` claimable jobs, oldest first, without taking them; ``skip`` as in
+    :func:`next_claimable`."""
     now = time.time() if now is None else now
     query = select(Job.id).where(_claimable(now))
     if skip:
         query = query.where(Job.id.not_in(list(skip)))
     with store.sessions() as session:
-        job_id = session.scalar(query.order_by(Job.id).limit(1))
-    return None if job_id is None else int(job_id)
+        return [int(i) for i in session.scalars(query.order_by(Job.id).limit(limit))]
 
 
 def _next_claimable(session: Session, now: float, job_id: int | None) -> Job | None:

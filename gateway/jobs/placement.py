@@ -9,6 +9,10 @@ orientation, ...) need the assembled volume and are checked after the claim, as 
 
 A job that no live worker takes waits ``received``; ``/api/workers`` lists each worker's models, and the worker
 logs, once per job, which model it left the job for.
+
+The same header check groups jobs: a worker with idle job threads that claims a job also claims, at once, up to a
+forward pass's worth (the model's ``inference.batch_size``) of the next ready jobs the same models apply to
+(:meth:`Placement.models_of`, :meth:`Placement.batch_of`), so that their patches share forward passes.
 """
 
 from __future__ import annotations
@@ -25,22 +29,19 @@ from gateway.route.route import series_checks, series_facts
 from gateway.store.index import Instance, Job
 from gateway.store.store import InstanceStore
 
-__all__ = ["Placement", "foreign_models"]
+__all__ = ["Placement", "applicable_models", "foreign_models"]
 
 log = logging.getLogger(__name__)
 
 _REMEMBERED = 1024  # decisions kept per worker process (a job's series does not change while it waits)
 
 
-def foreign_models(
-    store: InstanceStore, job_id: int, active: Sequence[RegisteredModel], runs: Collection[str]
-) -> list[str]:
-    """The names of the active models outside ``runs`` whose series-level rules the job's series passes.
+def applicable_models(store: InstanceStore, job_id: int, active: Sequence[RegisteredModel]) -> list[str]:
+    """The names of the ``active`` models whose series-level rules the job's series passes (its header, read once).
 
     Empty when the job has no instance left to read (a purged series): the claim then fails it as any worker would.
     """
-    others = [model for model in active if model.name not in runs]
-    if not others:
+    if not active:
         return []
     with store.sessions() as session:
         path = session.scalar(
@@ -52,7 +53,14 @@ def foreign_models(
     if path is None:
         return []
     facts = series_facts(dcmread(store.path_of(path), stop_before_pixels=True))
-    return [m.name for m in others if all(check.passed for check in series_checks(facts, m.manifest.select))]
+    return [m.name for m in active if all(check.passed for check in series_checks(facts, m.manifest.select))]
+
+
+def foreign_models(
+    store: InstanceStore, job_id: int, active: Sequence[RegisteredModel], runs: Collection[str]
+) -> list[str]:
+    """The names of the active models outside ``runs`` whose series-level rules the job's series passes."""
+    return applicable_models(store, job_id, [m for m in active if m.name not in runs])
 
 
 class Placement:
@@ -73,6 +81,7 @@ class Placement:
         self._registry = registry
         self.runs = None if runs is None else frozenset(runs)
         self._decided: OrderedDict[int, bool] = OrderedDict()
+        self._models: OrderedDict[int, frozenset[str]] = OrderedDict()
 
     def takes(self, job_id: int) -> bool:
         """Whether this worker takes the job (``True`` for a worker that runs every model)."""
@@ -92,6 +101,22 @@ class Placement:
     def forget(self) -> None:
         """Drop the decisions made (the registry changed: a model enabled may change them)."""
         self._decided.clear()
+        self._models.clear()
+
+    def models_of(self, job_id: int) -> frozenset[str]:
+        """The models this worker runs that may apply to the job (series-level rules; remembered per job)."""
+        known = self._models.get(job_id)
+        if known is None:
+            active = [m for m in self._registry.active() if self.runs is None or m.name in self.runs]
+            known = self._models[job_id] = frozenset(applicable_models(self._store, job_id, active))
+            while len(self._models) > _REMEMBERED:
+                self._models.popitem(last=False)
+        return known
+
+    def batch_of(self, models: Collection[str]) -> int:
+        """How many jobs of ``models`` fill a forward pass: the largest ``inference.batch_size`` among them."""
+        sizes = [m.manifest.inference.batch_size for m in self._registry.active() if m.name in models]
+        return max(sizes, default=1)
 
     def passed_over(self) -> set[int]:
         """The jobs this worker decided to leave to others (those it still remembers)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -116,6 +117,37 @@ class MemoryBudget:
         return self._used
 
 
+class _Wakeups:
+    """Wake-ups of a pool's idle threads, one at a time: the thread woken claims (perhaps a group of jobs, handed to
+    as many idle threads as it wakes) and wakes the next if more jobs are ready. Waking them all at once would have
+    each claim one job before any could claim a group. A wake-up with no thread waiting is kept (up to the pool's
+    size) for the next thread that waits."""
+
+    def __init__(self, most: int) -> None:
+        self._most = most
+        self._pending = 0
+        self._stopping = False
+        self._cond = threading.Condition()
+
+    def one(self) -> None:
+        with self._cond:
+            self._pending = min(self._most, self._pending + 1)
+            self._cond.notify()
+
+    def everyone(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def wait(self, timeout_s: float) -> None:
+        """Until a wake-up (taken) or ``timeout_s``."""
+        with self._cond:
+            if not (self._pending or self._stopping):
+                self._cond.wait(timeout_s)
+            if self._pending:
+                self._pending -= 1
+
+
 class JobRunner:
     """A supervised pool of workers driving jobs from ``received`` to ``encoded`` (see the module docstring).
 
@@ -158,7 +190,11 @@ class JobRunner:
         self._placement = placement
         self.budget = MemoryBudget(settings.memory_budget_bytes or default_memory_budget())
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wakeups = _Wakeups(max(1, settings.workers))
+        #: Jobs claimed together with another (a model's batch worth), waiting for an idle thread of this pool.
+        self._handoff: queue.SimpleQueue[Lease] = queue.SimpleQueue()
+        self._idle = 0  # threads waiting for work, to size a group claim
+        self._idle_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._keeper: threading.Thread | None = None
 
@@ -176,15 +212,16 @@ class JobRunner:
         self._keeper.start()
 
     def wake(self) -> None:
-        """A job may be waiting (a series just completed): idle workers look now instead of at the next poll."""
-        self._wake.set()
+        """A job may be waiting (a series just completed): an idle worker looks now instead of at the next poll (and,
+        having claimed, wakes the next one if more jobs are ready)."""
+        self._wakeups.one()
 
     def stop(self) -> None:
         """Claim nothing more; running stages get the grace period; hand back what is still held."""
         if self._keeper is None:
             return  # never started (a process without the worker role, or jobs.workers = 0): nothing is held
         self._stop.set()
-        self._wake.set()
+        self._wakeups.everyone()
         deadline = time.monotonic() + self._settings.shutdown_grace_s
         for thread in self._workers:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -238,16 +275,25 @@ class JobRunner:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                worked = self.run_once()
+                worked = self.run_handed() or self.run_once()
             except Exception:  # claiming failed (index unreachable): never let the thread die for it
                 log.exception("claiming a job failed; retrying")
                 worked = False
             if not worked:
-                self._wake.wait(self._settings.poll_s)
-                self._wake.clear()
+                with self._idle_lock:
+                    self._idle += 1
+                try:
+                    self._wakeups.wait(self._settings.poll_s)
+                finally:
+                    with self._idle_lock:
+                        self._idle -= 1
 
     def run_once(self) -> bool:
-        """Claim one job and take it as far as it goes; whether there was one (the workers loop on this)."""
+        """Claim one job and take it as far as it goes; whether there was one (the workers loop on this).
+
+        With idle threads in the pool, the claim takes at once up to a forward pass's worth of the next ready jobs
+        the same models apply to (:meth:`_claim_group`); the idle threads run those (:meth:`run_handed`).
+        """
         try:
             self._store.check_space()
         except OutOfResources:
@@ -262,13 +308,7 @@ class JobRunner:
         if not self.budget.acquire(share, self._stop, timeout_s=self._settings.poll_s):
             return False
         try:
-            lease = lifecycle.claim(
-                self._store,
-                self.owner,
-                self._settings.lease_s,
-                max_attempts=self._settings.max_attempts,
-                job_id=candidate,
-            )
+            lease = self._claim_group(candidate)
             if lease is None:
                 return True  # another worker took it first (or it ran out of attempts): look again at once
             self._supervised(lease)
@@ -276,6 +316,58 @@ class JobRunner:
         finally:
             self.budget.release(share)
             release_memory()
+
+    def run_handed(self) -> bool:
+        """Run a job claimed with another by this pool (:meth:`_claim_group`), if one waits; whether there was one."""
+        try:
+            lease = self._handoff.get_nowait()
+        except queue.Empty:
+            return False
+        if self._stop.is_set():
+            return False  # stop() hands every held job back
+        share = estimate_job_bytes(self._store, lease.job_id)
+        while not self.budget.acquire(share, self._stop, timeout_s=self._settings.poll_s):
+            if self._stop.is_set():
+                return False
+        try:
+            self._supervised(lease)
+            return True
+        finally:
+            self.budget.release(share)
+            release_memory()
+
+    def _claim_group(self, candidate: int) -> Lease | None:
+        """Claim ``candidate`` and, while threads of this pool are idle, the next ready jobs its models apply to,
+        up to the largest ``inference.batch_size`` of those models, in one transaction; this thread's lease."""
+        placement = self._placement
+        idle = self._idle
+        companions: list[int] = []
+        if placement is not None and idle > 0:
+            models = placement.models_of(candidate)
+            want = min(idle, placement.batch_of(models) - 1) if models else 0
+            if want > 0:
+                ready = lifecycle.claimable_ids(self._store, skip={candidate, *placement.passed_over()}, limit=4 * want)
+                companions = [j for j in ready if placement.takes(j) and placement.models_of(j) == models][:want]
+        leases = lifecycle.claim_many(
+            self._store,
+            self.owner,
+            self._settings.lease_s,
+            [candidate, *companions],
+            max_attempts=self._settings.max_attempts,
+        )
+        mine = next((lease for lease in leases if lease.job_id == candidate), None)
+        others = [lease for lease in leases if lease is not mine]
+        for lease in others:
+            self._handoff.put(lease)
+        if others:
+            log.info("job %d claimed with %d more for the same models", candidate, len(others))
+        for _ in others:
+            self._wakeups.one()  # an idle thread for each job handed over
+        if leases and lifecycle.next_claimable(self._store) is not None:
+            self._wakeups.one()  # more jobs are ready: the next idle thread claims (and wakes on) in turn
+        if mine is None and others:  # the candidate was taken meanwhile: run the first of the others here
+            return self._handoff.get_nowait()
+        return mine
 
     def _supervised(self, lease: Lease) -> None:
         stage = ["assemble"]

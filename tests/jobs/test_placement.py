@@ -11,6 +11,7 @@ import pytest
 
 from gateway.config import ExportSettings, JobsSettings
 from gateway.infer.runtime import InferenceRuntime
+from gateway.jobs import lifecycle
 from gateway.jobs.encoding import EncodeStage
 from gateway.jobs.inference import InferenceStage
 from gateway.jobs.placement import Placement, foreign_models
@@ -22,6 +23,7 @@ from gateway.store.store import InstanceStore
 
 from job_rows import add_stored_series
 from model_packages import manifest_dict, write_package
+from peers import wait_until
 
 
 @pytest.fixture
@@ -79,3 +81,60 @@ def test_a_restricted_runner_passes_the_job_over_and_claims_nothing(
     with instance_store.sessions() as session:
         row = session.get(Job, job_id)
         assert row is not None and row.state == JobState.RECEIVED and row.attempts == 0
+
+
+def test_claim_many_takes_the_claimable_ones_in_one_transaction(index_store: InstanceStore, tmp_path: Path) -> None:
+    first = add_stored_series(index_store, tmp_path / "a", seed=1)
+    second = add_stored_series(index_store, tmp_path / "b", seed=2, now=10.0)
+    held = add_stored_series(index_store, tmp_path / "c", seed=3, now=20.0)
+    assert lifecycle.claim(index_store, "host/1/other", 60.0, max_attempts=3, job_id=held) is not None
+    leases = lifecycle.claim_many(index_store, "host/2/me", 60.0, [first, second, held], max_attempts=3)
+    assert [lease.job_id for lease in leases] == [first, second], "the job another worker holds is skipped"
+    mine = [c for j in (first, second) for c in lifecycle.claims_of(index_store, j)]
+    assert {c.owner for c in mine} == {"host/2/me"} and len({c.claimed_at for c in mine}) == 1
+
+
+def test_an_idle_pool_claims_a_batch_of_jobs_for_the_same_model_at_once(
+    instance_store: InstanceStore, registry: Registry, tmp_path: Path
+) -> None:
+    runtime = InferenceRuntime("cpu", batching=True)
+    stages = Pipeline(
+        InferenceStage(instance_store, registry, runtime, None),
+        EncodeStage(instance_store, ExportSettings(), tmp_path / "outputs"),
+    )
+    placement = Placement(instance_store, registry, None)
+    runner = JobRunner(instance_store, JobsSettings(workers=3, poll_s=30.0), stages, placement=placement)
+    runner.start()
+    try:
+        wait_until(lambda: runner._idle == 3, timeout_s=30, what="three idle job threads")
+        jobs = [add_stored_series(instance_store, tmp_path / f"ct{k}", seed=k, now=float(k)) for k in range(3)]
+        runner.wake()
+        wait_until(
+            lambda: all(job_state(instance_store, j) == JobState.EXPORTED for j in jobs),
+            timeout_s=120,
+            what="the three jobs exported",
+        )
+    finally:
+        runner.stop()
+        runtime.close()
+    claims = [c for j in jobs for c in lifecycle.claims_of(instance_store, j)]
+    assert len(claims) == 3 and len({c.claimed_at for c in claims}) == 1, "one transaction claimed the three"
+    assert all(c.outcome == "exported" for c in claims)
+    assert placement.models_of(jobs[0]) == {"ct-only"}
+
+
+def test_jobs_for_other_models_are_not_grouped(
+    instance_store: InstanceStore, registry: Registry, tmp_path: Path
+) -> None:
+    ct = add_stored_series(instance_store, tmp_path / "ct", seed=1)
+    mr = add_stored_series(instance_store, tmp_path / "mr", seed=2, now=5.0, modality="MR")
+    placement = Placement(instance_store, registry, None)
+    assert placement.models_of(ct) == {"ct-only"} and placement.models_of(mr) == {"mr-only"}
+    assert placement.batch_of({"ct-only"}) == 4  # the tiny model's inference.batch_size (the manifest default)
+
+
+def job_state(store: InstanceStore, job_id: int) -> str:
+    with store.sessions() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        return row.state

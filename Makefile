@@ -75,3 +75,23 @@ gpu-check: $(VENV)/.installed-test system-deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The container images (docker/, docs/deployment.md): the runtime and the PostgreSQL driver, no test or lint tools.
+# torch and the project come from the same $(VENV)/.installed as every other target, so an image and CI install the
+# same pins. install-runtime-gpu then swaps in the CUDA builds with install-gpu's own recipe lines
+# (tests/tools/test_docker.py holds the two recipes equal).
+.PHONY: install-runtime install-runtime-gpu
+
+$(VENV)/.installed-runtime: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[postgres]'
+	touch $@
+
+install-runtime: $(VENV)/.installed-runtime
+
+install-runtime-gpu: $(VENV)/.installed-runtime
+	$(PIP) uninstall -q -y torch
+	$(PIP) install -q '$(TORCH)'
+	$(PIP) uninstall -q -y onnxruntime onnxruntime-gpu
+	$(PIP) install -q '$(ORT_GPU)'
+	$(PY) -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+	'devices', torch.cuda.device_count(), '| onnxruntime', o.__version__, o.get_available_providers())"

@@ -196,6 +196,48 @@ class ClientTLSSettings(_Section):
         return self
 
 
+#: The options of the Basic Application Level Confidentiality Profile (PS3.15 Table E.1-1), as settings name them.
+DeidentifyOption = Literal[
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+]
+
+
+class DeidentifySettings(_Section):
+    """A research destination's copies are de-identified (PS3.15 Annex E): the profile and its options.
+
+    Only the options the de-identifier can honour are taken (:data:`gateway.export.deidentify.HONOURED`):
+    ``retain_longitudinal_modified_dates``, ``retain_longitudinal_full_dates`` (not both) and ``retain_uids``. The
+    others of Table E.1-1 need per-attribute knowledge (which private tags are safe, which descriptors or graphics
+    to clean) that its libraries do not have: they are refused here, never ignored.
+    """
+
+    profile: Literal["basic"] = "basic"
+    options: list[DeidentifyOption] = Field(default_factory=list)
+
+    @field_validator("options")
+    @classmethod
+    def _honoured(cls, options: list[str]) -> list[str]:
+        honoured = ("retain_longitudinal_modified_dates", "retain_longitudinal_full_dates", "retain_uids")
+        refused = [option for option in dict.fromkeys(options) if option not in honoured]
+        if refused:
+            raise ValueError(
+                f"option(s) {refused} of PS3.15 Table E.1-1 cannot be honoured by the de-identifier "
+                f"(dicognito with the dicom-anonymizer table); supported: {list(honoured)}"
+            )
+        if {"retain_longitudinal_modified_dates", "retain_longitudinal_full_dates"} <= set(options):
+            raise ValueError("retain_longitudinal_modified_dates and retain_longitudinal_full_dates exclude each other")
+        return list(dict.fromkeys(options))
+
+
 class DimseDestination(_Section):
     """A DICOM node the gateway sends to with C-STORE."""
 
@@ -204,6 +246,7 @@ class DimseDestination(_Section):
     port: int = Field(ge=1, le=65535)
     tls: ClientTLSSettings | None = None
     send: list[OutputKind] = Field(default_factory=_default_send, min_length=1)  # the kinds of result it gets
+    deidentify: DeidentifySettings | None = None  # a research destination: de-identified inputs and outputs
 
 
 class StowDestination(_Section):
@@ -213,6 +256,7 @@ class StowDestination(_Section):
     token: SecretStr | None = None  # sent as "Authorization: Bearer <token>"
     tls: ClientTLSSettings | None = None
     send: list[OutputKind] = Field(default_factory=_default_send, min_length=1)  # the kinds of result it gets
+    deidentify: DeidentifySettings | None = None  # a research destination: de-identified inputs and outputs
 
 
 class ExportSettings(_Section):
@@ -254,6 +298,24 @@ class ExportSettings(_Section):
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must not be below backoff_initial_s")
         return self
+
+
+class AuditSyslogSettings(_Section):
+    """A syslog audit repository (RFC 5424 messages over UDP, or over TLS framed per RFC 5425)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=6514, ge=1, le=65535)
+    transport: Literal["udp", "tls"] = "tls"
+    tls: ClientTLSSettings | None = None  # whom to trust, and our client certificate (TLS only)
+
+
+class AuditSettings(_Section):
+    """The audit trail: DICOM audit messages (PS3.15 A.5, the IHE ATNA format) of what the gateway did."""
+
+    enabled: bool = True
+    file: Path | None = None  # the append-only audit file (None: audit/audit.log in the data folder)
+    syslog: AuditSyslogSettings | None = None  # also send each message to this audit repository
+    source_id: str = Field(default="GATEWAY", min_length=1, max_length=64)  # AuditSourceIdentification
 
 
 Role = Literal["ingest", "worker", "export"]
@@ -328,6 +390,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     ui: UiSettings = Field(default_factory=UiSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

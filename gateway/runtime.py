@@ -22,6 +22,7 @@ import logging
 from collections.abc import Sequence
 
 from gateway.admin_token import ensure_admin_token
+from gateway.audit.trail import AuditTrail
 from gateway.config import Settings
 from gateway.export.workers import ExportWorkers
 from gateway.infer.runtime import InferenceRuntime
@@ -81,8 +82,11 @@ class Gateway:
         self.store = InstanceStore(settings.store, ingest=settings.ingest)
         #: Wake-ups between stages, and between processes on PostgreSQL.
         self.notifier = make_notifier(self.store.write_engine, enabled=settings.cluster.notify)
+        #: The audit trail (``audit``): DICOM audit messages of what this process does, to the file and syslog.
+        self.audit = AuditTrail.from_settings(settings.audit, settings.store.data_dir, ae_title=settings.dicom.ae_title)
         self.registry = Registry.from_settings(self.store, settings.models)
         self.registry.on_change = self.models_changed
+        self.registry.audit = self.audit
         #: The gateway's metrics (``GET /metrics``), fed by every stage below.
         self.metrics = GatewayMetrics(
             sessions=self.store.sessions,
@@ -91,7 +95,9 @@ class Gateway:
             worker=self.owner,
         )
         self.scp = (
-            StorageSCP(settings.dicom, self.store, metrics=self.metrics) if dimse and "ingest" in self.roles else None
+            StorageSCP(settings.dicom, self.store, metrics=self.metrics, audit=self.audit)
+            if dimse and "ingest" in self.roles
+            else None
         )
         self.inference = InferenceRuntime(
             settings.models.device,
@@ -115,7 +121,9 @@ class Gateway:
         #: Which jobs this process's workers take (all, or with ``cluster.models`` those they can run in full).
         self.placement = Placement(self.store, self.registry, runs)
         infer = InferenceStage(self.store, self.registry, self.inference, results, runs=runs)
-        self.export = ExportWorkers(self.store, settings.export, metrics=self.metrics, owner=self.owner)
+        self.export = ExportWorkers(
+            self.store, settings.export, metrics=self.metrics, owner=self.owner, audit=self.audit
+        )
         self.jobs = JobRunner(
             self.store,
             settings.jobs,
@@ -132,7 +140,7 @@ class Gateway:
             on_complete=self.wake_jobs,
             resend_wait_s=settings.ingest.resend_wait_s,
         )
-        self.retention = RetentionWorker(self.store, settings.retention)
+        self.retention = RetentionWorker(self.store, settings.retention, audit=self.audit)
         self.library = LibrarySettings(self.store.tmp_dir)
         #: The data folder's admin token if this start made it (the only time it is known), else None.
         self.new_admin_token: str | None = None
@@ -192,6 +200,7 @@ class Gateway:
                 raise
         if self.runs("ingest"):
             self.monitor.start()  # last: its quiet period after a restart counts from when senders can reach us
+        self.audit.application_started()
 
     def problems(self) -> list[str]:
         """Why the gateway cannot do its work now (the store closed or its index not answering, a stage's workers
@@ -222,6 +231,7 @@ class Gateway:
     def stop(self) -> None:
         """Stop accepting (associations in progress are aborted), then the stages: running jobs get the grace
         period and the rest go back to ``received``; close the index, undo the library settings."""
+        self.audit.application_stopped()
         if self.scp is not None:
             self.scp.stop()
         self._stop_stages()
@@ -238,3 +248,4 @@ class Gateway:
         self.inference.close()
         self.store.close()
         self.library.restore()
+        self.audit.close()  # last: what the stages reported while stopping is sent

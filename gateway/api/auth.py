@@ -6,7 +6,8 @@ folder's admin token (:mod:`gateway.admin_token`). Writing (STOW-RS) and adminis
 from loopback. Reading (QIDO-RS, WADO-RS, ``GET /api``) needs one too, except from a loopback client while
 ``http.anonymous_read`` allows it (by default: while ``http.tokens`` is empty; the data folder's token does not
 count). A missing or unknown token gets 401, a token without the needed scope 403. Tokens are never logged, only
-their names; refusals are logged with a rate limit (:class:`~gateway.api.refusals.RefusalLog`).
+their names; refusals are logged with a rate limit (:class:`~gateway.api.refusals.RefusalLog`), and each is a User
+Authentication failure in the audit trail (:func:`audit_of`, not rate limited).
 
 A browser signs in once at ``/ui/login`` with a token (:mod:`gateway.ui.session`) and then sends the session cookie
 (:data:`SESSION_COOKIE`) instead of the header. The cookie holds no token: it names the token's entry, a fingerprint
@@ -46,6 +47,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin_token import AdminTokenFile
 from gateway.api.refusals import RefusalLog
+from gateway.audit.trail import AuditTrail
 from gateway.config import HttpSettings, TokenSettings, hash_token
 from gateway.config import Scope as TokenScope
 
@@ -116,6 +118,21 @@ def _match(entries: Sequence[TokenSettings], token: str | None) -> TokenSettings
 def entry_scopes(entry: TokenSettings) -> frozenset[TokenScope]:
     """The scopes a token entry grants, implied ones included (``admin`` grants ``write`` and ``read``)."""
     return frozenset(s for scope in entry.scopes for s in _IMPLIED[scope])
+
+
+def audit_of(request: Request) -> AuditTrail:
+    """The running gateway's audit trail (``app.state.gateway.audit``); a disabled one in an app without it."""
+    return _audit_in(request.app)
+
+
+def _audit_in(app: object) -> AuditTrail:
+    trail = getattr(getattr(getattr(app, "state", None), "gateway", None), "audit", None)
+    return trail if isinstance(trail, AuditTrail) else AuditTrail.disabled()
+
+
+def client_host(request: Request) -> str | None:
+    """The address the request came from (``None`` if unknown)."""
+    return request.client.host if request.client is not None else None
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -259,6 +276,7 @@ class Authenticator:
             return None
         if entry is None:
             self.refusals.refused("refused %s: missing or unknown bearer token", route)
+            audit_of(request).authentication_failed(None, client_host(request))
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 detail="missing or invalid bearer token",
@@ -266,6 +284,7 @@ class Authenticator:
             )
         if scope not in entry_scopes(entry):
             self.refusals.refused("refused %s: token %r lacks the '%s' scope", route, entry.name, scope)
+            audit_of(request).authentication_failed(entry.name, client_host(request))
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"token lacks the '{scope}' scope")
         log.debug("%s authorised for token %r", route, entry.name)
         return entry
@@ -313,6 +332,8 @@ class ChangesNeedAuthorization:
         self.refusals.refused(
             "refused %s %s: a change without an Authorization header or CSRF token", scope["method"], scope["path"]
         )
+        client = scope.get("client")
+        _audit_in(scope.get("app")).authentication_failed(None, str(client[0]) if client else None)
         response = JSONResponse(
             {
                 "detail": "a request that changes something needs an 'Authorization: Bearer <token>' header "

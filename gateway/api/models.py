@@ -123,26 +123,32 @@ def _register(registry: Registry, archive: Path, allowed_by: str) -> tuple[Regis
     """Register ``archive`` (an admin uploads it: a ``trust_code`` bundle may run its code, recorded as allowed by
     ``allowed_by``); also say whether it is a new version (not one registered before)."""
     before = {m.ref for m in registry.list()}
-    model = registry.register(archive, code_allowed_by=allowed_by)
+    model = registry.register(archive, code_allowed_by=allowed_by, by=allowed_by)
     return model, model.ref not in before
 
 
 @router.post("/{name}/{version}/enable", dependencies=_ADMIN)
-def enable_model(name: str, version: str, registry: Registry = Depends(get_registry)) -> Response:
+def enable_model(name: str, version: str, request: Request, registry: Registry = Depends(get_registry)) -> Response:
     """Enable the model and make this version its active one."""
-    return _change(lambda: registry.enable(f"{name}@{version}").as_dict())
+    return _change(lambda: registry.enable(f"{name}@{version}", by=_who(request)).as_dict())
 
 
 @router.post("/{name}/disable", dependencies=_ADMIN)
-def disable_model(name: str, registry: Registry = Depends(get_registry)) -> Response:
+def disable_model(name: str, request: Request, registry: Registry = Depends(get_registry)) -> Response:
     """Disable the model (its versions stay registered); returns its versions."""
-    return _change(lambda: [m.summary() for m in registry.disable(name)])
+    return _change(lambda: [m.summary() for m in registry.disable(name, by=_who(request))])
 
 
 @router.delete("/{name}/{version}", dependencies=_ADMIN)
-def remove_model(name: str, version: str, registry: Registry = Depends(get_registry)) -> Response:
+def remove_model(name: str, version: str, request: Request, registry: Registry = Depends(get_registry)) -> Response:
     """Remove the version and its package; returns what was removed."""
-    return _change(lambda: registry.remove(f"{name}@{version}").summary())
+    return _change(lambda: registry.remove(f"{name}@{version}", by=_who(request)).summary())
+
+
+def _who(request: Request) -> str | None:
+    """The name of the token (or signed-in session) that asked, for the audit trail."""
+    name = getattr(request.state, "token_name", None)
+    return name if isinstance(name, str) else None
 
 
 def _change(action: Callable[[], Any]) -> Response:

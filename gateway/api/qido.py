@@ -23,7 +23,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session
 
-from gateway.api.auth import require_scope
+from gateway.api.auth import audit_of, client_host, require_scope
 from gateway.api.deps import get_store
 from gateway.api.dicomjson import (
     attributes_dataset,
@@ -290,7 +290,14 @@ def _respond(
             )
     except InvalidQuery as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(exc)) from exc
+    _audit_query(request)
     return JSONResponse(result.objects, media_type=DICOM_JSON, headers=_warnings(params, result))
+
+
+def _audit_query(request: Request) -> None:
+    """A Query audit message: who searched, from where, with which path and query string (as sent)."""
+    query = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    audit_of(request).query(getattr(request.state, "token_name", None), client_host(request), query)
 
 
 def _find(

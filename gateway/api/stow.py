@@ -9,9 +9,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from gateway.api.auth import require_scope
+from gateway.api.auth import audit_of, client_host, require_scope
 from gateway.api.deps import get_settings_dep, get_store
 from gateway.api.metrics import metrics_of
+from gateway.audit.trail import StudyTally
 from gateway.config import Settings
 from gateway.errors import OutOfResources
 from gateway.ingest.instance import is_valid_uid
@@ -66,6 +67,7 @@ async def _stow(request: Request, store: InstanceStore, settings: Settings, stud
         log.info("STOW-RS client disconnected before the end of the body; nothing stored")
         return _error(400, "client disconnected before the end of the body")
     _count(metrics_of(request), result)
+    _audit(request, result)
     base = str(request.base_url).rstrip("/") + "/dicomweb"
     body = result.to_dataset(base, study).to_json_dict()
     return JSONResponse(body, status_code=result.http_status, media_type=_DICOM_JSON)
@@ -88,6 +90,16 @@ def _count(metrics: GatewayMetrics | None, result: StowResult) -> None:
     if metrics is not None:
         for item in result.items:
             metrics.instance_received("stow", _outcome(item))
+
+
+def _audit(request: Request, result: StowResult) -> None:
+    """One DICOM Instances Transferred per study of which this request stored instances."""
+    tally = StudyTally()
+    for item in result.items:
+        if item.failure_reason is None and item.study_instance_uid and item.sop_class_uid:
+            tally.add(item.study_instance_uid, item.patient_id, item.sop_class_uid)
+    user = getattr(request.state, "token_name", None) or "unknown"
+    audit_of(request).received(user, client_host(request), tally)
 
 
 def _outcome(item: StowItem) -> str:

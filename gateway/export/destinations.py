@@ -112,6 +112,9 @@ class Routing(dict[str, frozenset[OutputKind]]):
         Why there is no destination (one line; empty when there is one).
     held_caller
         The calling AE title whose results are held (``export.unmapped: hold``), else ``None``.
+    with_inputs
+        The research destinations among them (``deidentify`` set): they also get the job's inputs, the instances
+        of its series (de-identified at send time: :mod:`gateway.export.deidentify`).
     """
 
     def __init__(
@@ -120,10 +123,15 @@ class Routing(dict[str, frozenset[OutputKind]]):
         *,
         reason: str = "",
         held_caller: str | None = None,
+        with_inputs: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(destinations or {})
+        unknown = sorted(with_inputs.difference(self))
+        if unknown:
+            raise ValueError(f"with_inputs names destinations that are not routed to: {unknown}")
         self.reason = reason
         self.held_caller = held_caller
+        self.with_inputs = with_inputs
 
 
 def destinations_for(settings: ExportSettings, source: str) -> Routing:
@@ -134,6 +142,8 @@ def destinations_for(settings: ExportSettings, source: str) -> Routing:
     ``default``; ``drop`` sends them nowhere; ``hold`` sends them nowhere for now and says so (the job ends
     ``exported`` flagged undelivered; once the caller is mapped, or ``unmapped`` is ``default``, the next start
     of the gateway sends them: :func:`gateway.export.requeue.release_held`). STOW-RS input goes to ``default``.
+    The research destinations among them (``deidentify`` set) are named in the routing's ``with_inputs``: they get
+    the job's inputs too.
 
     Parameters
     ----------
@@ -159,7 +169,8 @@ def destinations_for(settings: ExportSettings, source: str) -> Routing:
     names.extend(settings.default)
     routing = {name: frozenset(settings.destinations[name].send) for name in dict.fromkeys(names)}
     if routing:
-        return Routing(routing)
+        research = frozenset(name for name in routing if settings.destinations[name].deidentify is not None)
+        return Routing(routing, with_inputs=research)
     if caller is not None and settings.destinations:
         return Routing(reason=f"{NO_DESTINATION}: caller {caller!r} is not mapped and export.default is empty")
     return Routing(reason=NO_DESTINATION)

@@ -10,6 +10,10 @@ everywhere); the kinds left out are listed in the job's ``detail.export.not_sent
 (SR) and key object selections are queued first, so a destination receives the report a reader waits for before
 the larger SEG, presentation states and images.
 
+A research destination (``deidentify`` set: the routing's ``with_inputs``) also gets the job's inputs, the
+instances of its series as the job saw them, queued before its outputs; they are de-identified when sent
+(:mod:`gateway.export.deidentify`), like the outputs. Inputs go to no other destination.
+
 A job with results and no destination for them (none configured, a caller dropped or held by
 ``export.unmapped``, or no result of a kind its destinations take) is never silent: it ends ``exported`` with
 ``detail.export.undelivered`` set and a one-line ``detail.export.reason``, logged at WARNING and counted
@@ -35,7 +39,7 @@ from gateway.export.destinations import NO_DESTINATION, Routing, destinations_fo
 from gateway.export.rows import PENDING, locked_job, outputs_purged, requeue_row
 from gateway.jobs.lifecycle import end_claim
 from gateway.jobs.states import JobState
-from gateway.store.index import Delivery, Job
+from gateway.store.index import Delivery, Instance, Job, SeriesRevision
 from gateway.store.store import StoreIndex
 
 if TYPE_CHECKING:
@@ -132,12 +136,15 @@ def enqueue(
     plan = _plan(destinations)
     headers = _reports_first([_header(store, Path(f), k, len(files)) for k, f in enumerate(files)])
     pairs, not_sent = _routed(headers, plan)
+    research = sorted(destinations.with_inputs) if isinstance(destinations, Routing) and headers else []
     with store.write_sessions.begin() as session:
         job = locked_job(session, job_id)
         if owner is not None and (job.state != JobState.ENCODING or job.lease_owner != owner):
             raise LeaseLost(f"job {job_id} is no longer encoding under this worker's lease")
         if expect is not None and job.state != expect:
             raise JobConflict(f"job {job_id} is {job.state}, not {expect.value}")
+        if research:  # the series the outputs were made from, first: a reader of the copy finds what they refer to
+            pairs = [(header, name) for header in _inputs(session, job) for name in research] + pairs
         queued, requeued, removed = _queue_run(session, job_id, pairs, now)
         nothing = _why_nothing(plan, headers, destinations)
         held = _held(destinations, headers) if not queued else None
@@ -187,6 +194,22 @@ def _queue_run(session: Session, job_id: int, pairs: list[tuple[_Header, str]], 
     for row in earlier.values():
         session.delete(row)
     return len(wanted), requeued, len(earlier)
+
+
+def _inputs(session: Session, job: Job) -> list[_Header]:
+    """The job's inputs: the instances of its series up to its revision (none once retention purged them)."""
+    if job.purged_at is not None:
+        return []
+    revision = session.get(SeriesRevision, job.revision_id)
+    if revision is None:
+        return []
+    rows = session.execute(
+        select(Instance.path, Instance.sop_class_uid, Instance.sop_instance_uid, Instance.transfer_syntax_uid)
+        .join(SeriesRevision, Instance.revision_id == SeriesRevision.id)
+        .where(Instance.series_instance_uid == job.series_instance_uid, SeriesRevision.revision <= revision.revision)
+        .order_by(Instance.instance_number, Instance.sop_instance_uid)
+    ).all()
+    return [_Header(*row) for row in rows]
 
 
 def _of_job(job_id: int) -> Any:

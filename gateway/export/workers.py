@@ -19,18 +19,24 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
+from sqlalchemy import select
+
+from gateway.audit.trail import AuditTrail, StudyTally
 from gateway.config import DimseDestination, ExportSettings
 from gateway.errors import NotFound
 from gateway.export import queue
 from gateway.export.checks import DestinationCheck, check_destination
+from gateway.export.deidentify import CheckedOutcome, Deidentifier, DeidentifyingSender, note_phi_check, pseudonym_seed
 from gateway.export.destinations import Sender
 from gateway.export.dimse import DimseSender
 from gateway.export.outcome import Item, Kind, Outcome, RetryPolicy
 from gateway.export.stow import StowSender
 from gateway.jobs.lifecycle import owner_identity
+from gateway.store.index import Job, Study
 from gateway.store.store import StoreIndex
 
 if TYPE_CHECKING:
@@ -46,18 +52,30 @@ _ENDED = logging.WARNING
 _OWNER_MAX = 64  # characters of deliveries.claim_owner
 
 
-def make_sender(settings: ExportSettings, name: str) -> Sender:
-    """The sender for destination ``name`` of ``settings`` (C-STORE or STOW-RS).
+def make_sender(settings: ExportSettings, name: str, *, store: StoreIndex | None = None) -> Sender:
+    """The sender for destination ``name`` of ``settings`` (C-STORE or STOW-RS); for a research destination
+    (``deidentify`` set), one that sends de-identified copies (:class:`~gateway.export.deidentify.
+    DeidentifyingSender`, its pseudonym secret and temporary files in ``store``'s data folder).
 
     Raises
     ------
     KeyError
         If ``name`` is not a configured destination.
+    ValueError
+        If the destination de-identifies and no ``store`` is given.
     """
     destination = settings.destinations[name]
+    sender: Sender
     if isinstance(destination, DimseDestination):
-        return DimseSender(destination, calling_ae_title=settings.calling_ae_title, timeout_s=settings.timeout_s)
-    return StowSender(destination, timeout_s=settings.timeout_s)
+        sender = DimseSender(destination, calling_ae_title=settings.calling_ae_title, timeout_s=settings.timeout_s)
+    else:
+        sender = StowSender(destination, timeout_s=settings.timeout_s)
+    if destination.deidentify is None:
+        return sender
+    if store is None:
+        raise ValueError(f"destination {name!r} de-identifies: its sender needs the store (for the pseudonym key)")
+    deidentifier = Deidentifier(destination.deidentify, pseudonym_seed(store.data_dir, name))
+    return DeidentifyingSender(sender, deidentifier, store.data_dir / "tmp")
 
 
 class ExportWorkers:
@@ -95,8 +113,10 @@ class ExportWorkers:
         clock: Callable[[], float] = time.time,
         metrics: GatewayMetrics | None = None,
         owner: str | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         owner = owner_identity() if owner is None else owner
+        self._audit = audit or AuditTrail.disabled()
         if not 0 < len(owner) <= _OWNER_MAX:
             raise ValueError(f"owner must be 1 to {_OWNER_MAX} characters, got {len(owner)}")
         #: The name this process's claims carry (``host/pid/token``).
@@ -105,7 +125,9 @@ class ExportWorkers:
         self._settings = settings
         self._policy = RetryPolicy.from_settings(settings)
         self._senders = (
-            dict(senders) if senders is not None else {n: make_sender(settings, n) for n in settings.destinations}
+            dict(senders)
+            if senders is not None
+            else {n: make_sender(settings, n, store=store) for n in settings.destinations}
         )
         self._clock = clock
         self._metrics = metrics
@@ -267,6 +289,9 @@ class ExportWorkers:
         reported: set[int] = set()
         delivered = 0
         started, jitter = self._clock(), self._rng.random()  # what failed together is due again together
+        studies = _studies_of(self._store, items) if self._audit.enabled else {}
+        sent, failed = StudyTally(), StudyTally()
+        self._audit_begin(name, items, studies)
 
         def report(item: Item, outcome: Outcome) -> None:
             reported.add(item.id)
@@ -274,7 +299,12 @@ class ExportWorkers:
             state = queue.record(self._store, item, outcome, self._policy, jitter=jitter, now=now, retry_from=started)
             if state is None:
                 return  # no longer claimed (the job was run again meanwhile): not this attempt's to count
+            if isinstance(outcome, CheckedOutcome):  # a research copy: its residual-PHI check joins the history
+                note_phi_check(self._store, item.id, now, outcome.phi_check)
             label = queue.DEAD if state == queue.DEAD else outcome.kind.value
+            if item.job_id in studies and state in (queue.DELIVERED, queue.DEAD):
+                study, patient_id = studies[item.job_id]
+                (sent if state == queue.DELIVERED else failed).add(study, patient_id, item.sop_class_uid)
             if state == queue.DELIVERED:
                 nonlocal delivered
                 delivered += 1
@@ -293,6 +323,7 @@ class ExportWorkers:
                 if item.id not in reported:
                     report(item, outcome)
         self._release([item.id for item in items if item.id not in reported], items[0].claim if items else None)
+        self._audit_end(name, sent, failed)
         if delivered:  # the destination answered: that is as good as a check (the overview shows it)
             self._record_check(
                 DestinationCheck(name, True, f"delivered {delivered} object(s)", started, self._clock() - started)
@@ -300,11 +331,56 @@ class ExportWorkers:
         for job_id in sorted({item.job_id for item in items}):
             queue.settle(self._store, job_id, metrics=self._metrics, now=self._clock())
 
+    def _audit_begin(self, name: str, items: Sequence[Item], studies: Mapping[int, tuple[str, str | None]]) -> None:
+        """Begin Transferring DICOM Instances, per study of ``items``."""
+        tally = StudyTally()
+        for item in items:
+            if item.job_id in studies:
+                tally.add(*studies[item.job_id], item.sop_class_uid)
+        host = _host_of(self._settings, name)
+        for study in tally.studies():
+            self._audit.export_started(name, host, study.study_instance_uid, study.patient_id, study.sop_classes)
+
+    def _audit_end(self, name: str, sent: StudyTally, failed: StudyTally) -> None:
+        """DICOM Instances Transferred, per study: what was delivered, and (a minor failure) what went dead."""
+        host = _host_of(self._settings, name)
+        for study in sent.studies():
+            self._audit.instances_exported(name, host, study.study_instance_uid, study.patient_id, study.sop_classes)
+        for study in failed.studies():
+            self._audit.instances_exported(
+                name,
+                host,
+                study.study_instance_uid,
+                study.patient_id,
+                study.sop_classes,
+                succeeded=False,
+                reason="refused by the destination, or out of attempts",
+            )
+
     def _release(self, ids: list[int], claim: str | None) -> None:
         """Claimed but not attempted: due now when stopping, else after the first backoff (the peer misbehaved)."""
         now = self._clock()
         at = now if self._stop.is_set() else now + self._policy.backoff_initial_s
         queue.release(self._store, ids, at=at, claim=claim, now=now)
+
+
+def _studies_of(store: StoreIndex, items: Sequence[Item]) -> dict[int, tuple[str, str | None]]:
+    """Each job's StudyInstanceUID and PatientID (of the study as received), for the audit trail."""
+    with store.sessions() as session:
+        rows = session.execute(
+            select(Job.id, Job.study_instance_uid, Study.patient_id)
+            .outerjoin(Study, Study.study_instance_uid == Job.study_instance_uid)
+            .where(Job.id.in_({item.job_id for item in items}))
+        ).all()
+    return {row.id: (row.study_instance_uid, row.patient_id) for row in rows}
+
+
+def _host_of(settings: ExportSettings, name: str) -> str | None:
+    """The destination's host: a DICOM node's, or the STOW-RS URL's."""
+    destination = settings.destinations.get(name)
+    if isinstance(destination, DimseDestination):
+        return destination.host
+    return None if destination is None else urlsplit(str(destination.stow_url)).hostname
 
 
 def _status(outcome: Outcome) -> str:

@@ -27,9 +27,10 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from gateway.audit.trail import AuditTrail, StudyTally
 from gateway.config import AllowedCaller, DicomSettings, TLSSettings
 from gateway.errors import DataSetMismatch, IngestError, OutOfResources
-from gateway.ingest.instance import ACCEPTED_TRANSFER_SYNTAXES
+from gateway.ingest.instance import ACCEPTED_TRANSFER_SYNTAXES, ReceivedInstance
 from gateway.metrics import GatewayMetrics
 from gateway.store.store import InstanceStore
 
@@ -50,6 +51,7 @@ def store_status(
     sop_class_uid: str | None = None,
     sop_instance_uid: str | None = None,
     metrics: GatewayMetrics | None = None,
+    on_stored: Callable[[ReceivedInstance], None] | None = None,
 ) -> int | Dataset:
     """Store one received C-STORE data set and return the C-STORE response status (PS3.4 B.2.3).
 
@@ -70,6 +72,8 @@ def store_status(
     metrics
         Where each outcome (``stored``, ``duplicate``, ``refused`` for want of resources, ``invalid``, ``error``)
         and the time to store are counted.
+    on_stored
+        Called with each instance stored (or already held), e.g. to count it for the audit trail.
     """
     began = time.perf_counter()
     try:
@@ -90,6 +94,8 @@ def store_status(
     what = "duplicate" if outcome.duplicate else "stored"
     log.debug("C-STORE from %r %s", calling_ae, what)
     _counted(metrics, what, time.perf_counter() - began)
+    if on_stored is not None:
+        on_stored(outcome.instance)
     return 0x0000
 
 
@@ -121,14 +127,26 @@ class StorageSCP:
         Where received instances go.
     metrics
         Where each C-STORE's outcome and store time are counted.
+    audit
+        The audit trail: one DICOM Instances Transferred per study when an association that stored instances
+        ends, a Security Alert for each association rejected.
     """
 
-    def __init__(self, settings: DicomSettings, store: InstanceStore, *, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: DicomSettings,
+        store: InstanceStore,
+        *,
+        metrics: GatewayMetrics | None = None,
+        audit: AuditTrail | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        self.audit = audit or AuditTrail.disabled()
         self._server: Any = None
         self._counts: dict[int, Counter[str]] = {}
+        self._tallies: dict[int, StudyTally] = {}
         self._lock = threading.Lock()
 
     @property
@@ -215,6 +233,7 @@ class StorageSCP:
             sop_class_uid=_uid_text(request.AffectedSOPClassUID),
             sop_instance_uid=_uid_text(request.AffectedSOPInstanceUID),
             metrics=self.metrics,
+            on_stored=lambda instance: self._tally(event.assoc, instance),
         )
         code = status if isinstance(status, int) else int(status.Status)
         self._count(event.assoc, "stored" if code == 0 else "failed")
@@ -230,12 +249,16 @@ class StorageSCP:
         if callers and not _is_allowed(callers, calling, address):
             log.warning("association from %r at %s rejected: not in the allow-list", calling, address)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            self.audit.association_rejected(calling, address, "calling AE title not in the allow-list")
             return
         _prefer_requestor_order(event.assoc)
 
     def _on_end(self, event: Any) -> None:
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally:
+            self.audit.received(str(event.assoc.requestor.ae_title).strip(), event.assoc.requestor.address, tally)
         if counts:
             log.info(
                 "association from %r ended: %d stored, %d refused",
@@ -247,6 +270,13 @@ class StorageSCP:
     def _count(self, assoc: Any, what: str) -> None:
         with self._lock:
             self._counts.setdefault(id(assoc), Counter())[what] += 1
+
+    def _tally(self, assoc: Any, instance: ReceivedInstance) -> None:
+        value = instance.attributes.get("PatientID")
+        patient_id = None if value is None else str(value)
+        with self._lock:
+            tally = self._tallies.setdefault(id(assoc), StudyTally())
+            tally.add(instance.study_instance_uid, patient_id, instance.sop_class_uid)
 
 
 class _CheaplyCopied(PresentationContext):

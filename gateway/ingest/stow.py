@@ -53,6 +53,7 @@ class StowItem:
     failure_reason: int | None = None
     detail: str = ""
     duplicate: bool = False
+    patient_id: str | None = None  # of a stored part (for the audit trail; never logged)
 
 
 @dataclass
@@ -272,7 +273,14 @@ class _Part:
             log.warning("STOW-RS part refused with 0x%04X: %s", exc.status, exc.reason)
             return _failure_item(uids, exc)
         info = outcome.instance
-        return StowItem(info.sop_class_uid, info.sop_instance_uid, info.study_instance_uid, duplicate=outcome.duplicate)
+        patient_id = info.attributes.get("PatientID")
+        return StowItem(
+            info.sop_class_uid,
+            info.sop_instance_uid,
+            info.study_instance_uid,
+            duplicate=outcome.duplicate,
+            patient_id=None if patient_id is None else str(patient_id),
+        )
 
     def _refused(self, exc: IngestError) -> StowItem:
         """The item of a part never written whole; one refused for resources is remembered by its UIDs."""

@@ -37,6 +37,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import gateway
+from gateway.audit.trail import AuditTrail
 from gateway.config import ModelsSettings, StoreSettings
 from gateway.errors import GatewayError, ModelConflict, ModelError, NotFound
 from gateway.registry.archive import extract_archive, is_archive, remove_tree
@@ -293,6 +294,9 @@ class Registry:
         #: Called after each committed change (a version registered, enabled, disabled or removed): the running
         #: gateway tells its processes (:meth:`gateway.runtime.Gateway.models_changed`). A failure is logged.
         self.on_change: Callable[[], None] | None = None
+        #: The audit trail: a Security Alert (Software Configuration) for each version registered, enabled,
+        #: disabled or removed through :meth:`register`, :meth:`enable`, :meth:`disable`, :meth:`remove`.
+        self.audit: AuditTrail = AuditTrail.disabled()
 
     def _changed(self) -> None:
         if self.on_change is None:
@@ -311,7 +315,7 @@ class Registry:
 
     # --- registration ---------------------------------------------------------------------------------------
 
-    def register(self, path: Path, *, code_allowed_by: str | None = None) -> RegisteredModel:
+    def register(self, path: Path, *, code_allowed_by: str | None = None, by: str | None = None) -> RegisteredModel:
         """Register the package in a folder or archive (``.zip``, ``.tar.gz``, ``.tgz``).
 
         A package is a folder with ``model.yaml`` and the weights it names, or a MONAI model-zoo bundle as it comes
@@ -321,7 +325,8 @@ class Registry:
         A package whose manifest says ``trust_code: true`` (a MONAI bundle whose code is to run) is registered
         only with ``code_allowed_by``: who allows it, recorded with the version (``dry_run["code_allowed_by"]``).
         Only an admin may: the HTTP route passes it for an admin token, ``gateway models register --trust-code``
-        for the operator. Without it such a package is refused before anything of it runs.
+        for the operator. Without it such a package is refused before anything of it runs. ``by`` (a token's
+        name, an operator) is who registered it, for the audit trail.
 
         Returns the version already registered when it has the same weights and manifest (registering is
         idempotent). A new model is enabled; a new version keeps its model's ``enabled``. Registering a version
@@ -338,7 +343,9 @@ class Registry:
             If the path is neither, the archive is unsafe or too large, the weights are missing, the package asks
             for ``trust_code`` without ``code_allowed_by``, or the dry run fails (the message says why).
         """
-        return self._register(Path(path), shipped=False, code_allowed_by=code_allowed_by)
+        record = self._register(Path(path), shipped=False, code_allowed_by=code_allowed_by)
+        self.audit.model_changed(by, record.ref, "registered")
+        return record
 
     def register_shipped(self, folder: Path) -> builtins.list[RegisteredModel]:
         """Register each package (subfolder or archive) of ``folder`` *disabled*; registered ones are left as they are.
@@ -527,10 +534,11 @@ class Registry:
 
     # --- changes --------------------------------------------------------------------------------------------
 
-    def enable(self, ref: str) -> RegisteredModel:
+    def enable(self, ref: str, *, by: str | None = None) -> RegisteredModel:
         """Enable the model; with ``name@version``, also make that version the active one (until another is chosen).
 
-        Every version's ``changed_at`` moves on: a version whose load failed is tried again.
+        Every version's ``changed_at`` moves on: a version whose load failed is tried again. ``by`` (a token's
+        name, an operator) is who did it, for the audit trail.
 
         Raises
         ------
@@ -548,11 +556,13 @@ class Registry:
             session.flush()
             record = _record(target, self.root)
         log.info("enabled model %s", record.ref)
+        self.audit.model_changed(by, record.ref, "enabled")
         self._changed()
         return record
 
-    def disable(self, name: str) -> builtins.list[RegisteredModel]:
-        """Disable the model ``name`` (all its versions stay registered); return its versions.
+    def disable(self, name: str, *, by: str | None = None) -> builtins.list[RegisteredModel]:
+        """Disable the model ``name`` (all its versions stay registered); return its versions. ``by``: who did it,
+        for the audit trail.
 
         Raises
         ------
@@ -573,12 +583,13 @@ class Registry:
             session.flush()
             records = [_record(row, self.root) for row in rows]
         log.info("disabled model %s", model)
+        self.audit.model_changed(by, model, "disabled")
         self._changed()
         return records
 
-    def remove(self, ref: str) -> RegisteredModel:
+    def remove(self, ref: str, *, by: str | None = None) -> RegisteredModel:
         """Remove the version ``name@version`` and its package; the newest remaining version becomes active if
-        the removed one was.
+        the removed one was. ``by``: who did it, for the audit trail.
 
         The removal is recorded (a tombstone, in the same transaction): :meth:`register_shipped` does not register
         that version again; :meth:`register` does, and clears the record.
@@ -604,6 +615,7 @@ class Registry:
                 remaining[-1].active, remaining[-1].pinned = True, False
         self._discard(record.folder)
         log.info("removed model %s", record.ref)
+        self.audit.model_changed(by, record.ref, "removed")
         self._changed()
         return record
 

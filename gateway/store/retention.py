@@ -47,9 +47,10 @@ from typing import Any, TypeVar
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
+from gateway.audit.trail import AuditTrail, StudyTally
 from gateway.config import RetentionSettings
 from gateway.jobs.states import FINISHED, JobState
-from gateway.store.index import Delivery, Instance, Job, SeriesRevision
+from gateway.store.index import Delivery, Instance, Job, SeriesRevision, Study
 from gateway.store.outputs import forget_job_outputs
 from gateway.store.purge_journal import (
     FolderEntry,
@@ -226,10 +227,15 @@ class Retention:
         The retention settings.
     min_free_bytes
         ``store.min_free_bytes``: below it ingest refuses instances, so :meth:`make_room` purges first.
+    audit
+        The audit trail: a DICOM Study Deleted for each study whose instances a committed purge batch took out.
     """
 
-    def __init__(self, index: StoreIndex, settings: RetentionSettings, min_free_bytes: int) -> None:
+    def __init__(
+        self, index: StoreIndex, settings: RetentionSettings, min_free_bytes: int, *, audit: AuditTrail | None = None
+    ) -> None:
         self._index = index
+        self.audit = audit or AuditTrail.disabled()
         self.settings = settings
         self.min_free_bytes = min_free_bytes
         self._data_dir = index.data_dir
@@ -413,22 +419,26 @@ class Retention:
     def _purge(self, candidates: Sequence[Candidate], reason: str, now: float, report: PurgeReport) -> None:
         for batch in _batches(candidates):
             journal = Journal.create(self._journals)
+            deleted = StudyTally()
             try:
                 with self._index.write_sessions.begin() as session:
                     _hold_writers(session)
-                    done, instances, folders = self._take_out(session, batch, reason, now)
+                    done, instances, folders = self._take_out(session, batch, reason, now, deleted)
                     journal.write(instances, folders)  # durable before the commit
             except BaseException:
                 journal.discard()
                 raise
+            for study in deleted.studies():  # committed: the index no longer holds them
+                self.audit.study_deleted(study.study_instance_uid, study.patient_id, study.sop_classes)
             self._remove(journal, instances, folders)
             for c in done:
                 report.add(c, reason)
 
     def _take_out(
-        self, session: Session, batch: Sequence[Candidate], reason: str, now: float
+        self, session: Session, batch: Sequence[Candidate], reason: str, now: float, deleted: StudyTally
     ) -> tuple[list[Candidate], list[InstanceEntry], list[FolderEntry]]:
-        """Check each candidate again under the write lock; delete its rows and mark its jobs."""
+        """Check each candidate again under the write lock; delete its rows and mark its jobs; count the instances
+        taken out per study in ``deleted``."""
         done: list[Candidate] = []
         instances: list[InstanceEntry] = []
         folders: list[FolderEntry] = []
@@ -438,7 +448,7 @@ class Retention:
             if c.series_instance_uid is not None:
                 if c.series_instance_uid in blocked:
                     continue
-                entries, size = self._take_series(session, c.series_instance_uid, reason, now)
+                entries, size = self._take_series(session, c.series_instance_uid, reason, now, deleted)
                 if entries:
                     instances.extend(entries)
                     done.append(replace(c, instances=len(entries), bytes=size))
@@ -451,18 +461,31 @@ class Retention:
                 done.append(c)
         return done, instances, folders
 
-    def _take_series(self, session: Session, uid: str, reason: str, now: float) -> tuple[list[InstanceEntry], int]:
+    def _take_series(
+        self, session: Session, uid: str, reason: str, now: float, deleted: StudyTally
+    ) -> tuple[list[InstanceEntry], int]:
         rows = session.execute(
-            select(Instance.sop_instance_uid, Instance.path, Instance.size).where(Instance.series_instance_uid == uid)
+            select(
+                Instance.sop_instance_uid,
+                Instance.path,
+                Instance.size,
+                Instance.study_instance_uid,
+                Instance.sop_class_uid,
+                Study.patient_id,
+            )
+            .join(Study, Study.study_instance_uid == Instance.study_instance_uid)
+            .where(Instance.series_instance_uid == uid)
         ).all()
         if not rows:
             return [], 0
-        entries = [InstanceEntry(path, sop, identity(self._data_dir / path)) for sop, path, _ in rows]
+        entries = [InstanceEntry(row.path, row.sop_instance_uid, identity(self._data_dir / row.path)) for row in rows]
+        for row in rows:
+            deleted.add(row.study_instance_uid, row.patient_id, row.sop_class_uid)
         session.execute(delete(Instance).where(Instance.series_instance_uid == uid))
         for job in session.scalars(select(Job).where(Job.series_instance_uid == uid, Job.purged_at.is_(None))):
             job.purged_at = now
             _note(job, instances_purged_at=now, instances_purged_for=reason, instances=len(rows))
-        return entries, sum(size for _, _, size in rows)
+        return entries, sum(row.size for row in rows)
 
     def _take_outputs(self, session: Session, job_id: int, reason: str, now: float) -> bool:
         job = session.get(Job, job_id)
@@ -626,11 +649,20 @@ class RetentionWorker:
         The retention settings.
     poll_s
         How often the disk is measured between full runs.
+    audit
+        The audit trail (a DICOM Study Deleted for each study purged).
     """
 
-    def __init__(self, store: InstanceStore, settings: RetentionSettings, *, poll_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: InstanceStore,
+        settings: RetentionSettings,
+        *,
+        poll_s: float = 5.0,
+        audit: AuditTrail | None = None,
+    ) -> None:
         self._store = store
-        self.retention = Retention(store, settings, store.settings.min_free_bytes)
+        self.retention = Retention(store, settings, store.settings.min_free_bytes, audit=audit)
         self._interval = settings.interval_s
         self._poll = min(poll_s, settings.interval_s)
         self._stop = threading.Event()

@@ -337,6 +337,7 @@ def _registry(
     With ``shipped``, the shipped packages are registered first (disabled, as ``gateway serve`` does), so that an
     operator can list and enable them before the first start.
     """
+    from gateway.audit.trail import AuditTrail
     from gateway.errors import ModelConflict, ModelError, NotFound
     from gateway.registry.registry import Registry, RegistryIndex
     from gateway.store.notify import MODELS, make_notifier
@@ -344,8 +345,10 @@ def _registry(
     settings = folder.settings if folder is not None else _data_settings(config, data_dir)
     folder = folder or DataFolder(settings)
     index = RegistryIndex(settings.store)
+    audit = AuditTrail.from_settings(settings.audit, settings.store.data_dir)  # a change is recorded, as the API's
     try:
         registry = Registry.from_settings(index, settings.models)
+        registry.audit = audit
         # Running gateways on the same PostgreSQL index hear of a change at once (LISTEN/NOTIFY); on SQLite there is
         # no one to tell: they read the registry at each job.
         notifier = make_notifier(index.write_engine, enabled=settings.cluster.notify)
@@ -363,6 +366,17 @@ def _registry(
         folder.announce()
     finally:
         index.close()
+        audit.close()
+
+
+def _operator() -> str:
+    """Who changes the registry from the command line, for the audit trail: the account running it."""
+    import getpass
+
+    try:
+        return f"operator {getpass.getuser()} (gateway CLI)"
+    except (KeyError, OSError):  # no name for the uid (a container's arbitrary user)
+        return f"operator uid {os.getuid()} (gateway CLI)"
 
 
 @models_app.command("register")
@@ -397,7 +411,7 @@ def models_register(
         except (OSError, KeyError):  # no user name for this uid
             allowed_by = "operator (gateway models register --trust-code)"
     with _registry(config, data_dir) as registry:
-        model = registry.register(path, code_allowed_by=allowed_by)
+        model = registry.register(path, code_allowed_by=allowed_by, by=_operator())
     state = "active" if model.active else "registered (another version is active)"
     if not model.enabled:
         state += f", disabled (`gateway models enable {model.name}` to use it)"
@@ -440,7 +454,7 @@ def models_enable(
 ) -> None:
     """Enable a model (and choose its active version); the shipped examples can be enabled before the first serve."""
     with _registry(config, data_dir, shipped=True) as registry:
-        model = registry.enable(ref)
+        model = registry.enable(ref, by=_operator())
     typer.echo(f"{model.ref}: enabled, active")
 
 
@@ -452,7 +466,7 @@ def models_disable(
 ) -> None:
     """Disable a model: its versions stay registered, routing no longer sees it."""
     with _registry(config, data_dir, shipped=True) as registry:
-        registry.disable(name)
+        registry.disable(name, by=_operator())
     typer.echo(f"{name}: disabled")
 
 
@@ -464,7 +478,7 @@ def models_remove(
 ) -> None:
     """Remove a version and its package (if it was active, the newest remaining version becomes active)."""
     with _registry(config, data_dir) as registry:
-        model = registry.remove(ref)
+        model = registry.remove(ref, by=_operator())
     typer.echo(f"{model.ref}: removed")
 
 
@@ -572,6 +586,7 @@ def purge(
 ) -> None:
     """Apply retention once (as `gateway serve` does in the background): received instances, outputs, and the
     disk watermarks; finishes a purge a crash interrupted. Safe beside a running gateway."""
+    from gateway.audit.trail import AuditTrail
     from gateway.registry.registry import RegistryIndex
     from gateway.store.retention import Retention
 
@@ -580,10 +595,13 @@ def purge(
     folder.require_index()
     folder.announce()
     index = RegistryIndex(settings.store)  # the index alone: a running gateway's temporary files are left alone
+    audit = AuditTrail.from_settings(settings.audit, settings.store.data_dir)  # each study purged: Study Deleted
     try:
-        report = Retention(index, settings.retention, settings.store.min_free_bytes).run(dry_run=dry_run)
+        retention = Retention(index, settings.retention, settings.store.min_free_bytes, audit=audit)
+        report = retention.run(dry_run=dry_run)
     finally:
         index.close()
+        audit.close()
     if report.disk is not None:
         disk = report.disk
         typer.echo(

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Sequence
 
 from gateway.admin_token import ensure_admin_token
+from gateway.audit.configuration import record_configuration
 from gateway.audit.trail import AuditTrail
 from gateway.config import Settings
 from gateway.export.workers import ExportWorkers
@@ -201,6 +202,8 @@ class Gateway:
         if self.runs("ingest"):
             self.monitor.start()  # last: its quiet period after a restart counts from when senders can reach us
         self.audit.application_started()
+        if self.audit.enabled:  # what changed in the settings since this process's last start
+            record_configuration(self.audit, self.settings)
 
     def problems(self) -> list[str]:
         """Why the gateway cannot do its work now (the store closed or its index not answering, a stage's workers

@@ -36,7 +36,9 @@ EXIT_CODES_HELP = (
 DATA_DIR_ENV = "GATEWAY_DATA_DIR"
 _NESTED_DATA_DIR_ENV = "GATEWAY_STORE__DATA_DIR"
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", envvar="GATEWAY_CONFIG", help="YAML settings file (default: GATEWAY_CONFIG).")
+]
 DataDirOpt = Annotated[
     Path | None,
     typer.Option(help="Where instances, models and the index live (default: GATEWAY_DATA_DIR, --config's)."),

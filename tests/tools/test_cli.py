@@ -361,3 +361,15 @@ def test_serve_on_a_taken_port(tmp_path: Path) -> None:
             env=clean_env(GATEWAY_DICOM__HOST="127.0.0.1"),
         )
     assert_readable_failure(result, 2, "cannot listen for DICOM", str(port))
+
+
+def test_the_settings_file_may_come_from_gateway_config(tmp_path: Path) -> None:
+    """In a container, ``GATEWAY_CONFIG`` names the settings file every command reads when ``--config`` is absent."""
+    data = tmp_path / "from-config"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"store:\n  data_dir: {data}\n  min_free_bytes: 0\nmodels:\n  register_shipped: false\n")
+    listed = gateway_cli("models", "list", cwd=tmp_path, env=clean_env(GATEWAY_CONFIG=str(config)))
+    assert listed.returncode == 0, listed.stderr
+    assert str(data) in listed.stderr, "the data folder the file names is the one opened"
+    missing = gateway_cli("models", "list", cwd=tmp_path, env=clean_env(GATEWAY_CONFIG=str(tmp_path / "none.yaml")))
+    assert_readable_failure(missing, 2, "none.yaml")

@@ -216,8 +216,13 @@ class DeidentifySettings(_Section):
 
     Only the options the de-identifier can honour are taken (:data:`gateway.export.deidentify.HONOURED`):
     ``retain_longitudinal_modified_dates``, ``retain_longitudinal_full_dates`` (not both) and ``retain_uids``. The
-    others of Table E.1-1 need per-attribute knowledge (which private tags are safe, which descriptors or graphics
-    to clean) that its libraries do not have: they are refused here, never ignored.
+    others are refused here, never ignored, and the message says why for each: Retain Patient Characteristics,
+    Device Identity and Institution Identity need their columns of Table E.1-1, which no library the gateway can
+    install carries (dicom-anonymizer's table has the Basic Profile column only; idiscore's has them, but needs
+    Python 3.12 and pins older releases of pydicom, numpy or Pillow), and a tag list of our own would go stale
+    with the standard; Retain Safe Private needs a maintained list of safe private attributes (PS3.15 E.3.10,
+    Table E.3.10-1), which none carries; the clean options need free-text and graphics cleaning, which the
+    profile's libraries do not do.
     """
 
     profile: Literal["basic"] = "basic"
@@ -227,11 +232,24 @@ class DeidentifySettings(_Section):
     @classmethod
     def _honoured(cls, options: list[str]) -> list[str]:
         honoured = ("retain_longitudinal_modified_dates", "retain_longitudinal_full_dates", "retain_uids")
+        column = "its column of Table E.1-1 is in no library the gateway can install (dicom-anonymizer: Basic only)"
+        cleaning = "needs cleaning of free text or graphics, which the profile's libraries do not do"
+        reasons = {
+            "retain_patient_characteristics": column,
+            "retain_device_identity": column,
+            "retain_institution_identity": column,
+            "retain_safe_private": "no library the gateway can install keeps a list of safe private attributes "
+            "(PS3.15 Table E.3.10-1)",
+            "clean_descriptors": cleaning,
+            "clean_structured_content": cleaning,
+            "clean_graphics": cleaning,
+        }
         refused = [option for option in dict.fromkeys(options) if option not in honoured]
         if refused:
+            why = "; ".join(f"{option}: {reasons[option]}" for option in refused)
             raise ValueError(
                 f"option(s) {refused} of PS3.15 Table E.1-1 cannot be honoured by the de-identifier "
-                f"(dicognito with the dicom-anonymizer table); supported: {list(honoured)}"
+                f"(dicognito with the dicom-anonymizer table): {why}; supported: {list(honoured)}"
             )
         if {"retain_longitudinal_modified_dates", "retain_longitudinal_full_dates"} <= set(options):
             raise ValueError("retain_longitudinal_modified_dates and retain_longitudinal_full_dates exclude each other")

@@ -15,7 +15,11 @@ What is done to each copy (:class:`Deidentifier`):
 - the options of Table E.1-1 the settings name that can be honoured (:data:`HONOURED`): Retain Longitudinal
   Temporal Information with Modified Dates (every date and time shifted by one offset of the seed, dicognito's
   way; the Patient's Birth Date is still emptied), with Full Dates (dates and times kept), and Retain UIDs. The
-  others are refused when the settings load (:class:`gateway.config.DeidentifySettings`);
+  others are refused when the settings load (:class:`gateway.config.DeidentifySettings` says why for each):
+  Retain Patient Characteristics, Device Identity and Institution Identity need their columns of Table E.1-1,
+  which the dicom-anonymizer table does not carry (it has the Basic Profile column only) and no other library
+  the gateway can install does; Retain Safe Private needs a maintained list of safe private attributes (E.3.10,
+  Table E.3.10-1); the clean options need free-text and graphics cleaning;
 - Patient Identity Removed ``YES``, De-identification Method and its Code Sequence (113100 and an entry per option).
 
 An image with burned-in annotation (Burned In Annotation ``YES``, such as the gateway's key images) is not
@@ -67,6 +71,7 @@ from gateway.store.store import StoreIndex
 __all__ = [
     "HONOURED",
     "KEY_FILE",
+    "TABLE_VERSION",
     "CheckedOutcome",
     "DeidentifiedCopy",
     "Deidentifier",

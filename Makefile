@@ -60,13 +60,18 @@ pictures: $(VENV)/.installed-test system-deps
 # build TORCH names is the choice of pip's configured index: run this where that index serves CUDA builds.
 ORT_GPU ?= onnxruntime-gpu>=1.18
 
+# Both GPU installs (install-gpu over the test venv, install-runtime-gpu in the CUDA image) swap in the same builds.
+define SWAP_IN_GPU_BUILDS
+$(PIP) uninstall -q -y torch
+$(PIP) install -q '$(TORCH)'
+$(PIP) uninstall -q -y onnxruntime onnxruntime-gpu
+$(PIP) install -q '$(ORT_GPU)'
+$(PY) -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'devices', torch.cuda.device_count(), '| onnxruntime', o.__version__, o.get_available_providers())"
+endef
+
 install-gpu: $(VENV)/.installed-test
-	$(PIP) uninstall -q -y torch
-	$(PIP) install -q '$(TORCH)'
-	$(PIP) uninstall -q -y onnxruntime onnxruntime-gpu
-	$(PIP) install -q '$(ORT_GPU)'
-	$(PY) -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
-	'devices', torch.cuda.device_count(), '| onnxruntime', o.__version__, o.get_available_providers())"
+	$(SWAP_IN_GPU_BUILDS)
 
 # The GPU targets of issue 12 in one run: pytest -m gpu, bench/inference.py and bench/e2e.py on CUDA; the report
 # goes to docs/benchmarks.md. Without CUDA it says why on one line and fails.
@@ -89,9 +94,4 @@ $(VENV)/.installed-runtime: $(VENV)/.installed pyproject.toml
 install-runtime: $(VENV)/.installed-runtime
 
 install-runtime-gpu: $(VENV)/.installed-runtime
-	$(PIP) uninstall -q -y torch
-	$(PIP) install -q '$(TORCH)'
-	$(PIP) uninstall -q -y onnxruntime onnxruntime-gpu
-	$(PIP) install -q '$(ORT_GPU)'
-	$(PY) -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
-	'devices', torch.cuda.device_count(), '| onnxruntime', o.__version__, o.get_available_providers())"
+	$(SWAP_IN_GPU_BUILDS)

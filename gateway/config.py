@@ -227,6 +227,9 @@ class DeidentifySettings(_Section):
 
     profile: Literal["basic"] = "basic"
     options: list[DeidentifyOption] = Field(default_factory=list)
+    # Only the jobs one of these models ran on (their inputs and outputs): "every case model X ran on".
+    # None: every job routed here.
+    models: list[str] | None = Field(default=None, min_length=1)
 
     @field_validator("options")
     @classmethod

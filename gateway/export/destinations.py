@@ -28,7 +28,7 @@ they go back to the queue without counting an attempt.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from pydicom.uid import (
@@ -174,6 +174,24 @@ def destinations_for(settings: ExportSettings, source: str) -> Routing:
     if caller is not None and settings.destinations:
         return Routing(reason=f"{NO_DESTINATION}: caller {caller!r} is not mapped and export.default is empty")
     return Routing(reason=NO_DESTINATION)
+
+
+def for_models(routing: Routing, settings: ExportSettings, models: Collection[str]) -> Routing:
+    """``routing`` without the research destinations that take only some models' jobs
+    (``deidentify.models``) when none of ``models`` (the names of the models that ran) is among them."""
+    ran = set(models)
+    kept = {
+        name: kinds
+        for name, kinds in routing.items()
+        if (research := settings.destinations[name].deidentify) is None
+        or research.models is None
+        or ran.intersection(research.models)
+    }
+    if len(kept) == len(routing):
+        return routing
+    if not kept:
+        return Routing(reason=f"{NO_DESTINATION}: the research destinations take other models' jobs only")
+    return Routing(kept, with_inputs=routing.with_inputs.intersection(kept), held_caller=routing.held_caller)
 
 
 def held_reason(caller: str) -> str:

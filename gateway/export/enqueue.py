@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from gateway.config import ExportSettings, OutputKind
 from gateway.errors import ExportError, JobConflict, LeaseLost, one_line
-from gateway.export.destinations import NO_DESTINATION, Routing, destinations_for, output_kind
+from gateway.export.destinations import NO_DESTINATION, Routing, destinations_for, for_models, output_kind
 from gateway.export.rows import PENDING, locked_job, outputs_purged, requeue_row
 from gateway.jobs.lifecycle import end_claim
 from gateway.jobs.states import JobState
@@ -356,12 +356,20 @@ def release_held(store: StoreIndex, settings: ExportSettings, *, now: float | No
         ).all()
     released = 0
     for job_id, name in held:
-        routing = destinations_for(settings, f"dimse:{name}")
+        routing = for_models(destinations_for(settings, f"dimse:{name}"), settings, _models_of(store, int(job_id)))
         if routing:
             released += _release(store, int(job_id), routing, now)
     if held:
         log.info("export: %d of %d held job(s) queued to their destinations", released, len(held))
     return released
+
+
+def _models_of(store: StoreIndex, job_id: int) -> set[str]:
+    """The names of the models whose results a job recorded (``detail.inference.results``: ``name@version``)."""
+    with store.sessions() as session:
+        job = session.get(Job, job_id)
+        results = ((job.detail or {}).get("inference") or {}).get("results") or [] if job is not None else []
+    return {str(r.get("model", "")).split("@", 1)[0] for r in results if isinstance(r, dict)}
 
 
 def _release(store: StoreIndex, job_id: int, routing: Routing, now: float | None) -> int:

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 import gateway
 from gateway.config import ExportSettings, OutputKind
-from gateway.export.destinations import destinations_for
+from gateway.export.destinations import destinations_for, for_models
 from gateway.infer.results import ModelResult
 from gateway.store.index import Instance, Job
 from gateway.store.outputs import OutputRecord, record_job_outputs
@@ -73,6 +73,7 @@ class EncodeStage:
         """Encode ``job_id``'s results (the job is ``encoding``) and write the files; the runner queues them."""
         started = time.monotonic()
         destinations = destinations_for(self._export, self._source(job_id))
+        destinations = for_models(destinations, self._export, {result.name for result in results})
         key_images = any("sc" in kinds for kinds in destinations.values())  # only some destinations want them
         parts: dict[str, float] = {}
         outputs, paths = self._encode(job_id, results, key_images, parts)

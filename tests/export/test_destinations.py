@@ -10,7 +10,7 @@ import pytest
 from pydicom import uid
 
 from gateway.config import DEFAULT_SEND, DimseDestination, ExportSettings, StowDestination, get_settings
-from gateway.export.destinations import LABEL_MAP_SEGMENTATION_STORAGE, destinations_for, output_kind
+from gateway.export.destinations import LABEL_MAP_SEGMENTATION_STORAGE, destinations_for, for_models, output_kind
 
 DESTINATIONS = {
     "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
@@ -157,3 +157,26 @@ def test_destinations_for_a_source_come_with_the_kinds_each_takes() -> None:
 def test_output_kind_of_a_sop_class(sop_class: str, kind: str | None) -> None:
     assert output_kind(sop_class) == kind
     assert output_kind(sop_class + "\0") == kind, "a UID padded to even length as read from a file"
+
+
+def test_a_research_destination_may_take_only_some_models_jobs() -> None:
+    research = {"host": "127.0.0.1", "port": 104, "ae_title": "RESEARCH"}
+    settings = export(
+        destinations={
+            "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+            "nodules": {**research, "deidentify": {"models": ["ct-nodule-unet"]}},
+            "everything": {**research, "deidentify": {}},
+        },
+        default=["pacs", "nodules", "everything"],
+    )
+    routing = destinations_for(settings, "stow")
+    assert routing.with_inputs == {"nodules", "everything"}
+    ran_it = for_models(routing, settings, {"ct-nodule-unet", "ct-tissue"})
+    assert list(ran_it) == ["pacs", "nodules", "everything"] and ran_it.with_inputs == {"nodules", "everything"}
+    other = for_models(routing, settings, {"ct-tissue"})
+    assert list(other) == ["pacs", "everything"] and other.with_inputs == {"everything"}, "not the nodule model's job"
+    only_research = export(destinations={"nodules": settings.destinations["nodules"]}, default=["nodules"])
+    none = for_models(destinations_for(only_research, "stow"), only_research, {"ct-tissue"})
+    assert not none and "other models' jobs only" in none.reason
+    with pytest.raises(pydantic.ValidationError, match="models"):
+        export(destinations={"r": {**research, "deidentify": {"models": []}}})

@@ -71,5 +71,18 @@ def test_a_resampled_series_encodes_on_every_source_image(tmp_path: Path) -> Non
         }
         assert nearest < cited, "frames on images between the grid's slices too"
         assert set(encoded.parts) >= {"seg_s", "sr_s", "write_s"}
+
+        research = {"ae_title": "RESEARCH", "host": "127.0.0.1", "port": 104}
+        export = ExportSettings.model_validate(
+            {
+                "destinations": {
+                    "nodules": {**research, "deidentify": {"models": ["ct-nodule-unet"]}},
+                    "tissue": {**research, "deidentify": {"models": ["ct-tissue"]}},
+                },
+                "default": ["nodules", "tissue"],
+            }
+        )
+        routed = EncodeStage(store, export, tmp_path / "outputs-2")(job_id, [result]).destinations
+        assert list(routed) == ["tissue"] and routed.with_inputs == {"tissue"}, "only the model that ran: ct-tissue"
     finally:
         store.close()

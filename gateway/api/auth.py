@@ -130,6 +130,12 @@ def _audit_in(app: object) -> AuditTrail:
     return trail if isinstance(trail, AuditTrail) else AuditTrail.disabled()
 
 
+def caller_name(request: Request) -> str | None:
+    """The name of the token (or signed-in session) that made the request, for records and the audit trail."""
+    name = getattr(request.state, "token_name", None)
+    return name if isinstance(name, str) else None
+
+
 def client_host(request: Request) -> str | None:
     """The address the request came from (``None`` if unknown)."""
     return request.client.host if request.client is not None else None

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
-from gateway.api.auth import require_scope
+from gateway.api.auth import caller_name, require_scope
 from gateway.api.deps import get_store
 from gateway.errors import ExportError, JobConflict, NotFound
 from gateway.export.queue import deliveries_of, retry_job
@@ -88,12 +88,6 @@ def _conflict(exc: JobConflict | ExportError) -> JSONResponse:
     return JSONResponse({"detail": exc.reason}, status_code=409)
 
 
-def _who(request: Request) -> str | None:
-    """The name of the token (or signed-in session) that asked, for the job's record."""
-    name = getattr(request.state, "token_name", None)
-    return name if isinstance(name, str) else None
-
-
 def _wake(request: Request, stage: Literal["jobs", "export"]) -> None:
     """A job is ``received`` (``jobs``) or has deliveries queued (``export``): the running gateway's idle workers
     of that stage look now rather than at their next poll."""
@@ -113,7 +107,7 @@ def rerun_job(
 ) -> dict[str, Any] | JSONResponse:
     """Run a finished job again from assembly (with the models registered now), or send its outputs again."""
     try:
-        operations.rerun(store, job_id, from_stage=from_stage, by=_who(request))
+        operations.rerun(store, job_id, from_stage=from_stage, by=caller_name(request))
     except JobConflict as exc:
         return _conflict(exc)
     _wake(request, "jobs" if from_stage == "assemble" else "export")
@@ -126,7 +120,7 @@ def cancel_job(
 ) -> dict[str, Any] | JSONResponse:
     """Cancel a job that has not finished; its deliveries not yet sent are not sent."""
     try:
-        operations.cancel(store, job_id, by=_who(request))
+        operations.cancel(store, job_id, by=caller_name(request))
     except JobConflict as exc:
         return _conflict(exc)
     return get_job(job_id, store)
@@ -138,7 +132,7 @@ def reprocess(
 ) -> dict[str, Any] | JSONResponse:
     """Run a series again, as stored, with the models registered now (a new revision and its job)."""
     try:
-        job_id = operations.reprocess_series(store, series_uid, by=_who(request))
+        job_id = operations.reprocess_series(store, series_uid, by=caller_name(request))
     except JobConflict as exc:
         return _conflict(exc)
     _wake(request, "jobs")

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from gateway.api.auth import require_scope
+from gateway.api.auth import caller_name, require_scope
 from gateway.api.deps import get_settings_dep, get_store
 from gateway.api.redact import without_paths
 from gateway.config import Settings
@@ -130,25 +130,19 @@ def _register(registry: Registry, archive: Path, allowed_by: str) -> tuple[Regis
 @router.post("/{name}/{version}/enable", dependencies=_ADMIN)
 def enable_model(name: str, version: str, request: Request, registry: Registry = Depends(get_registry)) -> Response:
     """Enable the model and make this version its active one."""
-    return _change(lambda: registry.enable(f"{name}@{version}", by=_who(request)).as_dict())
+    return _change(lambda: registry.enable(f"{name}@{version}", by=caller_name(request)).as_dict())
 
 
 @router.post("/{name}/disable", dependencies=_ADMIN)
 def disable_model(name: str, request: Request, registry: Registry = Depends(get_registry)) -> Response:
     """Disable the model (its versions stay registered); returns its versions."""
-    return _change(lambda: [m.summary() for m in registry.disable(name, by=_who(request))])
+    return _change(lambda: [m.summary() for m in registry.disable(name, by=caller_name(request))])
 
 
 @router.delete("/{name}/{version}", dependencies=_ADMIN)
 def remove_model(name: str, version: str, request: Request, registry: Registry = Depends(get_registry)) -> Response:
     """Remove the version and its package; returns what was removed."""
-    return _change(lambda: registry.remove(f"{name}@{version}", by=_who(request)).summary())
-
-
-def _who(request: Request) -> str | None:
-    """The name of the token (or signed-in session) that asked, for the audit trail."""
-    name = getattr(request.state, "token_name", None)
-    return name if isinstance(name, str) else None
+    return _change(lambda: registry.remove(f"{name}@{version}", by=caller_name(request)).summary())
 
 
 def _change(action: Callable[[], Any]) -> Response:

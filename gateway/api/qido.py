@@ -23,7 +23,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session
 
-from gateway.api.auth import audit_of, client_host, require_scope
+from gateway.api.auth import audit_of, caller_name, client_host, require_scope
 from gateway.api.deps import get_store
 from gateway.api.dicomjson import (
     attributes_dataset,
@@ -297,7 +297,7 @@ def _respond(
 def _audit_query(request: Request) -> None:
     """A Query audit message: who searched, from where, with which path and query string (as sent)."""
     query = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    audit_of(request).query(getattr(request.state, "token_name", None), client_host(request), query)
+    audit_of(request).query(caller_name(request), client_host(request), query)
 
 
 def _find(

@@ -18,14 +18,13 @@ import json
 import logging
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
 from gateway.audit import messages as m
 from gateway.audit.trail import AuditTrail
 from gateway.config import Settings
-from gateway.store.files import fsync_dir
+from gateway.store.files import fsync_dir, host_name
 
 __all__ = ["record_configuration"]
 
@@ -49,7 +48,7 @@ def _fingerprints(settings: Settings) -> dict[str, dict[str, str]]:
 
 def _record_path(settings: Settings) -> Path:
     roles = "-".join(settings.cluster.roles)
-    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:40]
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", host_name())
     return settings.store.data_dir / "audit" / f"settings-{host}-{roles}-{settings.http.port}.json"
 
 

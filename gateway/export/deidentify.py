@@ -41,7 +41,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +64,7 @@ from gateway.config import DeidentifySettings
 from gateway.errors import ExportError, one_line
 from gateway.export.destinations import Report, Sender
 from gateway.export.outcome import Item, Kind, Outcome
+from gateway.store.files import create_secret_file, keep_private
 from gateway.store.index import Delivery
 from gateway.store.store import StoreIndex
 
@@ -91,7 +91,6 @@ KEY_FILE = "deidentify.key"
 HONOURED: Final = frozenset({"retain_longitudinal_modified_dates", "retain_longitudinal_full_dates", "retain_uids"})
 #: The version of PS3.15 Table E.1-1 of the dicom-anonymizer package used.
 TABLE_VERSION = "dicomfields_2026c"
-_SECRET_MODE = 0o600
 _METHOD = "PS3.15 E.1-1 Basic Profile (dicognito, dicom-anonymizer)"  # De-identification Method (LO, 64 chars)
 
 #: PS3.16 CID 7050 De-identification Method: the profile and each option, by settings name.
@@ -478,24 +477,10 @@ def pseudonym_seed(data_dir: Path, destination: str) -> str:
 
 def _secret(path: Path) -> bytes:
     """The secret in ``path``, made first if there is none (never replaced: a second maker's link fails)."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _SECRET_MODE)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as out:
-                out.write(secrets.token_hex(32) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.link(part, path)
-            log.info("made the pseudonym secret of research destinations: %s", path.name)
-        except FileExistsError:
-            pass  # another process made it meanwhile: theirs stands
-        finally:
-            part.unlink(missing_ok=True)
-    if path.stat().st_mode & 0o077:
+    if not path.exists() and create_secret_file(path, secrets.token_hex(32) + "\n"):
+        log.info("made the pseudonym secret of research destinations: %s", path.name)
+    if keep_private(path):
         log.warning("%s was readable by others: made readable by its owner only", path.name)
-        path.chmod(_SECRET_MODE)
     text = path.read_text(encoding="ascii").strip()
     if len(text) < 32:
         raise ExportError(f"{path.name} in the data folder is damaged (too short): restore it from a backup")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import time
 import uuid
 from collections.abc import Collection, Iterator
@@ -35,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from gateway.errors import LeaseLost, one_line
 from gateway.jobs.states import FINISHED, LEASED, JobState, allowed
+from gateway.store.files import host_name, pid_running
 from gateway.store.index import Job, JobClaim
 from gateway.store.store import StoreIndex
 
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 def owner_identity() -> str:
     """A lease owner name for this process: ``host/pid/token`` (the token tells a reused pid apart)."""
-    return f"{socket.gethostname()[:40]}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    return f"{host_name()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)
@@ -366,13 +366,7 @@ def process_running(owner: str) -> bool:
         return False
     if pid == os.getpid():
         return False  # this process's earlier life: its token differs, so the lease is from before a restart
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_running(pid)
 
 
 def _reclaim(store: StoreIndex, where: Any, now: float, reason: str) -> list[int]:

@@ -59,14 +59,26 @@ _TOKEN = uuid.uuid4().hex[:8]
 ABANDONED_AFTER_S = 3600.0
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This host's name as process names carry it (temporary files here, job leases and delivery claims)."""
     return socket.gethostname()[:40]
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with ``pid`` runs on this host (one of another user counts: it cannot be signalled)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def temp_prefix() -> str:
     """The name prefix of this process's temporary files: ``<pid>-<token>-<host>-`` (several processes may share
     the folder; :func:`clear_directory` removes only what a gone process left)."""
-    return f"{os.getpid()}-{_TOKEN}-{_host()}-"
+    return f"{os.getpid()}-{_TOKEN}-{host_name()}-"
 
 
 def new_temp_path(tmp_dir: Path, suffix: str = ".part") -> Path:
@@ -81,16 +93,10 @@ def _abandoned(entry: Path, now: float, stale_after_s: float) -> bool:
     this process's pid, from an earlier life), or, for another host's or an unprefixed file, one untouched for
     ``stale_after_s``."""
     pid, token, rest = [*entry.name.split("-", 2), "", ""][:3]
-    if pid.isdigit() and rest.startswith(f"{_host()}-"):
+    if pid.isdigit() and rest.startswith(f"{host_name()}-"):
         if int(pid) == os.getpid():
             return token != _TOKEN
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return not pid_running(int(pid))
     try:
         return entry.stat().st_mtime < now - stale_after_s
     except FileNotFoundError:
@@ -173,3 +179,34 @@ def clear_directory(path: Path, *, stale_after_s: float = ABANDONED_AFTER_S, now
             entry.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+#: Secrets in the data folder (a session key, a pseudonym key) are readable by the gateway's account only.
+SECRET_MODE = 0o600
+
+
+def create_secret_file(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` durably and readable by its owner only, unless ``path`` exists: whether this
+    call made it. A file another process made meanwhile stands (it is linked into place, never replaced)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(part, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def keep_private(path: Path) -> bool:
+    """Make ``path`` readable by its owner only if it was readable by others; whether it had to be."""
+    if not path.stat().st_mode & 0o077:
+        return False
+    path.chmod(SECRET_MODE)
+    return True

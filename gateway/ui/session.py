@@ -19,7 +19,6 @@ while ``http.anonymous_read`` allows it.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 from collections.abc import Callable
@@ -33,11 +32,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gateway.api.auth import CSRF_COOKIE, SESSION_COOKIE, Authenticator, entry_scopes
 from gateway.config import Scope, TokenSettings
 from gateway.errors import ConfigError
+from gateway.store.files import create_secret_file, keep_private
 
 log = logging.getLogger(__name__)
 
 SESSION_KEY_FILE = "ui-session.key"
-_SECRET_MODE = 0o600  # as the data folder's admin token (gateway.admin_token)
 _KEY_BYTES = 32
 
 _bearer = HTTPBearer(auto_error=False)
@@ -83,27 +82,14 @@ class SessionKeyFile:
             key = b""
         if len(key) < _KEY_BYTES:
             raise ConfigError(f"{self.path} does not hold a session key: delete it, and a new one is made")
-        if self.path.stat().st_mode & 0o077:
+        if keep_private(self.path):
             log.warning("%s was readable by others: made readable by its owner only", self.path.name)
-            self.path.chmod(_SECRET_MODE)
         return key
 
     def _make(self) -> bytes:
         """Write a new key durably, readable by the owner only; if another process made one meanwhile, use that."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        part = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _SECRET_MODE)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as out:
-                out.write(secrets.token_hex(_KEY_BYTES) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.link(part, self.path)  # never replaces one that exists
+        if create_secret_file(self.path, secrets.token_hex(_KEY_BYTES) + "\n"):
             log.info("made the web UI's session key %s", self.path.name)
-        except FileExistsError:
-            pass
-        finally:
-            part.unlink(missing_ok=True)
         key = self._read()
         assert key is not None  # just written or found
         return key
